@@ -1,0 +1,8 @@
+"""megavlm: a Megatron-style trainer for vision-language models.
+
+Implements the recipe of *Should VLMs be Pre-trained with Image Data?* (Keh et al., ICLR 2025):
+text pre-training of a DCLM decoder, image-text pre-training resumed from a fraction of it with
+its cosine continued, and instruction fine-tuning — on megatron-core, from one YAML recipe.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,114 @@
+"""The ``megavlm`` command: a small, closed set of subcommands.
+
+    megavlm train --config C [key.path=value ...]     train a recipe (torchrun for several processes)
+    megavlm plan  --config C [overrides] [--json]     steps, checkpoints and LR schedule, no training
+    megavlm demo  [--run-dir D]                       the offline three-stage demo
+    megavlm bench {train,masked-ce} [...]             benchmarks (markdown under benchmarks/)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+
+
+def _quiet() -> None:
+    """megatron-core announces optional libraries it falls back from; keep the console readable."""
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", message=".*absl.logging is not installed.*")
+    level = os.environ.get("MEGAVLM_MEGATRON_LOG_LEVEL", "ERROR")
+    logging.getLogger("megatron").setLevel(level)
+
+
+def _load(args):
+    from megavlm.config import ConfigError, load_config
+
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"megavlm: config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_plan(args) -> int:
+    from megavlm.train.schedule import plan
+
+    run = _load(args)
+    p = plan(run)
+    if args.json:
+        print(json.dumps(p))
+    else:
+        for s in p["stages"]:
+            sc = s["schedule"]
+            print(f"{s['name']}: {s['steps']} steps, {s['tokens']:.3g} tokens, schedule {sc['kind']}"
+                  f" (lr {s['lr'][0][1]:.3g} → {s['lr'][-1][1]:.3g}), checkpoints at "
+                  + ", ".join(f"{f:g}→step {k}" for f, k in s["checkpoints"]))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from megavlm.parallel.state import Parallel
+    from megavlm.train.stages import run_stages
+
+    run = _load(args)
+    parallel = Parallel.initialize(run.parallel, run.seed)
+    try:
+        run_stages(run, parallel, only=args.stage or None)
+    finally:
+        parallel.destroy()
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from megavlm.demo import main as demo_main
+
+    return demo_main(args)
+
+
+def cmd_bench(args, rest: list[str]) -> int:
+    if args.what == "train":
+        from megavlm.bench.train import main as bench_main
+    else:
+        from megavlm.bench.masked_ce import main as bench_main
+    return bench_main(rest) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megavlm", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("train", "plan"):
+        s = sub.add_parser(name)
+        s.add_argument("--config", required=True, help="YAML recipe (launch/configs/*.yaml)")
+        s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.1.tokens=1e6")
+        if name == "plan":
+            s.add_argument("--json", action="store_true", help="print one JSON object")
+        else:
+            s.add_argument("--stage", action="append", help="run only these stages (repeatable)")
+    d = sub.add_parser("demo")
+    d.add_argument("--run-dir", default="runs/demo")
+    d.add_argument("--config", default=None, help="recipe (default launch/configs/tiny.yaml)")
+    d.add_argument("overrides", nargs="*")
+    b = sub.add_parser("bench")
+    b.add_argument("what", choices=["train", "masked-ce"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.cmd == "bench":
+        return cmd_bench(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return {"train": cmd_train, "plan": cmd_plan, "demo": cmd_demo}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,507 @@
+"""The typed configuration tree of a megavlm run.
+
+One YAML recipe (launch/configs/*.yaml) becomes one :class:`RunConfig`. Every concern owns a
+dataclass, every field carries a docstring, and validation happens in ``__post_init__`` so a
+bad recipe fails before anything is built. Components receive only their own sub-config.
+
+Loading is strict: an unknown key is an error naming the key and the closest valid one, a value
+of the wrong type is an error naming the dotted path. Dotted overrides (``stages.1.tokens=1e6``)
+are applied to the raw tree before conversion, so they go through the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot become a valid RunConfig."""
+
+
+# --------------------------------------------------------------------------------------------
+# model
+
+
+@dataclass
+class VisionConfig:
+    """The frozen image encoder's output as the trainer sees it, and the projector on top."""
+
+    embed_dim: int = 1152
+    """Width d_v of one stored patch embedding (SigLIP so400m: 1152, EfficientNet-Lite0: 1280)."""
+    num_patches: int = 729
+    """Patch embeddings per image (SigLIP @384: 27x27 = 729)."""
+    projector_mult: int = 4
+    """Projector hidden width as a multiple of embed_dim: Linear(d_v, m*d_v), GELU, Linear(m*d_v, d_model)."""
+
+    def __post_init__(self):
+        _positive(self, "embed_dim", "num_patches", "projector_mult")
+
+
+@dataclass
+class ModelConfig:
+    """A DCLM / OpenLM decoder (gain-only LayerNorm, full-width qk-norm, SwiGLU, RoPE, no biases)."""
+
+    num_layers: int = 2
+    """Transformer blocks."""
+    hidden_size: int = 128
+    """Model width d_model."""
+    num_attention_heads: int = 4
+    """Attention heads; head_dim = hidden_size / num_attention_heads."""
+    ffn_hidden_size: int = 384
+    """SwiGLU hidden width (gate and up projections are fused into one matrix of 2x this)."""
+    vocab_size: int = 8192
+    """Embedding / output rows; must be >= the tokenizer's vocabulary and divisible by tp."""
+    seq_length: int = 256
+    """Training sequence length in positions (image patches count as positions)."""
+    norm_eps: float = 1e-5
+    """LayerNorm epsilon (all norms are gain-only)."""
+    qk_norm: bool = True
+    """One LayerNorm over the whole heads*head_dim q (and k) vector, before the per-head reshape."""
+    rope_base: float = 10000.0
+    """Rotary embedding base."""
+    init_std: Optional[float] = None
+    """Std of the truncated-normal init; None = OpenLM's 1/sqrt(hidden_size)."""
+    z_loss: float = 1e-4
+    """Coefficient of the z-loss (log Z)^2 added per loss token (DCLM: 1e-4); 0 turns it off."""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    """Image embeddings and projector."""
+
+    def __post_init__(self):
+        _positive(self, "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                  "vocab_size", "seq_length")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by "
+                              f"model.num_attention_heads={self.num_attention_heads}")
+        if self.z_loss < 0:
+            raise ConfigError("model.z_loss must be >= 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+# --------------------------------------------------------------------------------------------
+# parallelism and training
+
+
+@dataclass
+class ParallelConfig:
+    """How the world is split; data parallel size is whatever is left of the world."""
+
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    vpp: Optional[int] = None
+    """Virtual pipeline stages per pipeline rank (interleaved schedule); None = not interleaved."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tp > 1)."""
+    recompute: Literal["none", "full", "selective"] = "none"
+    """Activation recomputation granularity."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend; auto = nccl with CUDA, gloo without."""
+
+    def __post_init__(self):
+        _positive(self, "tp", "pp")
+        if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
+            raise ConfigError("parallel.vpp needs pp >= 2 and vpp >= 2 (or leave it null)")
+        if self.sequence_parallel and self.tp < 2:
+            raise ConfigError("parallel.sequence_parallel needs parallel.tp >= 2")
+
+
+@dataclass
+class TrainConfig:
+    """Batching, precision and optimizer settings shared by all stages (a stage may override some)."""
+
+    micro_batch_size: int = 4
+    """Sequences per microbatch per data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all microbatches and data-parallel ranks."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto = bf16 on GPUs that support it, fp32 on CPU."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (not applied to norms)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables clipping."""
+    log_every: int = 1
+    """Print a progress line every this many steps (metrics.jsonl always gets every step)."""
+    deterministic: bool = True
+    """Use deterministic kernels so a resumed run reproduces the uninterrupted one."""
+
+    def __post_init__(self):
+        _positive(self, "micro_batch_size", "global_batch_size", "log_every")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError("train.global_batch_size must be a multiple of train.micro_batch_size")
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class DataConfig:
+    """Where the preprocessed data of a run lives (produced by tools/, never by the trainer)."""
+
+    root: str = "~/.cache/megavlm/demo"
+    """Folder holding the prepared corpora; relative paths below are resolved against it."""
+    build: Literal["none", "demo"] = "none"
+    """'demo' builds the small offline corpus into root on first use (cached); 'none' expects it there."""
+    tokenizer: str = "tokenizer.model"
+    """sentencepiece model (or tokenizer.json) path."""
+    text: list[str] = field(default_factory=lambda: ["text"])
+    """Indexed token datasets (path prefixes of .bin/.idx) of plain text."""
+    captions: list[str] = field(default_factory=lambda: ["captions"])
+    """Image-caption datasets: prefix of caption tokens; '<prefix>.embeds' is its embedding store."""
+    instructions: list[str] = field(default_factory=list)
+    """Conversation datasets (tokens + loss masks + image references), for fine-tuning."""
+    too_long: Literal["truncate", "reject"] = "truncate"
+    """What to do with a sample longer than the sequence: truncate (and count) or raise."""
+
+    def resolve(self, path: str) -> Path:
+        root = Path(self.root).expanduser()
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else root / p
+
+
+@dataclass
+class MixtureConfig:
+    """Fractions of a stage's token positions drawn from each kind of source (must sum to 1)."""
+
+    text: float = 1.0
+    """Fraction of token positions from plain text."""
+    captions: float = 0.0
+    """Fraction of token positions from image-caption samples (image patches count)."""
+    instructions: float = 0.0
+    """Fraction of token positions from conversations."""
+
+    def __post_init__(self):
+        for k in ("text", "captions", "instructions"):
+            v = getattr(self, k)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"mixture.{k}={v} must be in [0, 1]")
+        s = self.text + self.captions + self.instructions
+        if abs(s - 1.0) > 1e-6:
+            raise ConfigError(f"mixture fractions sum to {s}, not 1 (text={self.text}, "
+                              f"captions={self.captions}, instructions={self.instructions})")
+
+
+# --------------------------------------------------------------------------------------------
+# stages
+
+
+@dataclass
+class InitConfig:
+    """Where a stage starts: fresh weights, or a checkpoint saved at a fraction of an earlier stage."""
+
+    stage: Optional[str] = None
+    """Name of the earlier stage to start from; None = fresh initialisation."""
+    fraction: Optional[float] = None
+    """Schedule fraction of that stage's checkpoint (it must be in that stage's checkpoint list)."""
+    path: Optional[str] = None
+    """Explicit checkpoint directory instead of (stage, fraction), e.g. an imported model."""
+
+    def __post_init__(self):
+        if (self.stage is None) != (self.fraction is None):
+            raise ConfigError("init needs both stage and fraction (or neither)")
+        if self.stage is not None and self.path is not None:
+            raise ConfigError("init takes either stage+fraction or path, not both")
+        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"init.fraction={self.fraction} must be in (0, 1]")
+
+
+@dataclass
+class ScheduleConfig:
+    """The learning-rate schedule of a stage (see megavlm.train.schedule)."""
+
+    kind: Literal["cosine", "continue", "rewarm"] = "cosine"
+    """cosine: warmup then cosine; continue: the source stage's cosine from the init fraction;
+    rewarm: warmup fraction then cosine (fine-tuning, 0 %/100 % starts)."""
+    peak: Optional[float] = 3e-3
+    """Peak LR (cosine, rewarm); ignored by continue, which inherits the source's."""
+    final: Optional[float] = 1e-5
+    """Final LR (cosine, rewarm); continue ends at the source's final LR."""
+    warmup_steps: Optional[int] = None
+    """Warmup steps (cosine); None derives it from warmup_fraction."""
+    warmup_fraction: float = 0.01
+    """Warmup as a fraction of the stage's steps (rewarm: the paper's w; cosine if warmup_steps is None)."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ConfigError(f"schedule.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
+        if self.kind != "continue":
+            if self.peak is None or self.final is None:
+                raise ConfigError(f"schedule kind {self.kind} needs peak and final")
+            if self.peak < 0 or self.final < 0:
+                raise ConfigError("schedule peak and final must be >= 0")
+
+
+@dataclass
+class StageConfig:
+    """One training stage: its data, what trains, where it starts, its budget and LR schedule."""
+
+    name: str = "text"
+    """Unique stage name; checkpoints live under <run_dir>/<name>/."""
+    tokens: int = 0
+    """Token budget (sequence positions, images included); steps = ceil(tokens / (global_batch * seq))."""
+    trainable: Literal["projector", "projector+lm", "all"] = "all"
+    """What trains: the projector only, projector + language model, or everything (encoder is frozen)."""
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    """Data mixture of the stage."""
+    init: InitConfig = field(default_factory=InitConfig)
+    """Where the stage's weights come from."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    checkpoint_fractions: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8, 1.0])
+    """Schedule fractions at which a checkpoint is kept (a later stage may start from one)."""
+    save_every: int = 0
+    """Also save a resumable checkpoint every this many steps (0 = only at the fractions)."""
+    epochs: Optional[int] = None
+    """For fine-tuning: passes over the data; when set, the budget is epochs x the data's tokens."""
+    weight_decay: Optional[float] = None
+    """Override of train.weight_decay for this stage."""
+    adam_beta2: Optional[float] = None
+    """Override of train.adam_beta2 for this stage."""
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"stage name {self.name!r} must be non-empty and contain no '/'")
+        if self.tokens <= 0 and self.epochs is None:
+            raise ConfigError(f"stage {self.name}: tokens must be > 0")
+        for f in self.checkpoint_fractions:
+            if not 0.0 < f <= 1.0:
+                raise ConfigError(f"stage {self.name}: checkpoint fraction {f} not in (0, 1]")
+        if self.save_every < 0:
+            raise ConfigError(f"stage {self.name}: save_every must be >= 0")
+        if self.schedule.kind == "continue" and self.init.stage is None:
+            raise ConfigError(f"stage {self.name}: schedule 'continue' needs init.stage and init.fraction")
+
+
+@dataclass
+class RunConfig:
+    """A whole run: the model, how it is parallelised and trained, its data and its stages."""
+
+    run_dir: str = "runs/tiny"
+    """Output folder: resolved config, metrics.jsonl, checkpoints per stage."""
+    seed: int = 1234
+    """Seed for weights (layout-independent) and data order."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor / pipeline / data parallel layout."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Batching, precision, optimizer."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prepared data locations."""
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    """Stages, run in order."""
+
+    def __post_init__(self):
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stage names must be unique, got {names}")
+        if not self.stages:
+            raise ConfigError("a run needs at least one stage")
+        seen: dict[str, StageConfig] = {}
+        for s in self.stages:
+            if s.init.stage is not None:
+                if s.init.stage not in seen:
+                    raise ConfigError(f"stage {s.name} starts from stage {s.init.stage!r}, which is not "
+                                      f"an earlier stage (earlier: {sorted(seen) or 'none'})")
+                src = seen[s.init.stage]
+                if not any(abs(s.init.fraction - f) < 1e-9 for f in src.checkpoint_fractions):
+                    raise ConfigError(
+                        f"stage {s.name} starts from {s.init.stage} at fraction {s.init.fraction}, "
+                        f"which that stage never saves (its checkpoint_fractions: {src.checkpoint_fractions})")
+            seen[s.name] = s
+        if self.model.vocab_size % self.parallel.tp:
+            raise ConfigError(f"model.vocab_size={self.model.vocab_size} must be divisible by "
+                              f"parallel.tp={self.parallel.tp}")
+        if self.model.num_attention_heads % self.parallel.tp:
+            raise ConfigError("model.num_attention_heads must be divisible by parallel.tp")
+        stages_per_rank = self.parallel.pp * (self.parallel.vpp or 1)
+        if self.model.num_layers % stages_per_rank:
+            raise ConfigError(f"model.num_layers={self.model.num_layers} must be divisible by "
+                              f"pp*vpp={stages_per_rank}")
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise ConfigError(f"no stage named {name!r}; stages: {[s.name for s in self.stages]}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def dump(self, path: Path) -> None:
+        """Write the resolved config as YAML (temporary name, then rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def _positive(obj, *names):
+    for n in names:
+        v = getattr(obj, n)
+        if v <= 0:
+            raise ConfigError(f"{type(obj).__name__}.{n}={v} must be > 0")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{where}.{i}") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if not math.isfinite(f) or f != int(f):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported field type {tp}")
+
+
+def _build(cls, raw: Any, where: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.0)
+            raise ConfigError(f"unknown config key '{path}'" + (f"; did you mean '{close[0]}'?" if close else ""))
+        kwargs[key] = _coerce(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, p in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            try:
+                idx = int(p)
+            except ValueError:
+                matches = [j for j, s in enumerate(node) if isinstance(s, dict) and s.get("name") == p]
+                if not matches:
+                    raise ConfigError(f"override {dotted}: no list element {p!r}") from None
+                idx = matches[0]
+            if not -len(node) <= idx < len(node):
+                raise ConfigError(f"override {dotted}: index {idx} out of range (have {len(node)})")
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        else:
+            if last:
+                node[p] = value
+            else:
+                node = node.setdefault(p, {})
+                if node is None:
+                    node = {}
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, val = text.split("=", 1)
+    return key.strip(), yaml.safe_load(val) if val.strip() else ""
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                raw: Optional[dict] = None) -> RunConfig:
+    """Read a YAML recipe, apply dotted overrides, and validate into a RunConfig."""
+    tree: dict = {}
+    if raw is not None:
+        tree = raw
+    elif path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    defaults = tree.pop("defaults", None) if isinstance(tree, dict) else None
+    if defaults is not None:  # a recipe may inherit from another file next to it
+        base = yaml.safe_load((Path(path).parent / defaults).read_text()) or {}
+        tree = _merge(base, tree)
+    for o in overrides or []:
+        k, v = parse_override(o)
+        _set_dotted(tree, k, v)
+    return _build(RunConfig, tree, "")
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

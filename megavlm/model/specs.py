@@ -1,0 +1,137 @@
+"""Layer specs for the DCLM / OpenLM block, and the megatron TransformerConfig of a recipe.
+
+megatron-core builds layers from *specs* (which class fills which seat). The local spec uses only
+megatron-core modules plus our two norms and runs anywhere (CPU included). The Transformer
+Engine spec — fused TE linears and attention, BF16/FP8 — fills the same seats on GPUs; it is
+chosen by :func:`select_backend`, so model code never branches on TE.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import partial
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megatron.core.transformer.identity_op import IdentityOp
+
+from megavlm.config import ModelConfig, ParallelConfig
+from megavlm.model.norms import FullWidthQKNorm, GainLayerNorm
+
+Backend = Literal["local", "te"]
+
+
+def te_usable() -> bool:
+    """Transformer Engine is importable and a CUDA device is present (TE raises OSError, not only
+    ImportError, when its libraries find no driver)."""
+    try:
+        if importlib.util.find_spec("transformer_engine") is None:
+            return False
+        if not (torch.version.cuda and torch.cuda.is_available()):
+            return False
+        import transformer_engine.pytorch  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def select_backend(requested: str = "auto") -> Backend:
+    if requested == "local":
+        return "local"
+    if requested == "te":
+        if not te_usable():
+            raise RuntimeError("the TE layer spec needs transformer-engine and a CUDA GPU")
+        return "te"
+    return "te" if te_usable() else "local"
+
+
+def dclm_local_layer_spec(qk_norm: bool = True) -> ModuleSpec:
+    """The DCLM block from megatron-core modules: pre-norm, full-width qk-norm, SwiGLU, no biases."""
+    norm_q = FullWidthQKNorm if qk_norm else IdentityOp
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=GainLayerNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=DotProductAttention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=norm_q,
+                    k_layernorm=norm_q,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=GainLayerNorm,
+            mlp=partial(MLP.as_mlp_submodule,
+                        submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                 linear_fc2=RowParallelLinear)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def dclm_te_layer_spec(qk_norm: bool = True) -> ModuleSpec:
+    """Seat for the Transformer Engine spec (BF16/FP8 fused layers); filled by the scale issue."""
+    raise NotImplementedError(
+        "the Transformer Engine DCLM layer spec is not implemented yet; use model backend 'local'")
+
+
+def block_spec(num_layers_here: int, qk_norm: bool, backend: Backend) -> TransformerBlockSubmodules:
+    layer = dclm_te_layer_spec(qk_norm) if backend == "te" else dclm_local_layer_spec(qk_norm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers_here, layer_norm=GainLayerNorm)
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: torch.dtype,
+                       batch_p2p_comm: bool) -> TransformerConfig:
+    """The megatron TransformerConfig of a recipe (DCLM choices spelled out)."""
+    recompute = {"none": {}, "full": dict(recompute_granularity="full", recompute_method="uniform",
+                                          recompute_num_layers=1),
+                 "selective": dict(recompute_granularity="selective")}[parallel.recompute]
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        ffn_hidden_size=model.ffn_hidden_size,
+        kv_channels=model.head_dim,
+        add_bias_linear=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="LayerNorm",
+        layernorm_epsilon=model.norm_eps,
+        qk_layernorm=model.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        sequence_parallel=parallel.sequence_parallel,
+        use_cpu_initialization=True,
+        perform_initialization=False,  # megavlm.model.init sets every weight, layout-independently
+        calculate_per_token_loss=True,
+        batch_p2p_comm=batch_p2p_comm,
+        deallocate_pipeline_outputs=True,
+        **recompute,
+    )

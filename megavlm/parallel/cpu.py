@@ -1,0 +1,324 @@
+"""The megatron-core 0.19.2 CPU compatibility layer.
+
+megatron-core is written for CUDA. To train (and test) the same code on CPU over gloo, its CUDA
+assumptions are answered here, each shim naming the megatron-core file (and line, in 0.19.2) it
+answers. Everything lives in this one module and is applied by :func:`apply` only when CUDA is
+absent; with CUDA nothing here runs.
+
+Most shims share one mechanism: the megatron module's global ``torch`` is replaced by a *CPU view
+of torch* (:class:`_CpuTorch`) that forwards everything to torch except ``torch.cuda`` (streams,
+events, current_device, RNG state and synchronize answered for the CPU) and tensor factories
+called with ``device="cuda"`` (made on the CPU). The rest are targeted patches of single
+functions. ``tests/parallel/test_cpu.py`` checks every shim and the version pin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+import sys
+import types
+from typing import Any, Callable
+
+MEGATRON_CORE_VERSION = "0.19.2"
+_applied = False
+
+
+def needed() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------------------------
+# the CPU view of torch
+
+
+def _cpu_device(device: Any) -> Any:
+    import torch
+
+    if isinstance(device, str) and device.startswith("cuda"):
+        return "cpu"
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    if isinstance(device, int):  # torch.cuda.current_device() style index
+        return "cpu"
+    return device
+
+
+class _DummyStream:
+    """Stands in for torch.cuda.Stream / current_stream(): CPU work is already ordered."""
+
+    def __init__(self, *_, **__):
+        pass
+
+    def wait_stream(self, *_):
+        pass
+
+    def wait_event(self, *_):
+        pass
+
+    def record_event(self, event=None):
+        return event or _DummyEvent()
+
+    def synchronize(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _DummyEvent(_DummyStream):
+    def record(self, *_):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, *_):
+        return 0.0
+
+
+class _CpuCuda(types.ModuleType):
+    """``torch.cuda`` as megatron's CPU-reachable code paths need it."""
+
+    def __init__(self):
+        super().__init__("torch.cuda (megavlm CPU view)")
+        import torch
+
+        self._real = torch.cuda
+        self.Stream = _DummyStream
+        self.Event = _DummyEvent
+        self.current_device = lambda: "cpu"
+        self.current_stream = lambda *a, **k: _DummyStream()
+        self.default_stream = lambda *a, **k: _DummyStream()
+        self.stream = lambda *a, **k: contextlib.nullcontext()
+        self.synchronize = lambda *a, **k: None
+        self.empty_cache = lambda: None
+        self.get_rng_state = lambda *a, **k: torch.get_rng_state()
+        self.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+        self.manual_seed = lambda seed: torch.manual_seed(seed)
+        self.memory_allocated = lambda *a, **k: 0
+        self.max_memory_allocated = lambda *a, **k: 0
+        self.nvtx = types.SimpleNamespace(range_push=lambda *a, **k: None,
+                                          range_pop=lambda *a, **k: None,
+                                          range=lambda *a, **k: contextlib.nullcontext())
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like",
+              "empty_like", "full_like", "randn", "rand", "as_tensor")
+
+
+class _CpuTorch(types.ModuleType):
+    """torch, with ``torch.cuda`` and ``device="cuda"`` factory calls answered on the CPU."""
+
+    def __init__(self):
+        super().__init__("torch (megavlm CPU view)")
+        import torch
+
+        self._real = torch
+        self.cuda = _CpuCuda()
+        for name in _FACTORIES:
+            setattr(self, name, self._wrap_factory(getattr(torch, name)))
+        real_autocast = torch.autocast
+        self.autocast = lambda device_type, *a, **k: real_autocast(
+            "cpu" if device_type == "cuda" else device_type, *a, **k)
+
+    @staticmethod
+    def _wrap_factory(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if "device" in kwargs:
+                kwargs["device"] = _cpu_device(kwargs["device"])
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+# Modules whose global ``torch`` becomes the CPU view, with what each needs it for (0.19.2).
+CPU_TORCH_MODULES: dict[str, str] = {
+    "megatron.core.models.common.embeddings.rotary_pos_embedding":
+        "rotary_pos_embedding.py:162 moves inv_freq to torch.cuda.current_device()",
+    "megatron.core.transformer.utils":
+        "transformer/utils.py:39,44 allocate causal / sliding-window masks with device='cuda'",
+    "megatron.core.tensor_parallel.random":
+        "tensor_parallel/random.py:303-308 CudaRNGStatesTracker.add seeds and reads the CUDA RNG",
+    "megatron.core.tensor_parallel.layers":
+        "tensor_parallel/layers.py weights placed on torch.cuda.current_device()",
+    "megatron.core.tensor_parallel.mappings":
+        "tensor_parallel/mappings.py all-gather buffers on torch.cuda.current_device()",
+    "megatron.core.utils":
+        "utils.py GlobalMemoryBuffer.get_tensor allocates on torch.cuda.current_device(); "
+        "utils.py:1332 l2 norm tensor on 'cuda'",
+    "megatron.core.distributed.distributed_data_parallel":
+        "distributed/distributed_data_parallel.py grad buffers and streams on CUDA",
+    "megatron.core.distributed.param_and_grad_buffer":
+        "distributed/param_and_grad_buffer.py buffers on torch.cuda.current_device(), "
+        "line 1145 warm-up tensor on 'cuda', current_stream() for async grad reduce",
+    "megatron.core.distributed.finalize_model_grads":
+        "distributed/finalize_model_grads.py num_tokens / norms on CUDA",
+    "megatron.core.optimizer.optimizer":
+        "optimizer/optimizer.py:315,690,698,702,1249 found_inf / scale tensors on 'cuda'",
+    "megatron.core.optimizer.distrib_optimizer":
+        "optimizer/distrib_optimizer.py shard buffers and gathers on torch.cuda.current_device()",
+    "megatron.core.optimizer.clip_grads":
+        "optimizer/clip_grads.py:96,108,112,180,231 norm accumulators on 'cuda'",
+    "megatron.core.pipeline_parallel.schedules":
+        "pipeline_parallel/schedules.py:749,1121,2292 total_num_tokens on 'cuda', :504 autocast('cuda')",
+    "megatron.core.pipeline_parallel.p2p_communication":
+        "pipeline_parallel/p2p_communication.py receive buffers on torch.cuda.current_device()",
+    "megatron.core.pipeline_parallel.utils":
+        "pipeline_parallel/utils.py:390 torch.cuda.Stream for communication",
+    "megatron.core.parallel_state":
+        "parallel_state.py:216 torch.cuda.synchronize in barrier helpers",
+    "megatron.core.dist_checkpointing.exchange_utils":
+        "dist_checkpointing/exchange_utils.py:97-109,329,339,506 exchange buffers on 'cuda'",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async":
+        "dist_checkpointing/strategies/filesystem_async.py:248 torch.cuda.synchronize before writing",
+    "megatron.core.dist_checkpointing.strategies.async_utils":
+        "dist_checkpointing/strategies/async_utils.py:224,273,698 liveness tensors and synchronize on CUDA",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver":
+        "dist_checkpointing/strategies/state_dict_saver.py:204 verify-reuse flag on 'cuda'",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# targeted shims
+
+
+def _stub_paged_stash_ops() -> None:
+    """megatron/core/transformer/moe/ops/paged_stash.py:4 imports triton unconditionally, and
+    pipeline_parallel/schedules.py:27 imports it through moe/paged_stash.py. The kernels serve MoE
+    paged stashing only; without triton they raise if ever called."""
+    name = "megatron.core.transformer.moe.ops.paged_stash"
+    if name in sys.modules or importlib.util.find_spec("triton") is not None:
+        return
+    mod = types.ModuleType(name)
+    mod.GLOBAL_BLOCK_SIZE = 1024
+
+    def _unavailable(*_a, **_k):
+        raise RuntimeError("megatron MoE paged-stash kernels need triton (not installed)")
+
+    mod.paged_stash_copy_kernel = _unavailable
+    mod.paged_stash_pop_kernel = _unavailable
+    sys.modules[name] = mod
+
+
+def _patch_rng_state() -> None:
+    """tensor_parallel/random.py:104-175 read and write the CUDA generator directly
+    (_get_cuda_rng_state / _set_cuda_rng_state): use the CPU generator instead."""
+    import torch
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+
+@contextlib.contextmanager
+def _tensors_act_as_cuda():
+    """Inside the block, CPU tensors answer ``.type()`` as 'torch.cuda.*Tensor' and ``.cuda()``
+    returns the tensor itself: for megatron functions that check or force the CUDA device."""
+    import torch
+
+    real_type, real_cuda = torch.Tensor.type, torch.Tensor.cuda
+
+    def as_cuda_type(self, *args, **kwargs):
+        out = real_type(self, *args, **kwargs)
+        if not args and not kwargs and isinstance(out, str) and out.startswith("torch.") \
+                and not out.startswith("torch.cuda."):
+            return "torch.cuda." + out[len("torch."):]
+        return out
+
+    torch.Tensor.type = as_cuda_type
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    try:
+        yield
+    finally:
+        torch.Tensor.type, torch.Tensor.cuda = real_type, real_cuda
+
+
+def _run_as_cuda(fn):
+    @functools.wraps(fn)
+    def inner(*a, **k):
+        with _tensors_act_as_cuda():
+            return fn(*a, **k)
+    return inner
+
+
+# (module, attribute path, what it answers): functions run under _tensors_act_as_cuda.
+TENSOR_METHOD_SHIMS: list[tuple[str, str, str]] = [
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._build_model_and_main_param_groups",
+     "optimizer/distrib_optimizer.py:466 accepts only 'torch.cuda.*Tensor' params"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero",
+     "optimizer/distrib_optimizer.py:1374 send_tensor.cuda() when gathering optimizer state for a "
+     "fully_reshardable checkpoint"),
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__",
+     "optimizer/optimizer.py:1028 accepts only 'torch.cuda.*Tensor' params"),
+    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32",
+     "optimizer/clip_grads.py:174 asserts grads are 'torch.cuda.FloatTensor'"),
+    ("megatron.core.optimizer.clip_grads", "count_zeros_fp32",
+     "optimizer/clip_grads.py:231 (beside it)"),
+    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32",
+     "optimizer/optimizer.py imports clip_grad_by_total_norm_fp32 by name"),
+    ("megatron.core.optimizer.optimizer", "count_zeros_fp32",
+     "optimizer/optimizer.py imports count_zeros_fp32 by name"),
+]
+
+
+def _patch_tensor_method_checks() -> None:
+    for modname, path, _why in TENSOR_METHOD_SHIMS:
+        owner: Any = importlib.import_module(modname)
+        *parents, attr = path.split(".")
+        for p in parents:
+            owner = getattr(owner, p)
+        raw = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+        if isinstance(raw, (staticmethod, classmethod)):
+            setattr(owner, attr, type(raw)(_run_as_cuda(raw.__func__)))
+        else:
+            setattr(owner, attr, _run_as_cuda(raw))
+
+
+class _DropMessage:
+    """logging filter dropping one message."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def filter(self, record) -> bool:
+        return self.text not in record.getMessage()
+
+
+def _quiet_rng_fork_warning() -> None:
+    """tensor_parallel/random.py:331 warns when the CPU RNG moves inside a tracker fork. On CPU the
+    tracked 'CUDA' state *is* the CPU generator, so it moves by design: drop that one message."""
+    import logging
+
+    logging.getLogger("megatron.core.tensor_parallel.random").addFilter(
+        _DropMessage("CPU RNG state changed within GPU RNG context"))
+
+
+def apply() -> None:
+    """Apply every shim (idempotent). Call before megatron.core is first imported."""
+    global _applied
+    if _applied or not needed():
+        return
+    _stub_paged_stash_ops()
+    cpu_torch = _CpuTorch()
+    for name in CPU_TORCH_MODULES:
+        mod = importlib.import_module(name)
+        mod.torch = cpu_torch
+    _patch_rng_state()
+    _quiet_rng_fork_warning()
+    _patch_tensor_method_checks()
+    _applied = True

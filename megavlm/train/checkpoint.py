@@ -1,0 +1,184 @@
+"""Checkpoints through megatron-core dist_checkpointing, complete or absent.
+
+Layout: ``<run_dir>/<stage>/checkpoints/step_0000080/`` holds the sharded model (and optimizer)
+state, ``meta.json`` (stage, step, steps, fraction, tokens) and ``loader/dp<r>.json`` (each data
+parallel rank's data position). A checkpoint is written under ``.tmp-step_…`` and renamed only
+after every rank has finished, so a run killed mid-write leaves no checkpoint that looks
+complete; the next run removes the leftover and resumes from the newest complete one.
+
+Sharded tensor keys are global (layer numbers include the pipeline offset, TP shards carry their
+offsets), so a checkpoint saved at one TP/PP layout loads at another.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+META = "meta.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    stage: str
+    step: int
+    steps: int
+    fraction: Optional[float]
+
+    @classmethod
+    def read(cls, path: Path) -> "CheckpointInfo":
+        m = json.loads((path / META).read_text())
+        return cls(path=path, stage=m["stage"], step=m["step"], steps=m["steps"], fraction=m.get("fraction"))
+
+
+def stage_dir(run_dir: str | Path, stage: str) -> Path:
+    return Path(run_dir) / stage / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path, stage: str) -> list[CheckpointInfo]:
+    d = stage_dir(run_dir, stage)
+    if not d.is_dir():
+        return []
+    out = [CheckpointInfo.read(p) for p in d.glob("step_*") if (p / META).is_file()]
+    return sorted(out, key=lambda c: c.step)
+
+
+def latest(run_dir: str | Path, stage: str) -> Optional[CheckpointInfo]:
+    cps = list_checkpoints(run_dir, stage)
+    return cps[-1] if cps else None
+
+
+def at_fraction(run_dir: str | Path, stage: str, fraction: float) -> CheckpointInfo:
+    """The checkpoint a later stage starts from; a clear error if it was never saved."""
+    cps = list_checkpoints(run_dir, stage)
+    for c in cps:
+        if c.fraction is not None and abs(c.fraction - fraction) < 1e-9:
+            return c
+    have = sorted({c.fraction for c in cps if c.fraction is not None})
+    raise CheckpointError(f"stage {stage!r} has no checkpoint at fraction {fraction} in "
+                          f"{stage_dir(run_dir, stage)} (saved fractions: {have or 'none'})")
+
+
+def _shape_check(sharded: dict, ckpt: Path) -> None:
+    """Compare global shapes with the checkpoint's metadata; name the tensor and both shapes."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    try:
+        saved = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    except Exception as e:  # unreadable metadata is itself the error to report
+        raise CheckpointError(f"{ckpt}: cannot read checkpoint metadata ({e})") from None
+    for t in nested_values(sharded):
+        if isinstance(t, ShardedTensor) and t.key in saved:
+            want, have = tuple(t.global_shape), tuple(saved[t.key].global_shape)
+            if want != have:
+                raise CheckpointError(f"{ckpt}: tensor {t.key} has shape {have} in the checkpoint "
+                                      f"but {want} in the model config")
+        elif isinstance(t, ShardedTensor) and t.key not in saved and not t.allow_shape_mismatch:
+            raise CheckpointError(f"{ckpt}: tensor {t.key} is missing from the checkpoint")
+
+
+def model_sharded_state(chunks: list) -> dict:
+    from megatron.core.utils import unwrap_model
+
+    core = unwrap_model(chunks)
+    if len(core) == 1:
+        return {"model": core[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(core)}
+
+
+def save(path: Path, chunks: list, optimizer, meta: dict, loader_state: dict, dp_rank: int,
+         write_loader: bool, exit_before_commit: bool = False) -> None:
+    """Write a complete checkpoint at ``path`` (collective: every rank calls it).
+
+    ``exit_before_commit`` is fault injection for tests: the process dies after the shards are
+    written and before the rename that makes the checkpoint complete."""
+    from megatron.core import dist_checkpointing
+
+    tmp = path.with_name(".tmp-" + path.name)
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)  # megatron wants an existing, empty folder
+    dist.barrier()
+    state = model_sharded_state(chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, is_loading=False, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+    dist_checkpointing.save(state, str(tmp))
+    if write_loader:
+        (tmp / "loader").mkdir(exist_ok=True)
+        (tmp / "loader" / f"dp{dp_rank}.json").write_text(json.dumps(loader_state))
+    dist.barrier()
+    if exit_before_commit:
+        import os
+
+        os._exit(17)
+    if rank0:
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    dist.barrier()
+
+
+def load(info_path: Path, chunks: list, optimizer=None) -> None:
+    """Load model (and optimizer) state in place from a complete checkpoint."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.utils import unwrap_model
+
+    if not (info_path / META).is_file():
+        raise CheckpointError(f"{info_path} is not a complete megavlm checkpoint (no {META})")
+    state = model_sharded_state(chunks)
+    _shape_check(state, info_path)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, is_loading=True, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+    loaded = dist_checkpointing.load(state, str(info_path))
+    core = unwrap_model(chunks)
+    if len(core) == 1:
+        core[0].load_state_dict(loaded["model"], strict=True)
+    else:
+        for i, c in enumerate(core):
+            c.load_state_dict(loaded[f"model{i}"], strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+
+
+def read_loader_state(path: Path, dp_rank: int) -> dict:
+    f = path / "loader" / f"dp{dp_rank}.json"
+    if not f.is_file():
+        raise CheckpointError(f"{path}: no data position for data-parallel rank {dp_rank} ({f.name}); "
+                              f"was it saved with a different data-parallel size?")
+    return json.loads(f.read_text())
+
+
+def clean_partial(run_dir: str | Path, stage: str) -> None:
+    """Remove leftovers of an interrupted write (rank 0 only)."""
+    d = stage_dir(run_dir, stage)
+    if d.is_dir() and dist.get_rank() == 0:
+        for p in d.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def prune(run_dir: str | Path, stage: str, keep_steps: set[int]) -> None:
+    """Drop periodic checkpoints that are neither kept fractions nor the newest (rank 0 only)."""
+    if dist.get_rank() != 0:
+        return
+    cps = list_checkpoints(run_dir, stage)
+    for c in cps[:-1]:
+        if c.fraction is None and c.step not in keep_steps:
+            shutil.rmtree(c.path, ignore_errors=True)

