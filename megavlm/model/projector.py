@@ -8,6 +8,8 @@ tensor-parallel group and one all-reduce returns a replicated output.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -20,6 +22,9 @@ from megavlm.config import VisionConfig
 
 class Projector(MegatronModule):
     def __init__(self, config: TransformerConfig, vision: VisionConfig):
+        # Images are not a sequence: under sequence parallelism megatron's parallel linears would
+        # gather/scatter along their first dim (here: images), so the projector never uses it.
+        config = dataclasses.replace(config, sequence_parallel=False)
         super().__init__(config=config)
         hidden = vision.projector_mult * vision.embed_dim
         self.embed_dim = vision.embed_dim

@@ -24,9 +24,11 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 ENV_OVERRIDE = "MEGAVLM_MASKED_CE"
+_NO_IGNORE = torch.iinfo(torch.int64).min
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -67,13 +69,17 @@ def masked_cross_entropy_reference(
     Args:
         hidden: [N, d] final hidden states (any float dtype).
         weight: [V_local, d] output projection (this rank's vocab shard under TP).
-        labels: [N] int64 target ids in the full vocabulary.
+        labels: [N] int64 target ids in the full vocabulary; at loss positions they must lie in
+            [0, V) (-100 belongs only at masked positions).
         loss_mask: [N] 0/1 (float or bool).
         z_loss: coefficient of (log Z)^2, added per loss token.
         tp_group: tensor-parallel group over which the vocabulary is split.
 
     Returns:
-        (loss_sum fp32 scalar, count int64 scalar). logits are accumulated in fp32.
+        (loss_sum fp32 scalar, count int64 scalar). Logits come out of the matmul in the input
+        dtype (fp32 accumulation inside it) and everything after it is fp32; the fused kernel
+        keeps its logits in fp32 throughout, so for 16-bit inputs the two differ by the rounding
+        of the logits to 16 bits.
     """
     rank, world = _tp_info(tp_group)
     keep = loss_mask.reshape(-1) > 0
@@ -82,21 +88,26 @@ def masked_cross_entropy_reference(
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
     y = labels.reshape(-1).index_select(0, idx)
     logits = (h @ weight.t()).float()  # [n, V_local] — only the loss positions
+    if world == 1:
+        # One rank: exactly torch's cross-entropy on the gathered rows (its fused log-softmax
+        # backward keeps the temporaries to about two [n, V] tensors).
+        # No ignore_index: a label outside [0, V) at a loss position is an error, not a skip.
+        loss = F.cross_entropy(logits, y, reduction="sum", ignore_index=_NO_IGNORE)
+        if z_loss:
+            loss = loss + z_loss * torch.logsumexp(logits, dim=-1).square().sum()
+        return loss, count
+
     v_local = weight.shape[0]
     vocab_start = rank * v_local
-
     local_max = logits.detach().max(dim=-1).values if logits.shape[0] else logits.new_zeros(0)
-    if world > 1:
-        dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=tp_group)
+    dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=tp_group)
     shifted = logits - local_max.unsqueeze(-1)
-    sum_exp = shifted.exp().sum(dim=-1)
+    sum_exp = _AllReduceSum.apply(shifted.exp().sum(dim=-1), tp_group)
 
     in_shard = (y >= vocab_start) & (y < vocab_start + v_local)
     local_y = (y - vocab_start).clamp(0, v_local - 1)
     target = shifted.gather(-1, local_y.unsqueeze(-1)).squeeze(-1) * in_shard
-    if world > 1:
-        sum_exp = _AllReduceSum.apply(sum_exp, tp_group)
-        target = _AllReduceSum.apply(target, tp_group)
+    target = _AllReduceSum.apply(target, tp_group)
 
     log_z = sum_exp.log()  # log-sum-exp relative to the max
     loss = log_z - target

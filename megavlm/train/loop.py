@@ -55,19 +55,12 @@ def model_dtype(run: RunConfig) -> torch.dtype:
 
 def build_model(run: RunConfig, parallel: Parallel, dtype: torch.dtype, backend: str = "local"):
     """The model chunks of this rank (unwrapped), initialised from the run seed."""
-    from megatron.core import parallel_state as ps
-
     from megavlm.model.init import initialize
     from megavlm.model.specs import transformer_config
-    from megavlm.model.vlm import VLM
+    from megavlm.model.vlm import build_chunks
 
     tc = transformer_config(run.model, run.parallel, dtype=dtype, batch_p2p_comm=parallel.p2p_batched)
-    chunks = []
-    for vp in range(parallel.vpp or 1):
-        vp_stage = vp if parallel.vpp else None
-        chunks.append(VLM(tc, run.model, backend=backend, vp_stage=vp_stage,
-                          pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-                          post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)))
+    chunks = build_chunks(tc, run.model, parallel.vpp, backend=backend)
     initialize(chunks, run.model, run.seed, parallel.tp_rank, parallel.tp)
     for c in chunks:
         c.to(parallel.device)
@@ -170,9 +163,16 @@ class StageTrainer:
                              f"micro_batch_size*dp = {t.micro_batch_size}*{self.parallel.dp}")
         return t.global_batch_size // per
 
-    def train(self, stop_after: Optional[int] = None, fault: Optional[str] = None) -> StageOutcome:
-        """``stop_after`` ends early after that many steps; ``fault='exit_in_checkpoint'`` kills the
-        process in the middle of the next checkpoint write (both for resume tests)."""
+    def train(self, stop_after: Optional[int] = None, fault: Optional[str] = None,
+              observer: Optional[Callable[[str, int, list], None]] = None) -> StageOutcome:
+        """Train to the end of the stage.
+
+        ``stop_after`` ends early after that many steps. ``fault`` is fault injection for resume
+        tests: ``exit_after_step:K`` kills the process right after step K (no cleanup, no
+        checkpoint), ``exit_in_checkpoint:K`` kills it in the middle of writing step K's
+        checkpoint. ``observer(stage, step, model)`` is called when the step's gradients are
+        final, before the optimizer uses them (parity tests read them there)."""
+        fault_kind, _, fault_step = (fault or "").partition(":")
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -231,6 +231,8 @@ class StageTrainer:
                              data_iterator=iters if len(iters) > 1 else iters[0], model=model,
                              num_microbatches=nmb, seq_length=S, micro_batch_size=mb,
                              forward_only=False)
+            if observer is not None:
+                observer(stage.name, step + 1, model)
             ok, grad_norm, _ = optimizer.step()
             loss, n_loss = _reduce_losses(losses, par)
             dt = time.perf_counter() - t0
@@ -244,6 +246,10 @@ class StageTrainer:
                 self.log(f"[{stage.name}] step {step + 1}/{T} loss {loss:.4f} lr {lr:.3e} "
                          f"grad {rec['grad_norm'] or 0:.3f} tok/s {rec['tokens_per_s']:.0f}")
             k = step + 1
+            if fault_kind == "exit_after_step" and k == int(fault_step):
+                import os
+
+                os._exit(17)
             periodic = stage.save_every and k % stage.save_every == 0
             if k in fractions or periodic or k == T:
                 meta = {"stage": stage.name, "step": k, "steps": T, "fraction": fractions.get(k),
@@ -251,6 +257,6 @@ class StageTrainer:
                 path = ckpt.stage_dir(run.run_dir, stage.name) / f"step_{k:07d}"
                 ckpt.save(path, model, optimizer, meta, loader.state_dict(), par.dp_rank,
                           write_loader=par.tp_rank == 0 and par.pp_rank == 0,
-                          exit_before_commit=fault == "exit_in_checkpoint")
+                          exit_before_commit=fault_kind == "exit_in_checkpoint" and k == int(fault_step))
                 ckpt.prune(run.run_dir, stage.name, set(fractions))
         return StageOutcome(stage.name, end, last_loss)

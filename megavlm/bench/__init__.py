@@ -1,0 +1,1 @@
+"""Benchmarks whose results are committed as dated markdown under benchmarks/."""

@@ -1,0 +1,163 @@
+"""LLaVA-format conversations -> tokens + per-token loss targets + image references.
+
+Layout of one formatted conversation (the image part ``[P x IMAGE][SEP]`` is prepended by the
+loader, megavlm.data.sources, because P belongs to the encoder, not to the text):
+
+    [SYSTEM] system prompt [SEP]          masked (optional)
+    [USER] human turn [SEP]                masked
+    [ASSISTANT] model answer [SEP]         role marker masked, answer and its SEP trained
+    ... more turns ...
+    [EOD]                                  trained
+
+Only model answers (plus their closing SEP and the final EOD) are targets. The ``<image>`` tag is
+removed from the first human turn; the image goes first in the sample. Bad records (no model
+answer, unknown role, ``<image>`` without an image, image missing from the store) raise errors
+naming the file and the record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from megavlm.data.indexed import DataError, EmbeddingStore, IndexedWriter, token_dtype
+from megavlm.data.tokenizer import Tokenizer
+
+IMAGE_TAG = "<image>"
+HUMAN = ("human", "user")
+MODEL = ("gpt", "assistant", "model")
+
+
+def format_conversation(rec: dict[str, Any], tok: Tokenizer, where: str) -> tuple[list[int], list[int]]:
+    """(tokens, targets) of one LLaVA record, without the image part."""
+    turns = rec.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: no 'conversations' list")
+    sp = tok.special
+    ids: list[int] = []
+    tgt: list[int] = []
+
+    def add(t: Sequence[int], trained: bool) -> None:
+        ids.extend(t)
+        tgt.extend([int(trained)] * len(t))
+
+    system = rec.get("system")
+    if turns[0].get("from") == "system":
+        system, turns = turns[0].get("value"), turns[1:]
+    if system:
+        add([sp.system] + tok.encode(str(system)) + [sp.sep], False)
+    answers = 0
+    has_image = bool(rec.get("image"))
+    tags = 0
+    for j, t in enumerate(turns):
+        role, value = t.get("from"), t.get("value")
+        if not isinstance(value, str):
+            raise DataError(f"{where}: turn {j} has no text value")
+        tags += value.count(IMAGE_TAG)
+        value = value.replace(IMAGE_TAG, "").strip()
+        expect_human = j % 2 == 0
+        if role in HUMAN:
+            if not expect_human:
+                raise DataError(f"{where}: turn {j} is a second human turn in a row")
+            add([sp.user] + tok.encode(value) + [sp.sep], False)
+        elif role in MODEL:
+            if expect_human:
+                raise DataError(f"{where}: turn {j} is a model answer without a human turn before it")
+            if not value:
+                raise DataError(f"{where}: turn {j} is an empty model answer")
+            add([sp.assistant], False)
+            add(tok.encode(value) + [sp.sep], True)
+            answers += 1
+        else:
+            raise DataError(f"{where}: turn {j} has unknown role {role!r} (expected human/gpt)")
+    if answers == 0:
+        raise DataError(f"{where}: conversation has no model answer")
+    if tags and not has_image:
+        raise DataError(f"{where}: '<image>' in the text but the record names no image")
+    if tags > 1:
+        raise DataError(f"{where}: {tags} '<image>' tags; one image per conversation is supported")
+    add([sp.eod], True)
+    return ids, tgt
+
+
+@dataclass
+class ConversationStats:
+    conversations: int = 0
+    with_image: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+
+
+def load_llava(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    try:
+        raw = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: invalid UTF-8 at byte {e.start} ({e.reason})") from None
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(l) for l in raw.splitlines() if l.strip()]
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of conversations")
+    return data
+
+
+def preprocess_conversations(inputs: Sequence[str | Path], out_prefix: str | Path, tok: Tokenizer, *,
+                             embeds: Optional[str | Path] = None) -> ConversationStats:
+    """Write ``<out>.{bin,idx}``, ``<out>.mask.{bin,idx}``, ``<out>.images.npy`` and
+    ``<out>.meta.json``. ``embeds`` is the embedding store (from tools/encode_images.py) whose keys
+    the records' ``image`` fields name; the meta file refers to it relative to the output."""
+    out_prefix = Path(out_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    keys: dict[str, int] = {}
+    if embeds is not None:
+        store = EmbeddingStore(embeds)
+        keys = {k: i for i, k in enumerate(store.meta.keys or [])}
+    stats = ConversationStats()
+    images: list[int] = []
+    tmp_npy = out_prefix.with_name(f".{out_prefix.name}.images.tmp{os.getpid()}.npy")
+    with IndexedWriter(out_prefix, token_dtype(tok.vocab_size)) as tw, \
+            IndexedWriter(f"{out_prefix}.mask", np.uint8) as mw:
+        for path in inputs:
+            for r, rec in enumerate(load_llava(path)):
+                where = f"{path}: record {r} (id {rec.get('id', '?')})" if isinstance(rec, dict) \
+                    else f"{path}: record {r}"
+                if not isinstance(rec, dict):
+                    raise DataError(f"{where}: not a JSON object")
+                ids, tgt = format_conversation(rec, tok, where)
+                img = -1
+                if rec.get("image"):
+                    if embeds is None:
+                        raise DataError(f"{where}: names image {rec['image']!r} but no embedding "
+                                        f"store was given (--embeds)")
+                    if rec["image"] not in keys:
+                        raise DataError(f"{where}: image {rec['image']!r} is not in {embeds}")
+                    img = keys[rec["image"]]
+                    stats.with_image += 1
+                tw.add(ids)
+                mw.add(tgt)
+                images.append(img)
+                stats.conversations += 1
+                stats.tokens += len(ids)
+                stats.trained_tokens += sum(tgt)
+        if not stats.conversations:
+            raise DataError(f"{', '.join(map(str, inputs))}: no conversations")
+        np.save(tmp_npy, np.asarray(images, dtype=np.int64))
+    tmp_npy.replace(f"{out_prefix}.images.npy")
+    meta = {"embeds": os.path.relpath(embeds, out_prefix.parent) if embeds else None,
+            "conversations": stats.conversations}
+    meta_path = Path(f"{out_prefix}.meta.json")
+    tmp = meta_path.with_name(f".{meta_path.name}.tmp")
+    tmp.write_text(json.dumps(meta))
+    tmp.replace(meta_path)
+    return stats

@@ -1,0 +1,168 @@
+"""Sources: turn prepared indexed files into ``Sample`` s of one kind (text, captions, instructions).
+
+A source knows, before reading any tokens, the length in positions of every sample it can give
+(``lengths``), so the mixture can plan rows from lengths alone and read only the rows a data
+parallel rank needs. Layouts on disk (all written by tools/):
+
+- text: ``<prefix>.{bin,idx}``, one document per record, EOD already appended (megatron style).
+  Text is a stream: the mixture may take any piece ``(doc, offset, length)`` of a document.
+- captions: ``<prefix>.{bin,idx}`` caption tokens (no specials), record i describes image i of
+  the embedding store ``<prefix>.embeds``. Sample = ``[P x IMAGE][SEP] caption [EOD]``.
+- instructions: ``<prefix>.{bin,idx}`` formatted conversation tokens (role markers, SEPs, EOD),
+  ``<prefix>.mask.{bin,idx}`` uint8 targets, ``<prefix>.images.npy`` the image record of each
+  conversation (-1 = none) in the embedding store named by ``<prefix>.meta.json``.
+  Sample = ``[P x IMAGE][SEP]`` (if it has an image) + conversation.
+
+A caption or conversation sample longer than the sequence is truncated (and counted) or rejected
+with an error naming file and record, per ``DataConfig.too_long``; text is never too long because
+the mixture cuts its stream into row-sized pieces.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+import numpy as np
+
+from megavlm.data.batch import Sample
+from megavlm.data.indexed import DataError, EmbeddingStore, TokenData
+from megavlm.data.tokenizer import Tokenizer
+
+Kind = Literal["text", "captions", "instructions"]
+
+
+class TextSource:
+    """Plain-text documents from one or more token datasets, addressed as one list."""
+
+    kind: Kind = "text"
+
+    def __init__(self, prefixes: Sequence[str | Path]):
+        if not prefixes:
+            raise DataError("a text source needs at least one dataset")
+        self.parts = [TokenData(p) for p in prefixes]
+        self.lengths = np.concatenate([p.lengths for p in self.parts]).astype(np.int64)
+        self._starts = np.cumsum([0] + [len(p) for p in self.parts])
+        self._ones = np.ones(0, dtype=bool)
+        self.truncated = 0
+        self.name = ",".join(str(p) for p in prefixes)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def _locate(self, i: int) -> tuple[TokenData, int]:
+        k = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return self.parts[k], i - int(self._starts[k])
+
+    def sample(self, i: int, offset: int = 0, length: Optional[int] = None) -> Sample:
+        part, j = self._locate(i)
+        toks = part.get(j, offset, length, np.int64)
+        n = len(toks)
+        if len(self._ones) < n:
+            self._ones = np.ones(max(n, 2 * len(self._ones)), dtype=bool)
+        return Sample(tokens=toks, target=self._ones[:n], source="text")
+
+
+def _too_long(lengths: np.ndarray, seq_length: int, policy: str, what: str) -> tuple[np.ndarray, int]:
+    long = np.flatnonzero(lengths > seq_length)
+    if long.size and policy == "reject":
+        i = int(long[0])
+        raise DataError(f"{what}: record {i} is {int(lengths[i])} positions, longer than the "
+                        f"sequence ({seq_length}); {long.size} such records (data.too_long=reject)")
+    return np.minimum(lengths, seq_length), int(long.size)
+
+
+class CaptionSource:
+    """Image-caption pairs: ``[P x IMAGE][SEP] caption [EOD]``, loss on caption and EOD."""
+
+    kind: Kind = "captions"
+
+    def __init__(self, prefix: str | Path, tok: Tokenizer, *, embed_dim: int, num_patches: int,
+                 seq_length: int, too_long: str = "truncate"):
+        self.name = str(prefix)
+        self.captions = TokenData(prefix)
+        self.store = EmbeddingStore(f"{prefix}.embeds", embed_dim=embed_dim, num_patches=num_patches)
+        if len(self.store) != len(self.captions):
+            raise DataError(f"{prefix}: {len(self.captions)} captions but {len(self.store)} images "
+                            f"in {prefix}.embeds")
+        self.P = num_patches
+        if self.P + 2 > seq_length:
+            raise DataError(f"{prefix}: an image takes {self.P} positions + SEP + EOD, more than "
+                            f"the sequence ({seq_length})")
+        empty = np.flatnonzero(self.captions.lengths == 0)
+        if empty.size:
+            raise DataError(f"{prefix}.bin: record {int(empty[0])} has an empty caption")
+        full = self.captions.lengths + self.P + 2
+        self.lengths, self.truncated = _too_long(full, seq_length, too_long, f"{prefix}.bin")
+        self._head = np.array([tok.image] * self.P + [tok.sep], dtype=np.int64)
+        self._eod = np.array([tok.eod], dtype=np.int64)
+        self._target = np.concatenate([np.zeros(self.P + 1, bool), np.ones(seq_length, bool)])
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def sample(self, i: int) -> Sample:
+        n = int(self.lengths[i])
+        toks = np.concatenate([self._head, self.captions.get(i, dtype=np.int64), self._eod])[:n]
+        return Sample(tokens=toks, target=self._target[:n], image=self.store.get(i), image_start=0,
+                      source="captions")
+
+
+class ConversationSource:
+    """LLaVA-style conversations with per-token targets and an optional image."""
+
+    kind: Kind = "instructions"
+
+    def __init__(self, prefix: str | Path, tok: Tokenizer, *, embed_dim: int, num_patches: int,
+                 seq_length: int, too_long: str = "truncate"):
+        prefix = Path(prefix)
+        self.name = str(prefix)
+        self.tokens = TokenData(prefix)
+        self.masks = TokenData(f"{prefix}.mask")
+        if not np.array_equal(self.tokens.lengths, self.masks.lengths):
+            bad = int(np.flatnonzero(self.tokens.lengths != self.masks.lengths)[0]) \
+                if len(self.tokens) == len(self.masks) else min(len(self.tokens), len(self.masks))
+            raise DataError(f"{prefix}.mask.bin: record {bad} does not match {prefix}.bin "
+                            f"(tokens and loss masks differ in count or length)")
+        img_path = Path(f"{prefix}.images.npy")
+        meta_path = Path(f"{prefix}.meta.json")
+        for p in (img_path, meta_path):
+            if not p.is_file():
+                raise DataError(f"{p}: missing (part of conversation dataset {prefix})")
+        self.images = np.load(img_path)
+        if self.images.shape != (len(self.tokens),):
+            raise DataError(f"{img_path}: {self.images.shape[0]} image references for "
+                            f"{len(self.tokens)} conversations")
+        meta = json.loads(meta_path.read_text())
+        self.store: Optional[EmbeddingStore] = None
+        self.P = num_patches
+        if (self.images >= 0).any():
+            store = Path(meta["embeds"])
+            store = store if store.is_absolute() else prefix.parent / store
+            self.store = EmbeddingStore(store, embed_dim=embed_dim, num_patches=num_patches)
+            bad = np.flatnonzero(self.images >= len(self.store))
+            if bad.size:
+                raise DataError(f"{img_path}: conversation {int(bad[0])} refers to image "
+                                f"{int(self.images[bad[0]])}, store {store} has {len(self.store)}")
+        full = self.tokens.lengths + np.where(self.images >= 0, self.P + 1, 0)
+        self.lengths, self.truncated = _too_long(full, seq_length, too_long, f"{prefix}.bin")
+        self._head = np.array([tok.image] * self.P + [tok.sep], dtype=np.int64)
+        self._no = np.zeros(self.P + 1, dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def has_image(self, i: int) -> bool:
+        return bool(self.images[i] >= 0)
+
+    def sample(self, i: int) -> Sample:
+        n = int(self.lengths[i])
+        toks, mask = self.tokens.get(i, dtype=np.int64), self.masks.get(i, dtype=bool)
+        img = int(self.images[i])
+        if img >= 0:
+            toks = np.concatenate([self._head, toks])
+            mask = np.concatenate([self._no, mask])
+            return Sample(tokens=toks[:n], target=mask[:n], image=self.store.get(img),  # type: ignore[union-attr]
+                          image_start=0, source="instructions")
+        return Sample(tokens=toks[:n], target=mask[:n], source="instructions")

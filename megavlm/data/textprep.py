@@ -1,0 +1,134 @@
+"""Raw text -> megatron token datasets, in parallel worker processes.
+
+Input is JSONL (one object per line, documents under a field, ``text`` by default) or plain text
+(documents separated by blank lines). Each document becomes one record of token ids with EOD
+appended, so the ``.bin/.idx`` pair loads directly in megatron-core as well as in our loader.
+Workers only tokenize (they import neither megatron nor torch); the parent writes the pair under
+a temporary name and renames it, so an error or interruption leaves no half-written output.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from megavlm.data.indexed import DataError, IndexedWriter, token_dtype
+from megavlm.data.tokenizer import Tokenizer, load_tokenizer
+
+
+def read_documents(path: str | Path, field: str = "text") -> Iterator[tuple[str, str]]:
+    """Yield (where, text) for each non-empty document of a JSONL or plain-text file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    jsonl = path.suffix in (".jsonl", ".json")
+    with open(path, "rb") as f:
+        para: list[str] = []
+        start = 1
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+            if jsonl:
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
+                    raise DataError(f"{path}:{n}: expected an object with a string field {field!r}")
+                if rec[field].strip():
+                    yield f"{path}:{n}", rec[field]
+            elif line.strip():
+                if not para:
+                    start = n
+                para.append(line)
+            elif para:
+                yield f"{path}:{start}", "".join(para).strip("\n")
+                para = []
+        if para:
+            yield f"{path}:{start}", "".join(para).strip("\n")
+
+
+_worker_tok: Optional[Tokenizer] = None
+
+
+def _init_worker(tok_path: str) -> None:
+    global _worker_tok  # per-process cache of the tokenizer in pool workers
+    _worker_tok = load_tokenizer(tok_path)
+
+
+def _encode_chunk(texts: list[str]) -> list[list[int]]:
+    assert _worker_tok is not None
+    return _worker_tok.encode_batch(texts)
+
+
+def _chunks(docs: Iterator[tuple[str, str]], size: int) -> Iterator[list[str]]:
+    buf: list[str] = []
+    for _, text in docs:
+        buf.append(text)
+        if len(buf) == size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+@dataclass
+class TextStats:
+    documents: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    workers: int = 1
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def preprocess_text(inputs: Sequence[str | Path], out_prefix: str | Path, tokenizer: str | Path, *,
+                    workers: int = 1, field: str = "text", chunk_docs: int = 256,
+                    progress: bool = True) -> TextStats:
+    """Tokenize every document of ``inputs`` into ``<out_prefix>.{bin,idx}`` (EOD appended)."""
+    from tqdm import tqdm
+
+    tok = load_tokenizer(tokenizer)
+    stats = TextStats(workers=workers)
+    t0 = time.perf_counter()
+
+    def docs() -> Iterator[tuple[str, str]]:
+        for p in inputs:
+            yield from read_documents(p, field)
+
+    bar = tqdm(unit="tok", unit_scale=True, disable=not progress, desc=f"tokenize {Path(out_prefix).name}")
+    with IndexedWriter(out_prefix, token_dtype(tok.vocab_size)) as w:
+        if workers <= 1:
+            results: Iterator[list[list[int]]] = (tok.encode_batch(c) for c in _chunks(docs(), chunk_docs))
+            pool = None
+        else:
+            pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(str(tokenizer),))
+            results = pool.imap(_encode_chunk, _chunks(docs(), chunk_docs), chunksize=1)
+        try:
+            for ids_list in results:
+                for ids in ids_list:
+                    ids.append(tok.eod)
+                    w.add(ids)
+                    stats.tokens += len(ids)
+                stats.documents += len(ids_list)
+                bar.update(sum(len(i) for i in ids_list))
+        finally:
+            if pool is not None:
+                pool.terminate()
+    bar.close()
+    if stats.documents == 0:
+        for suffix in (".bin", ".idx"):
+            Path(f"{out_prefix}{suffix}").unlink(missing_ok=True)
+        raise DataError(f"{', '.join(map(str, inputs))}: no documents")
+    stats.seconds = time.perf_counter() - t0
+    return stats
