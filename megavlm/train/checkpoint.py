@@ -12,7 +12,9 @@ offsets), so a checkpoint saved at one TP/PP layout loads at another.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +101,24 @@ def model_sharded_state(chunks: list) -> dict:
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(core)}
 
 
+@contextlib.contextmanager
+def _in_process_write_queue():
+    """Our saves are synchronous: megatron writes the shards from threads of this process and
+    collects their results through a queue. Its default queue lives in a multiprocessing Manager
+    (dist_checkpointing/strategies/filesystem_async.py:53-66): a spawned server process per rank
+    that costs a second to start and outlives a killed trainer, holding its stdout open. A
+    thread-safe queue.Queue does the same job in-process."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    original = fa.get_write_results_queue
+    q: queue.Queue = queue.Queue()
+    fa.get_write_results_queue = lambda *a, **k: q
+    try:
+        yield
+    finally:
+        fa.get_write_results_queue = original
+
+
 def save(path: Path, chunks: list, optimizer, meta: dict, loader_state: dict, dp_rank: int,
          write_loader: bool, exit_before_commit: bool = False) -> None:
     """Write a complete checkpoint at ``path`` (collective: every rank calls it).
@@ -118,7 +138,8 @@ def save(path: Path, chunks: list, optimizer, meta: dict, loader_state: dict, dp
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
             state, is_loading=False, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
-    dist_checkpointing.save(state, str(tmp))
+    with _in_process_write_queue():
+        dist_checkpointing.save(state, str(tmp))
     if write_loader:
         (tmp / "loader").mkdir(exist_ok=True)
         (tmp / "loader" / f"dp{dp_rank}.json").write_text(json.dumps(loader_state))
@@ -135,6 +156,53 @@ def save(path: Path, chunks: list, optimizer, meta: dict, loader_state: dict, dp
     dist.barrier()
 
 
+def _prime_optimizer_state(optimizer) -> None:
+    """Give every parameter an Adam state with a ``step`` before a load.
+
+    Without apex/TE, megatron's DistributedOptimizer.state_dict (optimizer/distrib_optimizer.py:837)
+    reads ``state['step']`` of every parameter, but its init_state_fn for torch's Adam
+    (optimizer/__init__.py:588) creates only exp_avg/exp_avg_sq — so loading into a fresh
+    optimizer fails. The loaded checkpoint overwrites these placeholders."""
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    for o in inner:
+        if getattr(o, "init_state_fn", None) is not None:
+            o.init_state_fn(o.optimizer, o.config)
+        for group in o.optimizer.param_groups:
+            for p in group["params"]:
+                o.optimizer.state[p].setdefault("step", torch.tensor(0.0))
+
+
+@contextlib.contextmanager
+def _adam_step_is_not_a_shard():
+    """Without apex/TE, megatron's DistributedOptimizer.load_state_dict (distrib_optimizer.py:1025-1032)
+    puts torch Adam's scalar ``step`` into every parameter state, and then
+    _set_main_param_and_optimizer_states (distrib_optimizer.py:1222) expects a loaded shard for
+    every state tensor — ``step`` has none (the loader skips it on purpose at :2390), so loading
+    fails with KeyError('step'). Marking it absent lets the shard copy skip it."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def patched(self, model_param, tensors):
+        return original(self, model_param, {"step": None, **tensors})
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = patched
+    try:
+        yield
+    finally:
+        DistributedOptimizer._set_main_param_and_optimizer_states = original
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron (distrib_optimizer.py:1029-1032) gives every parameter the *same* ``step`` tensor;
+    torch's Adam increments each parameter's step in place, so a shared tensor would advance once
+    per parameter per step and corrupt the bias correction after a resume. Give each its own."""
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in o.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
 def load(info_path: Path, chunks: list, optimizer=None) -> None:
     """Load model (and optimizer) state in place from a complete checkpoint."""
     from megatron.core import dist_checkpointing
@@ -145,6 +213,7 @@ def load(info_path: Path, chunks: list, optimizer=None) -> None:
     state = model_sharded_state(chunks)
     _shape_check(state, info_path)
     if optimizer is not None:
+        _prime_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(
             state, is_loading=True, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     loaded = dist_checkpointing.load(state, str(info_path))
@@ -155,7 +224,9 @@ def load(info_path: Path, chunks: list, optimizer=None) -> None:
         for i, c in enumerate(core):
             c.load_state_dict(loaded[f"model{i}"], strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with _adam_step_is_not_a_shard():
+            optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(optimizer)
 
 
 def read_loader_state(path: Path, dp_rank: int) -> dict:
