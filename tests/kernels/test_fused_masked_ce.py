@@ -186,7 +186,7 @@ def test_grad_scale_is_applied(interpreted):
 
 
 def run_dispatcher(override, hidden, weight, labels, mask):
-    """Worker side: the megavlm.ops dispatcher under an override, recording whether it went fused."""
+    """Worker side: the megavlm.ops dispatcher under an override; records if it went fused."""
     calls = []
     real = fused_module.masked_linear_cross_entropy
 
@@ -221,9 +221,34 @@ def test_cpu_without_interpreter_is_unsupported(monkeypatch):
     hidden, weight, labels, mask = make_case(4, 16, 8, keep=1.0, dtype=torch.float32, seed=9)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         masked_linear_cross_entropy(hidden, weight, labels, mask)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert supports(torch.zeros(2, 4)) == (True, "ok")
-    assert not supports(torch.zeros(2, 4, dtype=torch.float64))[0]
+
+
+def supported(dtype: torch.dtype) -> tuple[bool, str]:
+    """Worker side: ``supports`` on a CPU tensor of ``dtype``."""
+    return supports(torch.zeros(2, 4, dtype=dtype))
+
+
+def test_cpu_under_interpreter_is_supported_for_float_dtypes(interpreted):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert interpreted(supported, dtype) == (True, "ok")
+    ok, why = interpreted(supported, torch.float64)
+    assert not ok and "float64" in why
+
+
+def test_triton_imported_without_interpreter_is_reported():
+    """A process that imported Triton in compiled mode cannot interpret: supports() says so and the
+    dispatcher falls back to the reference instead of failing inside the interpreter."""
+    code = ("import os, torch, triton\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "import megavlm_kernels.masked_ce as m\n"
+            "from megavlm.ops.masked_ce import masked_cross_entropy\n"
+            "ok, why = m.supports(torch.zeros(1))\n"
+            "assert not ok and 'imported before' in why, why\n"
+            "h, w = torch.randn(4, 16), torch.randn(8, 16)\n"
+            "loss, n = masked_cross_entropy(h, w, torch.arange(4), torch.ones(4))\n"
+            "assert n.item() == 4 and torch.isfinite(loss)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
 
 def test_import_needs_neither_triton_nor_cuda():
@@ -304,3 +329,20 @@ def test_compiled_on_gpu_matches_reference(dtype):
     torch.testing.assert_close(loss, e_loss, rtol=1e-4, atol=1e-2)
     assert_close_grads(gh, e_gh, rel=2e-2)
     assert_close_grads(gw, e_gw, rel=2e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_larger_case_with_default_tiles(interpreted, dtype):
+    """Caption-like masking (71 %), default GEMM-sized tiles, several vocabulary splits."""
+    hidden, weight, labels, mask = make_case(600, 96, 1500, keep=0.29, dtype=dtype, seed=12)
+    cfg = TileConfig(vocab_splits=3, chunk_bytes=200 * 512 * 2)
+    loss, count, gh, gw = interpreted(run_fused, hidden, weight, labels, mask, z_loss=1e-4,
+                                      config=cfg)
+    e_loss, e_count, e_gh, e_gw = run(masked_cross_entropy_reference, hidden.float(),
+                                      weight.float(), labels, mask, z_loss=1e-4)
+    assert count.item() == e_count.item()
+    torch.testing.assert_close(loss, e_loss, rtol=2e-5, atol=1e-3)
+    rel = 1e-5 if dtype == torch.float32 else 2e-2
+    assert_close_grads(gh, e_gh, rel=rel)
+    assert_close_grads(gw, e_gw, rel=rel)

@@ -1,4 +1,4 @@
-"""megavlm.ops.masked_ce: the reference (the spec) against torch's cross-entropy, and the dispatcher.
+"""megavlm.ops.masked_ce: the reference (the spec) against torch's cross-entropy; the dispatcher.
 
 The fused kernel's comparisons against the reference (dtypes, tilings, TP=2) and the dispatcher
 taking the kernel under the Triton interpreter live in tests/kernels/test_fused_masked_ce.py.
