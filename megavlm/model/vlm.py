@@ -92,6 +92,11 @@ class VLM(MegatronModule):
         rope = rotary_embedding(position_ids, self.model_cfg.head_dim, self.model_cfg.rope_base)
         return self.decoder(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rope)
 
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Full logits [B, S, V] from final hidden states, for inference on one process
+        (training never materialises them: see megavlm.ops.masked_ce)."""
+        return hidden.transpose(0, 1) @ self.output_layer.weight.t()
+
     def loss_inputs(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
         """(hidden [B, S, d] replicated over TP with a TP-reducing backward, output weight shard)."""
         if self.config.sequence_parallel:

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 META = "meta.json"
+CONFIG = "config.yaml"
 
 
 class CheckpointError(RuntimeError):
@@ -120,7 +121,8 @@ def _in_process_write_queue():
 
 
 def save(path: Path, chunks: list, optimizer, meta: dict, loader_state: dict, dp_rank: int,
-         write_loader: bool, exit_before_commit: bool = False) -> None:
+         write_loader: bool, exit_before_commit: bool = False, run_config=None,
+         tokenizer: Optional[Path] = None) -> None:
     """Write a complete checkpoint at ``path`` (collective: every rank calls it).
 
     ``exit_before_commit`` is fault injection for tests: the process dies after the shards are
@@ -149,6 +151,12 @@ def save(path: Path, chunks: list, optimizer, meta: dict, loader_state: dict, dp
 
         os._exit(17)
     if rank0:
+        # a checkpoint describes itself: the resolved config and the tokenizer travel with it
+        if run_config is not None:
+            run_config.dump(tmp / CONFIG)
+        if tokenizer is not None and Path(tokenizer).is_file():
+            (tmp / "tokenizer").mkdir(exist_ok=True)
+            shutil.copy2(tokenizer, tmp / "tokenizer" / Path(tokenizer).name)
         (tmp / META).write_text(json.dumps(meta, indent=1))
         if path.exists():
             shutil.rmtree(path)
@@ -253,3 +261,39 @@ def prune(run_dir: str | Path, stage: str, keep_steps: set[int]) -> None:
     for c in cps[:-1]:
         if c.fraction is None and c.step not in keep_steps:
             shutil.rmtree(c.path, ignore_errors=True)
+
+
+def tokenizer_file(path: Path) -> Path:
+    """The tokenizer saved inside a checkpoint; a clear error when there is none."""
+    d = Path(path) / "tokenizer"
+    files = sorted(d.glob("*")) if d.is_dir() else []
+    if not files:
+        raise CheckpointError(f"{path}: checkpoint has no tokenizer (expected a file under {d})")
+    return files[0]
+
+
+def load_for_inference(path: str | Path, parallel=None, dtype: Optional[torch.dtype] = None):
+    """(model chunks in eval mode, RunConfig) of a checkpoint directory, for one process.
+
+    Builds the model from the checkpoint's own config.yaml; initialises a single-process
+    parallel context when none is given.
+    """
+    from megavlm.config import load_config
+    from megavlm.parallel.state import Parallel
+    from megavlm.train.loop import build_model
+
+    path = Path(path)
+    if not (path / META).is_file():
+        raise CheckpointError(f"{path} is not a complete megavlm checkpoint (no {META})")
+    if not (path / CONFIG).is_file():
+        raise CheckpointError(f"{path}: checkpoint has no {CONFIG}")
+    run = load_config(path / CONFIG)
+    run.parallel.tp = run.parallel.pp = 1
+    run.parallel.vpp, run.parallel.sequence_parallel = None, False
+    if parallel is None:
+        parallel = Parallel.initialize(run.parallel, run.seed)
+    chunks, _ = build_model(run, parallel, dtype or torch.float32)
+    load(path, chunks, None)
+    for c in chunks:
+        c.eval()
+    return chunks, run

@@ -257,6 +257,7 @@ class StageTrainer:
                 path = ckpt.stage_dir(run.run_dir, stage.name) / f"step_{k:07d}"
                 ckpt.save(path, model, optimizer, meta, loader.state_dict(), par.dp_rank,
                           write_loader=par.tp_rank == 0 and par.pp_rank == 0,
-                          exit_before_commit=fault_kind == "exit_in_checkpoint" and k == int(fault_step))
+                          exit_before_commit=fault_kind == "exit_in_checkpoint" and k == int(fault_step),
+                          run_config=run, tokenizer=run.data.resolve(run.data.tokenizer))
                 ckpt.prune(run.run_dir, stage.name, set(fractions))
         return StageOutcome(stage.name, end, last_loss)
