@@ -307,7 +307,7 @@ class RunConfig:
     """Batching, precision, optimizer."""
     data: DataConfig = field(default_factory=DataConfig)
     """Prepared data locations."""
-    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(tokens=1_000_000)])
     """Stages, run in order."""
 
     def __post_init__(self):

@@ -313,6 +313,12 @@ def apply() -> None:
     global _applied
     if _applied or not needed():
         return
+    from importlib.metadata import version
+
+    found = version("megatron-core").split("+")[0]
+    if found != MEGATRON_CORE_VERSION:
+        raise RuntimeError(f"the megavlm CPU layer is written for megatron-core {MEGATRON_CORE_VERSION}, "
+                           f"found {found}: install megatron-core=={MEGATRON_CORE_VERSION} (make install)")
     _stub_paged_stash_ops()
     cpu_torch = _CpuTorch()
     for name in CPU_TORCH_MODULES:

@@ -1,0 +1,73 @@
+"""Config loading is strict and typed: unknown keys name the closest valid one, wrong types name
+the dotted path, dotted overrides go through the same checks, recipes validate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megavlm.config import ConfigError, RunConfig, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "launch" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_recipes_load(path):
+    run = load_config(path)
+    assert isinstance(run, RunConfig) and len(run.stages) == 3
+    names = [s.name for s in run.stages]
+    assert run.stages[1].init.stage == names[0] and run.stages[1].schedule.kind == "continue"
+
+
+def test_unknown_key_names_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.hiden_size'; did you mean 'hidden_size'"):
+        load_config(raw={"model": {"hiden_size": 64}})
+    with pytest.raises(ConfigError, match=r"'stages.0.schedul'.*'schedule'"):
+        load_config(raw={"stages": [{"name": "a", "tokens": 10, "schedul": {}}]})
+
+
+def test_wrong_type_names_path():
+    with pytest.raises(ConfigError, match=r"model.num_layers: expected an integer, got 'four'"):
+        load_config(raw={"model": {"num_layers": "four"}})
+    with pytest.raises(ConfigError, match=r"parallel.sequence_parallel: expected true/false"):
+        load_config(raw={"parallel": {"sequence_parallel": "yes"}})
+    with pytest.raises(ConfigError, match=r"stages.0.schedule.kind: 'linear' is not one of"):
+        load_config(raw={"stages": [{"name": "a", "tokens": 10, "schedule": {"kind": "linear"}}]})
+
+
+def test_dotted_overrides(tmp_path):
+    path = CONFIGS[[p.name for p in CONFIGS].index("tiny.yaml")]
+    run = load_config(path, ["stages.1.tokens=1e6", "parallel.tp=2", "run_dir=/x", "stages.text.seed=3"][:3])
+    assert run.stages[1].tokens == 1_000_000 and run.parallel.tp == 2 and run.run_dir == "/x"
+    run = load_config(path, ["stages.image.mixture.captions=0.2", "stages.image.mixture.text=0.8"])
+    assert run.stage("image").mixture.captions == 0.2
+    with pytest.raises(ConfigError, match="unknown config key 'stages.1.tokenz'"):
+        load_config(path, ["stages.1.tokenz=5"])
+    with pytest.raises(ConfigError, match="index 7 out of range"):
+        load_config(path, ["stages.7.tokens=5"])
+    with pytest.raises(ConfigError, match="must look like key.path=value"):
+        load_config(path, ["stages.1.tokens"])
+
+
+def test_validation_errors():
+    base = {"stages": [{"name": "text", "tokens": 100, "checkpoint_fractions": [0.5, 1.0]},
+                       {"name": "img", "tokens": 100, "init": {"stage": "text", "fraction": 0.8},
+                        "schedule": {"kind": "continue"}}]}
+    with pytest.raises(ConfigError, match=r"fraction 0.8, which that stage never saves .*\[0.5, 1.0\]"):
+        load_config(raw=base)
+    with pytest.raises(ConfigError, match="not an earlier stage"):
+        load_config(raw={"stages": [{"name": "a", "tokens": 1, "init": {"stage": "b", "fraction": 1.0}}]})
+    with pytest.raises(ConfigError, match="sum to 1.2"):
+        load_config(raw={"stages": [{"name": "a", "tokens": 1, "mixture": {"text": 1.0, "captions": 0.2}}]})
+    with pytest.raises(ConfigError, match="num_attention_heads must be divisible by parallel.tp"):
+        load_config(raw={"model": {"num_attention_heads": 3, "hidden_size": 96}, "parallel": {"tp": 2}})
+    with pytest.raises(ConfigError, match="needs init.stage"):
+        load_config(raw={"stages": [{"name": "a", "tokens": 1, "schedule": {"kind": "continue"}}]})
+
+
+def test_dump_roundtrip(tmp_path):
+    run = load_config(CONFIGS[0])
+    run.dump(tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == run
+    assert not list(tmp_path.glob("*.tmp"))
