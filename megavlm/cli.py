@@ -20,6 +20,8 @@ def _quiet() -> None:
     """megatron-core announces optional libraries it falls back from; keep the console readable."""
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     warnings.filterwarnings("ignore", message=".*absl.logging is not installed.*")
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(torch\.distributed|megatron)(\.|$)")
     level = os.environ.get("MEGAVLM_MEGATRON_LOG_LEVEL", "ERROR")
     logging.getLogger("megatron").setLevel(level)
 
