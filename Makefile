@@ -19,7 +19,9 @@ install:
 	else \
 	  $(PIP) install -q --no-deps megatron-core==$(MCORE_VERSION); \
 	fi
-	$(PIP) install -q -e ".[dev,encoder,kernels]"
+	@# dev tools, Triton (kernels run under its CPU interpreter in tests), transformers (a tiny random
+	@# SigLIP in tests), DALI (CPU-only decode pipelines), lm-eval (evaluation)
+	$(PIP) install -q -e ".[dev,kernels,siglip,dali,eval]"
 
 demo: install
 	$(PYTHON) -m megavlm demo

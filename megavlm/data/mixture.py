@@ -9,7 +9,7 @@ and the loader position is a handful of integers (``state_dict``).
 How a row is planned (fractions f_k of token positions; counts C_k so far; error e_k = C_k - f_k*C):
 1. *head* samples (captions, instructions — never split) go first: repeatedly add the next sample
    of the source most behind its fraction, if it fits and adding it brings that source closer to
-   its target (e + n(1-f)/2 <= 0). Without text in the mixture, any sample that fits is added.
+   its target (e + n(1-f)/2 <= 0); without text, an empty row takes the most-behind sample anyway.
 2. text fills the rest of the row as a stream cut at row ends (position ids and attention restart
    at every piece); it is limited only so that text never runs more than ``seq_length``
    positions ahead of its fraction (a bound that also guarantees no row is ever empty).
@@ -175,8 +175,8 @@ class MixturePlanner:
                 if n > space:
                     continue
                 e = C[k] - f[k] * total
-                if has_text and e + n * (1 - f[k]) / 2 > 0:
-                    continue
+                if (out or has_text) and e + n * (1 - f[k]) / 2 > 0:  # without text, an empty
+                    continue                                            # row always takes one
                 if best is None or e < best[0]:
                     best = (e, k, i, n)
             if best is None:

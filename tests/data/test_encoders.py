@@ -51,7 +51,6 @@ def test_pil_flattens_alpha_on_white_and_expands_grey():
 
 @pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
 def test_dali_matches_pil():
-    rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:48, :40]
     smooth = np.stack([xx * 5, yy * 4, (xx + yy) * 2], -1).astype(np.uint8)
     rgba = np.concatenate([smooth, np.full((48, 40, 1), 128, np.uint8)], -1)
@@ -62,6 +61,12 @@ def test_dali_matches_pil():
         ref = decode_pil(b, 32)
         assert o.shape == ref.shape == (32, 32, 3) and o.dtype == np.uint8
         assert np.abs(o.astype(int) - ref.astype(int)).mean() < 4.0
+    assert dec.fallbacks == 0
+    # grey+alpha PNGs (17 of the Tux Paint stamps) are beyond DALI's decoder: PIL takes that batch
+    la = np.stack([smooth[..., 0], np.full((48, 40), 200, np.uint8)], -1)
+    (got,) = dec([png(la, "LA")], ["la"])
+    assert dec.fallbacks == 1 and np.array_equal(got, decode_pil(png(la, "LA"), 32))
+    assert np.abs(dec([blobs[0]], ["again"])[0].astype(int) - outs[0]).max() == 0  # pipeline rebuilt
     with pytest.raises(DataError, match="bad one: cannot decode"):
         dec([blobs[0], b"garbage"], ["good", "bad one"])
 
@@ -113,6 +118,8 @@ def test_siglip_encode_job_and_resume(tmp_path, tok, tiny_siglip):
     for ext in (".embeds.bin", ".embeds.idx", ".bin", ".idx"):
         assert (tmp_path / f"run{ext}").read_bytes() == (tmp_path / f"ref{ext}").read_bytes()
     assert not (tmp_path / "run.shards").exists()
+    again = encode_images(records, tmp_path / "run", tiny_siglip, tokenizer=tok, decoder="pil", progress=False)
+    assert again.already_complete and again.images == 0  # complete output: nothing to do
 
 
 def test_bad_images_and_captions(tmp_path, tok, tiny_siglip):

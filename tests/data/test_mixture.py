@@ -178,7 +178,7 @@ def mixtures(draw):
     return f, S, seed, [text, caps, inst]
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mixtures())
 def test_planner_holds_ratios_and_packs_validly(m):
     f, S, seed, lengths = m
