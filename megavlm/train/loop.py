@@ -129,20 +129,25 @@ class MetricsLog:
                 f.write(json.dumps(rec) + "\n")
 
 
-def _reduce_losses(losses: list[dict], parallel: Parallel) -> tuple[float, int]:
-    """Global (mean loss, loss-token count) from the last stage's microbatch reports."""
+_MIX_KEYS = ("image_sample_positions", "patch_positions", "pad_positions")
+
+
+def _reduce_losses(losses: list[dict], parallel: Parallel, mix: dict) -> tuple[float, int, dict]:
+    """Global (mean loss, loss-token count, mixture position counts) of one step: losses come
+    from the last pipeline stage's microbatch reports, mixture counts from each DP rank's loader."""
     from megatron.core import parallel_state as ps
 
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2 + len(_MIX_KEYS), dtype=torch.float64)
     for rec in losses:
-        total += rec["loss"].double().cpu()
+        total[:2] += rec["loss"].double().cpu()
+    total[2:] = torch.tensor([float(mix.get(k, 0)) for k in _MIX_KEYS], dtype=torch.float64)
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         dist.all_reduce(total, group=parallel.dp_group)
     # share with the other pipeline stages so every rank can log / stop consistently
     src = ps.get_pipeline_model_parallel_last_rank()
     dist.broadcast(total, src=src, group=parallel.pp_group)
     loss = (total[0] / total[1].clamp(min=1)).item()
-    return loss, int(total[1].item())
+    return loss, int(total[1].item()), {k: int(v) for k, v in zip(_MIX_KEYS, total[2:].tolist())}
 
 
 class StageTrainer:
@@ -234,13 +239,16 @@ class StageTrainer:
             if observer is not None:
                 observer(stage.name, step + 1, model)
             ok, grad_norm, _ = optimizer.step()
-            loss, n_loss = _reduce_losses(losses, par)
+            loss, n_loss, mix = _reduce_losses(losses, par, getattr(loader, "last_stats", {}))
             dt = time.perf_counter() - t0
             last_loss = loss
             rec = {"stage": stage.name, "step": step + 1, "loss": loss, "lr": lr,
                    "tokens": step_tokens, "loss_tokens": n_loss,
                    "grad_norm": None if grad_norm is None else float(grad_norm),
-                   "tokens_per_s": step_tokens / dt}
+                   "tokens_per_s": step_tokens / dt,
+                   # the stage's image-text ratio (positions of image samples) and pure patch share
+                   "image_text_ratio": mix["image_sample_positions"] / step_tokens,
+                   "patch_fraction": mix["patch_positions"] / step_tokens}
             self.metrics.write(rec)
             if par.is_logging_rank and ((step + 1) % run.train.log_every == 0 or step + 1 == T):
                 self.log(f"[{stage.name}] step {step + 1}/{T} loss {loss:.4f} lr {lr:.3e} "
