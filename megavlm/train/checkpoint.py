@@ -137,7 +137,7 @@ def save(path: Path, chunks: list, optimizer, meta: dict, loader_state: dict, dp
         tmp.mkdir(parents=True)  # megatron wants an existing, empty folder
     dist.barrier()
     state = model_sharded_state(chunks)
-    if optimizer is not None:
+    if _holds_params(optimizer):
         state["optimizer"] = optimizer.sharded_state_dict(
             state, is_loading=False, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     with _in_process_write_queue():
@@ -162,6 +162,15 @@ def save(path: Path, chunks: list, optimizer, meta: dict, loader_state: dict, dp
             shutil.rmtree(path)
         tmp.rename(path)
     dist.barrier()
+
+
+def _holds_params(optimizer) -> bool:
+    """False on a rank with nothing to optimize (e.g. the last pipeline stage of a
+    projector-only stage): such a rank saves and loads no optimizer state."""
+    if optimizer is None:
+        return False
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(len(g["params"]) for o in inner for g in o.optimizer.param_groups)
 
 
 def _prime_optimizer_state(optimizer) -> None:
@@ -220,6 +229,8 @@ def load(info_path: Path, chunks: list, optimizer=None) -> None:
         raise CheckpointError(f"{info_path} is not a complete megavlm checkpoint (no {META})")
     state = model_sharded_state(chunks)
     _shape_check(state, info_path)
+    if not _holds_params(optimizer):
+        optimizer = None
     if optimizer is not None:
         _prime_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(

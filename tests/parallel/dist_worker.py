@@ -41,9 +41,14 @@ def main(spec_path: str) -> None:
         from megavlm.train.loop import build_model, model_dtype
 
         chunks, _ = build_model(run, par, model_dtype(run))
-        info = ckpt.latest(run.run_dir, spec["weights_of"])
-        ckpt.load(info.path, chunks, None)
-        weights = full_tensors(chunks, tp_group=par.tp_group, pp_group=par.pp_group)
+        wanted = spec["weights_of"]
+        weights = {}
+        for stage in [wanted] if isinstance(wanted, str) else wanted:
+            info = ckpt.latest(run.run_dir, stage)
+            ckpt.load(info.path, chunks, None)
+            weights[stage] = full_tensors(chunks, tp_group=par.tp_group, pp_group=par.pp_group)
+        if isinstance(wanted, str):
+            weights = weights[wanted]
     if par.rank == 0:
         torch.save({"grads": grads, "weights": weights}, spec["out"])
     par.destroy()
