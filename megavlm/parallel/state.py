@@ -21,14 +21,6 @@ from megavlm.config import ParallelConfig
 from megavlm.parallel import cpu
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass(frozen=True)
 class Parallel:
     """The parallel layout of this process and its groups."""
@@ -55,17 +47,20 @@ class Parallel:
             raise RuntimeError("parallel.backend=nccl needs CUDA; use gloo (or auto) on CPU")
         cpu.apply()
         if not dist.is_initialized():
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            if "MASTER_PORT" not in os.environ:
-                if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                    raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is unset: launch with torchrun")
-                os.environ["MASTER_PORT"] = str(_free_port())
             rank = int(os.environ.get("RANK", "0"))
             world = int(os.environ.get("WORLD_SIZE", "1"))
             if cuda:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                    timeout=datetime.timedelta(minutes=10))
+            timeout = datetime.timedelta(minutes=10)
+            if world == 1 and "MASTER_PORT" not in os.environ:
+                # one process: an in-memory store, no TCP port to race other processes for
+                dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0,
+                                        world_size=1, timeout=timeout)
+            else:
+                if "MASTER_PORT" not in os.environ:
+                    raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is unset: launch with torchrun")
+                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+                dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
         world = dist.get_world_size()
         model_parallel = cfg.tp * cfg.pp
         if world % model_parallel:

@@ -1,7 +1,7 @@
 """Checkpoints through megatron-core dist_checkpointing, complete or absent.
 
 Layout: ``<run_dir>/<stage>/checkpoints/step_0000080/`` holds the sharded model (and optimizer)
-state, ``meta.json`` (stage, step, steps, fraction, tokens) and ``loader/dp<r>.json`` (each data
+state, ``meta.json`` (stage, step, steps, the fractions it stands for, tokens) and ``loader/dp<r>.json`` (each data
 parallel rank's data position). A checkpoint is written under ``.tmp-step_…`` and renamed only
 after every rank has finished, so a run killed mid-write leaves no checkpoint that looks
 complete; the next run removes the leftover and resumes from the newest complete one.
@@ -37,12 +37,14 @@ class CheckpointInfo:
     stage: str
     step: int
     steps: int
-    fraction: Optional[float]
+    fractions: tuple[float, ...]
+    """Schedule fractions this checkpoint stands for (empty for a periodic one)."""
 
     @classmethod
     def read(cls, path: Path) -> "CheckpointInfo":
         m = json.loads((path / META).read_text())
-        return cls(path=path, stage=m["stage"], step=m["step"], steps=m["steps"], fraction=m.get("fraction"))
+        return cls(path=path, stage=m["stage"], step=m["step"], steps=m["steps"],
+                   fractions=tuple(m.get("fractions", [])))
 
 
 def stage_dir(run_dir: str | Path, stage: str) -> Path:
@@ -66,9 +68,9 @@ def at_fraction(run_dir: str | Path, stage: str, fraction: float) -> CheckpointI
     """The checkpoint a later stage starts from; a clear error if it was never saved."""
     cps = list_checkpoints(run_dir, stage)
     for c in cps:
-        if c.fraction is not None and abs(c.fraction - fraction) < 1e-9:
+        if any(abs(f - fraction) < 1e-9 for f in c.fractions):
             return c
-    have = sorted({c.fraction for c in cps if c.fraction is not None})
+    have = sorted({f for c in cps for f in c.fractions})
     raise CheckpointError(f"stage {stage!r} has no checkpoint at fraction {fraction} in "
                           f"{stage_dir(run_dir, stage)} (saved fractions: {have or 'none'})")
 
@@ -220,6 +222,21 @@ def _unshare_adam_steps(optimizer) -> None:
                 state["step"] = state["step"].clone()
 
 
+def _load_module_state(module, part_state: dict, where: Path) -> None:
+    """Strict for parameters; an ``_extra_state`` that was not loaded keeps the module's own.
+
+    Transformer Engine modules keep FP8 scaling metadata as ``_extra_state``. TE's core attention
+    has one that megatron never puts in its sharded state (extensions/transformer_engine.py:2083,
+    like the local DotProductAttention), so no checkpoint — written by the local spec, by
+    tools/convert_openlm.py or by TE itself — has it, and a strict load into the TE spec fails.
+    TE re-derives the metadata within its amax history."""
+    missing, unexpected = module.load_state_dict(part_state, strict=False)
+    bad = [k for k in missing if not k.endswith("_extra_state")]
+    if bad or unexpected:
+        raise CheckpointError(f"{where}: checkpoint does not fit the model (missing {bad[:5]}, "
+                              f"unexpected {list(unexpected)[:5]})")
+
+
 def load(info_path: Path, chunks: list, optimizer=None) -> None:
     """Load model (and optimizer) state in place from a complete checkpoint."""
     from megatron.core import dist_checkpointing
@@ -238,10 +255,10 @@ def load(info_path: Path, chunks: list, optimizer=None) -> None:
     loaded = dist_checkpointing.load(state, str(info_path))
     core = unwrap_model(chunks)
     if len(core) == 1:
-        core[0].load_state_dict(loaded["model"], strict=True)
+        _load_module_state(core[0], loaded["model"], info_path)
     else:
         for i, c in enumerate(core):
-            c.load_state_dict(loaded[f"model{i}"], strict=True)
+            _load_module_state(c, loaded[f"model{i}"], info_path)
     if optimizer is not None:
         with _adam_step_is_not_a_shard():
             optimizer.load_state_dict(loaded["optimizer"])
@@ -270,7 +287,7 @@ def prune(run_dir: str | Path, stage: str, keep_steps: set[int]) -> None:
         return
     cps = list_checkpoints(run_dir, stage)
     for c in cps[:-1]:
-        if c.fraction is None and c.step not in keep_steps:
+        if not c.fractions and c.step not in keep_steps:
             shutil.rmtree(c.path, ignore_errors=True)
 
 

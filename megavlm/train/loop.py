@@ -53,13 +53,18 @@ def model_dtype(run: RunConfig) -> torch.dtype:
     return torch.bfloat16 if bf16_ok else torch.float32
 
 
-def build_model(run: RunConfig, parallel: Parallel, dtype: torch.dtype, backend: str = "local"):
-    """The model chunks of this rank (unwrapped), initialised from the run seed."""
+def build_model(run: RunConfig, parallel: Parallel, dtype: torch.dtype, backend: Optional[str] = None):
+    """The model chunks of this rank (unwrapped), initialised from the run seed. ``backend``
+    overrides ``run.model.backend`` (auto = TE when TE and a GPU are usable, else local)."""
     from megavlm.model.init import initialize
-    from megavlm.model.specs import transformer_config
+    from megavlm.model.specs import select_backend, transformer_config
     from megavlm.model.vlm import build_chunks
 
-    tc = transformer_config(run.model, run.parallel, dtype=dtype, batch_p2p_comm=parallel.p2p_batched)
+    backend = select_backend(backend or run.model.backend)
+    t = run.train
+    tc = transformer_config(run.model, run.parallel, dtype=dtype, batch_p2p_comm=parallel.p2p_batched,
+                            backend=backend, fp8=t.fp8, fp8_format=t.fp8_format,
+                            fp8_amax_history_len=t.fp8_amax_history_len)
     chunks = build_chunks(tc, run.model, parallel.vpp, backend=backend)
     initialize(chunks, run.model, run.seed, parallel.tp_rank, parallel.tp)
     for c in chunks:
@@ -183,7 +188,9 @@ class StageTrainer:
 
         run, stage, par = self.run, self.stage, self.parallel
         T = self.sched.steps
-        fractions = dict((k, f) for f, k in checkpoint_steps(stage, T))
+        fractions: dict[int, list[float]] = {}  # a short stage can hit several fractions at one step
+        for f, k in checkpoint_steps(stage, T):
+            fractions.setdefault(k, []).append(f)
         done = ckpt.latest(run.run_dir, stage.name)
         if done is not None and done.step >= T:
             self.log(f"[{stage.name}] complete ({T} steps), skipping")
@@ -260,7 +267,7 @@ class StageTrainer:
                 os._exit(17)
             periodic = stage.save_every and k % stage.save_every == 0
             if k in fractions or periodic or k == T:
-                meta = {"stage": stage.name, "step": k, "steps": T, "fraction": fractions.get(k),
+                meta = {"stage": stage.name, "step": k, "steps": T, "fractions": fractions.get(k, []),
                         "tokens": k * step_tokens, "seed": run.seed}
                 path = ckpt.stage_dir(run.run_dir, stage.name) / f"step_{k:07d}"
                 ckpt.save(path, model, optimizer, meta, loader.state_dict(), par.dp_rank,
