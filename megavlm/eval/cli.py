@@ -1,0 +1,162 @@
+"""``megavlm eval {text,vision,all}``: score a checkpoint with one command.
+
+    megavlm eval text   --checkpoint C [--tasks a,b | --offline] [--limit N] [--batch-size B]
+                        [--include-path DIR] [--output-path FILE]
+    megavlm eval vision --checkpoint C [--task vqav2 --questions Q [--annotations A] --embeds PREFIX]
+                        [--limit N] [--batch-size B] [--output-path FILE]
+    megavlm eval all    --checkpoint C [--tasks ...] [--limit N] [--out-dir DIR]
+
+``text`` runs lm-eval tasks (default: the paper's nine; ``--offline``: the local suite built from
+the demo assets). ``vision`` runs the offline vision suite, or one benchmark task from its
+question file and an embedding store of its images. ``all`` runs text + vision (offline suites
+unless ``--tasks`` names lm-eval tasks) and writes the JSON + markdown report into the run
+directory. Bad input ends with one line ``megavlm eval: error: …`` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from megavlm.data.indexed import DataError
+from megavlm.data.tokenizer import TokenizerError
+from megavlm.eval.runner import EvalError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir <run>/<stage>/checkpoints/step_…")
+    p.add_argument("--limit", type=float, default=None, help="at most this many examples per task")
+    p.add_argument("--batch-size", default="16", help="requests per forward pass")
+    p.add_argument("--demo-root", default=None, help="demo corpus root (offline suites)")
+    p.add_argument("--wordnet", default=None, help="WordNet data folder (default: the demo build's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="megavlm eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("text", help="lm-eval tasks")
+    _common(t)
+    t.add_argument("--tasks", default=None, help="comma-separated lm-eval task names")
+    t.add_argument("--offline", action="store_true", help="the offline local suite")
+    t.add_argument("--include-path", default=None, help="folder of local lm-eval YAML tasks")
+    t.add_argument("--output-path", default=None, help="write lm-eval's results JSON here")
+    v = sub.add_parser("vision", help="vision tasks on stored image embeddings")
+    _common(v)
+    v.add_argument("--task", default=None, help="vqav2 | gqa | textvqa | pope | refcoco | ocid_ref | generic")
+    v.add_argument("--questions", action="append", default=None, help="question file (repeat for POPE splits)")
+    v.add_argument("--annotations", default=None, help="VQAv2 annotation file")
+    v.add_argument("--embeds", default=None, help="embedding store prefix of the task's images")
+    v.add_argument("--max-new-tokens", type=int, default=128)
+    v.add_argument("--output-path", default=None, help="write the results JSON here")
+    a = sub.add_parser("all", help="text + vision, report into the run directory")
+    _common(a)
+    a.add_argument("--tasks", default=None, help="lm-eval tasks instead of the offline text suite")
+    a.add_argument("--include-path", default=None)
+    a.add_argument("--out-dir", default=None, help="report folder (default <run_dir>/eval)")
+    return ap
+
+
+def _load(args):
+    from megavlm.eval.runner import CheckpointModel
+
+    bs = str(args.batch_size)
+    return CheckpointModel.load(args.checkpoint, batch_size=16 if bs.startswith("auto") else int(bs))
+
+
+def _limit(args) -> Optional[int]:
+    return None if args.limit is None else int(args.limit)
+
+
+def _text(args, model, suite_dir: Path) -> tuple[dict, dict]:
+    from megavlm.eval import suites
+    from megavlm.eval.stable_score import TEXT_TASKS
+
+    include = args.include_path
+    if getattr(args, "offline", False) or (args.what == "all" and not args.tasks):
+        include = suites.write_text_suite(suite_dir, suites.Sources.default(args.demo_root, args.wordnet))
+        tasks = list(suites.TEXT_SUITE)
+        defaults = False
+    else:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TEXT_TASKS)
+        defaults = True
+    res = suites.run_text(model, tasks, include, args.limit, include_defaults=defaults)
+    return res, suites.text_accuracies(res)
+
+
+def _vision(args, model) -> list:
+    from megavlm.eval import suites, vision
+
+    if not args.task:
+        return suites.run_vision_suite(model, suites.Sources.default(args.demo_root, args.wordnet), _limit(args),
+                                       args.max_new_tokens)
+    if args.task not in vision.READERS:
+        raise EvalError(f"unknown vision task {args.task!r}; known: {sorted(vision.READERS)}")
+    if not args.questions or not args.embeds:
+        raise EvalError(f"--task {args.task} needs --questions and --embeds")
+    qs = []
+    for f in args.questions:
+        qs += (vision.read_vqav2(f, args.annotations) if args.task == "vqav2" else vision.READERS[args.task](f))
+    qs = qs[:_limit(args)] if args.limit else qs
+    bank = vision.ImageBank(args.embeds)
+    return [vision.score_task(args.task, model, qs, bank, ",".join(args.questions), args.max_new_tokens)]
+
+
+def run(args) -> dict:
+    from megavlm.eval import report
+
+    model = _load(args)
+    with tempfile.TemporaryDirectory(prefix="megavlm-eval-") as tmp:
+        if args.what == "text":
+            res, acc = _text(args, model, Path(tmp))
+            out = {"results": res["results"], "accuracy": acc}
+            if args.output_path:
+                Path(args.output_path).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.output_path).write_text(json.dumps(res, indent=1, default=str))
+            return out
+        if args.what == "vision":
+            results = _vision(args, model)
+            out = {r.task: {"accuracy": r.accuracy, "n": r.n, **r.metrics} for r in results}
+            if args.output_path:
+                Path(args.output_path).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.output_path).write_text(json.dumps(
+                    {r.task: {**out[r.task], "predictions": r.predictions} for r in results}, indent=1))
+            return out
+        _, acc = _text(args, model, Path(tmp))
+        args.task, args.max_new_tokens = None, 128
+        vis = _vision(args, model)
+        rep = report.build_report(args.checkpoint, acc, vis)
+        j, m = report.write_report(rep, args.out_dir)
+        rep["files"] = [str(j), str(m)]
+        return rep
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry of ``megavlm eval``: parse, run, print a JSON summary; 2 on bad input."""
+    from megavlm.train.checkpoint import CheckpointError
+
+    import warnings
+
+    # megatron-core and torch's checkpoint loader announce fallbacks and deprecations on every load
+    for module in ("megatron", "torch.distributed.checkpoint"):
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        out = run(args)
+    except (EvalError, CheckpointError, DataError, TokenizerError) as e:
+        print(f"megavlm eval: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""The evaluation report of one checkpoint: a JSON for machines and a markdown table for people.
+
+Written into the run directory (``<run_dir>/eval/<stage>-step_XXXXXXX.{json,md}``) next to the
+checkpoints it describes, so the scores of every stage's checkpoints sit in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from megavlm.eval.stable_score import chance, stable_score
+from megavlm.eval.vision import TaskResult
+
+
+def run_dir_of(checkpoint: str | Path) -> Path:
+    """``<run_dir>/<stage>/checkpoints/step_…`` -> ``<run_dir>``."""
+    p = Path(checkpoint).resolve()
+    return p.parents[2] if p.parent.name == "checkpoints" else p.parent
+
+
+def build_report(checkpoint: str | Path, text: dict[str, float], vision: Sequence[TaskResult],
+                 extra: Optional[dict] = None) -> dict:
+    """Per-task accuracy and chance, stable scores (text / vision), extra vision metrics."""
+    p = Path(checkpoint).resolve()
+    meta = json.loads((p / "meta.json").read_text()) if (p / "meta.json").is_file() else {}
+    vis_acc = {r.task: r.accuracy for r in vision if r.accuracy is not None}
+    return {
+        "checkpoint": str(p), "stage": meta.get("stage"), "step": meta.get("step"),
+        "fraction": meta.get("fraction"), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "text": {t: {"accuracy": a, "chance": chance(t)} for t, a in text.items()},
+        "vision": {r.task: {"accuracy": r.accuracy, "chance": chance(r.task) if r.accuracy is not None else None,
+                            "n": r.n, "seconds": round(r.seconds, 3), **r.metrics} for r in vision},
+        "stable_score": {"text": stable_score(text) if text else None,
+                         "vision": stable_score(vis_acc) if vis_acc else None},
+        **(extra or {}),
+    }
+
+
+def markdown(report: dict) -> str:
+    def f(x):
+        return "—" if x is None else f"{x:.4f}"
+
+    lines = [f"# Evaluation of {report['stage']} step {report['step']}", "",
+             f"checkpoint `{report['checkpoint']}` — {report['time']}", "",
+             "| kind | task | accuracy | chance | accuracy − chance |", "|---|---|---|---|---|"]
+    for kind in ("text", "vision"):
+        for t, r in report[kind].items():
+            a, c = r["accuracy"], r["chance"]
+            lines.append(f"| {kind} | {t} | {f(a)} | {f(c)} | {f(a - c) if a is not None else '—'} |")
+    s = report["stable_score"]
+    lines += ["", f"**Stable score** — text: {f(s['text'])}, vision: {f(s['vision'])}", ""]
+    other = [(t, k, v) for t, r in report["vision"].items() for k, v in r.items()
+             if k not in ("accuracy", "chance") and isinstance(v, (int, float))]
+    if other:
+        lines += ["| task | metric | value |", "|---|---|---|"]
+        lines += [f"| {t} | {k} | {v:.4g} |" for t, k, v in other]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out_dir: Optional[str | Path] = None) -> tuple[Path, Path]:
+    """Write ``<out_dir>/<stage>-step_XXXXXXX.{json,md}`` (default out_dir: ``<run_dir>/eval``)."""
+    out = Path(out_dir) if out_dir else run_dir_of(report["checkpoint"]) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{report['stage'] or 'checkpoint'}-step_{int(report['step'] or 0):07d}"
+    j, m = out / f"{stem}.json", out / f"{stem}.md"
+    j.write_text(json.dumps(report, indent=1, default=str))
+    m.write_text(markdown(report))
+    return j, m
