@@ -310,7 +310,8 @@ class EmbeddingStore:
     """A validated embedding store; ``get(i)`` returns the [P, D] uint16 bit pattern."""
 
     def __init__(self, prefix: str | Path, *, embed_dim: Optional[int] = None,
-                 num_patches: Optional[int] = None, check_finite: bool = True):
+                 num_patches: Optional[int] = None, check_finite: bool = True,
+                 encoder: Optional[str] = None):
         self.prefix = Path(prefix)
         meta_path = Path(f"{prefix}.json")
         if not meta_path.is_file():
@@ -336,6 +337,9 @@ class EmbeddingStore:
             raise DataError(f"{meta_path}: {self.meta.num_patches} patches per image "
                             f"(encoder {self.meta.encoder}, {self.meta.image_size} px) but the config "
                             f"says model.vision.num_patches={num_patches}")
+        if encoder is not None and self.meta.encoder != encoder:
+            raise DataError(f"{meta_path}: embeddings come from encoder {self.meta.encoder!r} but the "
+                            f"config says model.vision.encoder={encoder!r}")
         self._ds = open_indexed(prefix)
         if self._ds.index.dtype != np.uint16:
             raise DataError(f"{idx_path(prefix)}: embedding records must be uint16 bit patterns")

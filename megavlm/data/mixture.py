@@ -215,7 +215,7 @@ class StageLoader:
         self.tokenizer: Tokenizer = load_tokenizer(data.resolve(data.tokenizer))
         fr = [mixture.text, mixture.captions, mixture.instructions]
         kw = dict(embed_dim=vision.embed_dim, num_patches=vision.num_patches,
-                  seq_length=seq_length, too_long=data.too_long)
+                  seq_length=seq_length, too_long=data.too_long, encoder=vision.encoder)
         self.sources: list[Any] = [None, None, None]
         lists = [data.text, data.captions, data.instructions]
         for k, name in enumerate(KINDS):

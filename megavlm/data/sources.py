@@ -79,10 +79,11 @@ class CaptionSource:
     kind: Kind = "captions"
 
     def __init__(self, prefix: str | Path, tok: Tokenizer, *, embed_dim: int, num_patches: int,
-                 seq_length: int, too_long: str = "truncate"):
+                 seq_length: int, too_long: str = "truncate", encoder: Optional[str] = None):
         self.name = str(prefix)
         self.captions = TokenData(prefix)
-        self.store = EmbeddingStore(f"{prefix}.embeds", embed_dim=embed_dim, num_patches=num_patches)
+        self.store = EmbeddingStore(f"{prefix}.embeds", embed_dim=embed_dim, num_patches=num_patches,
+                                    encoder=encoder)
         if len(self.store) != len(self.captions):
             raise DataError(f"{prefix}: {len(self.captions)} captions but {len(self.store)} images "
                             f"in {prefix}.embeds")
@@ -115,7 +116,7 @@ class ConversationSource:
     kind: Kind = "instructions"
 
     def __init__(self, prefix: str | Path, tok: Tokenizer, *, embed_dim: int, num_patches: int,
-                 seq_length: int, too_long: str = "truncate"):
+                 seq_length: int, too_long: str = "truncate", encoder: Optional[str] = None):
         prefix = Path(prefix)
         self.name = str(prefix)
         self.tokens = TokenData(prefix)
@@ -140,7 +141,8 @@ class ConversationSource:
         if (self.images >= 0).any():
             store = Path(meta["embeds"])
             store = store if store.is_absolute() else prefix.parent / store
-            self.store = EmbeddingStore(store, embed_dim=embed_dim, num_patches=num_patches)
+            self.store = EmbeddingStore(store, embed_dim=embed_dim, num_patches=num_patches,
+                                        encoder=encoder)
             bad = np.flatnonzero(self.images >= len(self.store))
             if bad.size:
                 raise DataError(f"{img_path}: conversation {int(bad[0])} refers to image "

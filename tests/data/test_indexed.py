@@ -84,6 +84,9 @@ def test_store_refuses_config_mismatch_nonfinite_and_incomplete(tmp_path):
         EmbeddingStore(tmp_path / "e", embed_dim=8, num_patches=4)
     with pytest.raises(DataError, match="num_patches=9"):
         EmbeddingStore(tmp_path / "e", embed_dim=3, num_patches=9)
+    with pytest.raises(DataError, match="from encoder 'enc' but the config says model.vision.encoder='siglip'"):
+        EmbeddingStore(tmp_path / "e", embed_dim=3, num_patches=4, encoder="siglip")
+    EmbeddingStore(tmp_path / "e", embed_dim=3, num_patches=4, encoder="enc")
     # NaN smuggled into record 2 on disk
     raw = bytearray((tmp_path / "e.bin").read_bytes())
     raw[2 * 12 * 2: 2 * 12 * 2 + 2] = np.array([0x7FC0], np.uint16).tobytes()
