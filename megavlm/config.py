@@ -41,6 +41,9 @@ class VisionConfig:
     """Patch embeddings per image (SigLIP @384: 27x27 = 729)."""
     projector_mult: int = 4
     """Projector hidden width as a multiple of embed_dim: Linear(d_v, m*d_v), GELU, Linear(m*d_v, d_model)."""
+    encoder: Optional[str] = None
+    """Name of the frozen encoder whose stored embeddings the projector reads (e.g.
+    efficientnet-lite0, siglip-so400m-patch14-384); when set, a store from another encoder is refused."""
 
     def __post_init__(self):
         _positive(self, "embed_dim", "num_patches", "projector_mult")
@@ -72,6 +75,10 @@ class ModelConfig:
     """Std of the truncated-normal init; None = OpenLM's 1/sqrt(hidden_size)."""
     z_loss: float = 1e-4
     """Coefficient of the z-loss (log Z)^2 added per loss token (DCLM: 1e-4); 0 turns it off."""
+    backend: Literal["auto", "local", "te"] = "auto"
+    """Layer implementation: te = Transformer Engine linears and attention (needs TE and a CUDA
+    GPU), local = megatron-core's own modules (runs anywhere), auto = te when usable, else local.
+    Both fill the same seats with the same parameter names, so checkpoints move between them."""
     vision: VisionConfig = field(default_factory=VisionConfig)
     """Image embeddings and projector."""
 
@@ -142,9 +149,21 @@ class TrainConfig:
     """Print a progress line every this many steps (metrics.jsonl always gets every step)."""
     deterministic: bool = True
     """Use deterministic kernels so a resumed run reproduces the uninterrupted one."""
+    fp8: Literal["none", "delayed", "current"] = "none"
+    """FP8 matmuls in the transformer layers through Transformer Engine recipes: delayed = scales
+    from an amax history (TE DelayedScaling), current = per-tensor scales of the tensor at hand
+    (TE Float8CurrentScaling); none = bf16/fp32 only. Needs the te backend; the embedding,
+    projector and output layer stay in the training precision."""
+    fp8_format: Literal["hybrid", "e4m3"] = "hybrid"
+    """FP8 formats: hybrid = e4m3 forward, e5m2 gradients; e4m3 = e4m3 everywhere."""
+    fp8_amax_history_len: int = 1024
+    """Delayed scaling: amax history length (the scale uses the max over it)."""
 
     def __post_init__(self):
-        _positive(self, "micro_batch_size", "global_batch_size", "log_every")
+        _positive(self, "micro_batch_size", "global_batch_size", "log_every", "fp8_amax_history_len")
+        if self.fp8 != "none" and self.precision == "fp32":
+            raise ConfigError("train.fp8 needs train.precision bf16 or auto (fp8 recipes train "
+                              "bf16 master-precision layers), not fp32")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError("train.global_batch_size must be a multiple of train.micro_batch_size")
 
@@ -333,6 +352,9 @@ class RunConfig:
                               f"parallel.tp={self.parallel.tp}")
         if self.model.num_attention_heads % self.parallel.tp:
             raise ConfigError("model.num_attention_heads must be divisible by parallel.tp")
+        if self.train.fp8 != "none" and self.model.backend == "local":
+            raise ConfigError(f"train.fp8={self.train.fp8} needs model.backend te or auto "
+                              "(FP8 runs through Transformer Engine layers)")
         stages_per_rank = self.parallel.pp * (self.parallel.vpp or 1)
         if self.model.num_layers % stages_per_rank:
             raise ConfigError(f"model.num_layers={self.model.num_layers} must be divisible by "
