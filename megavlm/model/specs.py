@@ -86,9 +86,11 @@ def dclm_local_layer_spec(qk_norm: bool = True) -> ModuleSpec:
 
 
 def dclm_te_layer_spec(qk_norm: bool = True) -> ModuleSpec:
-    """Seat for the Transformer Engine spec (BF16/FP8 fused layers); filled by the scale issue."""
-    raise NotImplementedError(
-        "the Transformer Engine DCLM layer spec is not implemented yet; use model backend 'local'")
+    """The Transformer Engine spec (BF16/FP8 GEMMs, fused attention): megavlm.model.te_spec,
+    imported only here so that nothing TE-related loads on the CPU path."""
+    from megavlm.model.te_spec import dclm_te_layer_spec as te_spec
+
+    return te_spec(qk_norm)
 
 
 def block_spec(num_layers_here: int, qk_norm: bool, backend: Backend) -> TransformerBlockSubmodules:
@@ -96,9 +98,33 @@ def block_spec(num_layers_here: int, qk_norm: bool, backend: Backend) -> Transfo
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers_here, layer_norm=GainLayerNorm)
 
 
+# train.fp8 → megatron's TransformerConfig.fp8_recipe ("tensorwise" is TE's Float8CurrentScaling)
+FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise"}
+
+
+def fp8_fields(fp8: str, fp8_format: str = "hybrid", amax_history_len: int = 1024) -> dict:
+    """TransformerConfig fields of an FP8 setting (``train.fp8``); {} for none. megatron-core's
+    TransformerBlock reads them and enters TE's fp8_autocast around the layers itself
+    (transformer_block.py:600-660): delayed scaling wraps the whole block once (its amax
+    reduction must see every layer), current scaling wraps each layer."""
+    if fp8 == "none":
+        return {}
+    if fp8 not in FP8_RECIPES:
+        raise ValueError(f"unknown fp8 setting {fp8!r}; choose none, delayed or current")
+    out = dict(fp8=fp8_format, fp8_recipe=FP8_RECIPES[fp8])
+    if fp8 == "delayed":
+        out.update(fp8_amax_history_len=amax_history_len, fp8_amax_compute_algo="max", fp8_margin=0)
+    return out
+
+
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: torch.dtype,
-                       batch_p2p_comm: bool) -> TransformerConfig:
-    """The megatron TransformerConfig of a recipe (DCLM choices spelled out)."""
+                       batch_p2p_comm: bool, backend: Backend = "local", fp8: str = "none",
+                       fp8_format: str = "hybrid", fp8_amax_history_len: int = 1024) -> TransformerConfig:
+    """The megatron TransformerConfig of a recipe (DCLM choices spelled out). ``fp8`` is
+    ``train.fp8`` and needs the te backend."""
+    if fp8 != "none" and backend != "te":
+        raise RuntimeError(f"train.fp8={fp8} needs the Transformer Engine backend (TE and a CUDA "
+                           f"GPU); this run uses the {backend} layer spec")
     recompute = {"none": {}, "full": dict(recompute_granularity="full", recompute_method="uniform",
                                           recompute_num_layers=1),
                  "selective": dict(recompute_granularity="selective")}[parallel.recompute]
@@ -128,10 +154,12 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: t
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp,
         sequence_parallel=parallel.sequence_parallel,
-        use_cpu_initialization=True,
+        # TE allocates its weights where they will live; the local spec builds on CPU and moves
+        use_cpu_initialization=backend != "te",
         perform_initialization=False,  # megavlm.model.init sets every weight, layout-independently
         calculate_per_token_loss=True,
         batch_p2p_comm=batch_p2p_comm,
         deallocate_pipeline_outputs=True,
         **recompute,
+        **fp8_fields(fp8, fp8_format, fp8_amax_history_len),
     )
