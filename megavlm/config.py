@@ -277,8 +277,10 @@ class StageConfig:
     """Unique stage name; checkpoints live under <run_dir>/<name>/."""
     tokens: int = 0
     """Token budget (sequence positions, images included); steps = ceil(tokens / (global_batch * seq))."""
-    trainable: Literal["projector", "projector+lm", "all"] = "all"
-    """What trains: the projector only, projector + language model, or everything (encoder is frozen)."""
+    trainable: Literal["lm", "projector", "projector+lm", "all"] = "all"
+    """What trains: the language model only (text pre-training: the projector sees no data, so
+    it is frozen rather than decayed), the projector only, projector + language model, or all —
+    the image encoder is precomputed and frozen, so all trains what projector+lm trains."""
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
     """Data mixture of the stage."""
     init: InitConfig = field(default_factory=InitConfig)

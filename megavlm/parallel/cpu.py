@@ -308,6 +308,55 @@ def _quiet_rng_fork_warning() -> None:
         _DropMessage("CPU RNG state changed within GPU RNG context"))
 
 
+class _DoneWork:
+    """A finished torch.distributed Work, for a collective that had nothing to exchange."""
+
+    def wait(self, *_a, **_k):
+        return True
+
+    def is_completed(self):
+        return True
+
+
+def _one_rank(fn: Callable, copy: bool) -> Callable:
+    import inspect
+
+    import torch.distributed as dist
+
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+        group = sig.bind_partial(*args, **kwargs).arguments.get("group")
+        if dist.get_world_size(group) != 1:
+            return fn(*args, **kwargs)
+        if copy:  # (output, input): one rank's reduce-scatter / all-gather is a copy
+            out, inp = args[0], args[1]
+            if out.data_ptr() != inp.data_ptr():
+                out.copy_(inp)
+        return _DoneWork() if kwargs.get("async_op") else None
+
+    return inner
+
+
+def _skip_single_rank_collectives() -> None:
+    """A collective over a one-rank group exchanges nothing, yet gloo hands it to its worker
+    thread and the caller blocks in wait(). One process runs about seven per step — DDP's
+    reduce-scatter of the whole grad buffer (distributed/param_and_grad_buffer.py:51
+    dist_reduce_scatter_func) and the param all-gather (:50), finalize_model_grads' token
+    count, clip_grads' norm (optimizer/clip_grads.py), the loop's loss reduce and broadcast —
+    and on a busy CPU each costs a scheduler round trip. Answer them locally."""
+    import torch.distributed as dist
+    from megatron.core.distributed import param_and_grad_buffer as pgb
+
+    for name in ("all_reduce", "broadcast"):
+        setattr(dist, name, _one_rank(getattr(dist, name), copy=False))
+    for name in ("reduce_scatter_tensor", "all_gather_into_tensor"):
+        setattr(dist, name, _one_rank(getattr(dist, name), copy=True))
+    pgb.dist_reduce_scatter_func = _one_rank(pgb.dist_reduce_scatter_func, copy=True)
+    pgb.dist_all_gather_func = _one_rank(pgb.dist_all_gather_func, copy=True)
+
+
 def apply() -> None:
     """Apply every shim (idempotent). Call before megatron.core is first imported."""
     global _applied
@@ -325,6 +374,7 @@ def apply() -> None:
         mod = importlib.import_module(name)
         mod.torch = cpu_torch
     _patch_rng_state()
+    _skip_single_rank_collectives()
     _quiet_rng_fork_warning()
     _patch_tensor_method_checks()
     _applied = True

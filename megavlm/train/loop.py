@@ -73,9 +73,12 @@ def build_model(run: RunConfig, parallel: Parallel, dtype: torch.dtype, backend:
 
 
 def set_trainable(chunks, trainable: str) -> None:
+    """Freeze what the stage does not train (frozen parameters get no grad buffer and no
+    optimizer state, and weight decay never touches them)."""
     for c in chunks:
         for name, p in c.named_parameters():
-            p.requires_grad_(trainable != "projector" or name.startswith("projector."))
+            is_projector = name.startswith("projector.")
+            p.requires_grad_({"projector": is_projector, "lm": not is_projector}.get(trainable, True))
 
 
 def wrap_ddp(chunks, tc):
@@ -229,11 +232,13 @@ class StageTrainer:
         step_tokens = run.train.global_batch_size * S
         last_loss = None
         end = T if stop_after is None else min(T, start + stop_after)
+        wd = run.train.weight_decay if stage.weight_decay is None else stage.weight_decay
         for step in range(start, end):
             t0 = time.perf_counter()
             lr = self.sched.lr(step)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            for g in optimizer.param_groups:  # megatron's groups carry lr/wd multipliers
+                g["lr"] = lr * g.get("lr_mult", 1.0)
+                g["weight_decay"] = wd * g.get("wd_mult", 1.0)
             batches = loader.next_step()
             iters = [iter(batches) for _ in model]
             optimizer.zero_grad()

@@ -1,0 +1,378 @@
+"""Training throughput on CPU: megavlm's engine vs the same model and loop in plain PyTorch.
+
+Why: megavlm trains through megatron-core (DDP grad buffers, DistributedOptimizer, the pipeline
+schedule's forward-backward, CPU shims). This measures what that machinery costs at the demo size
+against the floor — the identical model written in plain PyTorch (megavlm.model.reference) with
+torch AdamW and the same loss — in the same process, on the same batches, from the same weights.
+
+Both sides run the tiny recipe's model and batch settings (fp32, one process): micro-batches of
+``train.micro_batch_size`` rows accumulated to ``train.global_batch_size``, the masked loss sum
+(with z-loss) divided once by the step's loss-token count, AdamW with the recipe's betas, weight
+decay (not on 1-D tensors) and gradient clipping, the stage's LR schedule. Batches are synthetic
+text rows (half of them two packed documents), generated inside each step on both sides. The
+plain model carries the projector too and steps it with zero gradients, as megatron's optimizer
+does for an untouched parameter, so both sides do the same optimizer work.
+
+A step's time runs from one step's data request to the next (data, forward-backward, optimizer,
+logging): the interval between consecutive ``next_step`` calls of the loader. Warm-up steps are
+dropped. The two systems alternate in ABBA order over ``--rounds`` rounds so drifting machine
+load hits both alike. The result is written as dated markdown under benchmarks/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megavlm.config import RunConfig, load_config
+from megavlm.data.batch import Batch, Sample, collate
+from megavlm.model.reference import ReferenceDCLM, to_openlm_names
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "launch" / "configs" / "tiny.yaml"
+PAD = 0
+FIRST_TOKEN = 4  # ids below are the recipe's special tokens
+
+
+# ------------------------------------------------------------------------------------ data
+
+class SyntheticTextLoader:
+    """A StepLoader of random text rows (even rows: two packed documents; odd rows: one), a pure
+    function of (seed, step). It records when each step's data is requested: the step clock."""
+
+    def __init__(self, *, seed: int, vocab: int, seq: int, micro_batch: int, num_microbatches: int):
+        self.seed, self.vocab, self.seq = seed, vocab, seq
+        self.mb, self.nmb = micro_batch, num_microbatches
+        self.step = 0
+        self.marks: list[tuple[float, float]] = []  # (wall clock, this process's CPU time)
+
+    def next_step(self) -> list[Batch]:
+        self.marks.append((time.perf_counter(), time.process_time()))
+        g = np.random.default_rng([self.seed, self.step])
+        self.step += 1
+        rows = []
+        for r in range(self.mb * self.nmb):
+            if r % 2 == 0:
+                a = int(g.integers(2, self.seq - 2))
+                docs = [g.integers(FIRST_TOKEN, self.vocab, size=n) for n in (a, self.seq - a)]
+            else:
+                docs = [g.integers(FIRST_TOKEN, self.vocab, size=self.seq)]
+            rows.append([Sample(d, np.ones(len(d), bool)) for d in docs])
+        return [collate(rows[i * self.mb:(i + 1) * self.mb], self.seq, PAD, embed_dtype=None)
+                for i in range(self.nmb)]
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+    def step_seconds(self) -> list[tuple[float, float]]:
+        """(wall, CPU) seconds of every step that was followed by another data request."""
+        return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(self.marks, self.marks[1:])]
+
+
+# ------------------------------------------------------------------------------- configuration
+
+def bench_config(config: Path, overrides: Sequence[str], total_steps: int, run_dir: str) -> RunConfig:
+    """The recipe's model and batch settings with one text stage of ``total_steps + 1`` steps
+    (the run stops one step early, so no checkpoint is ever written), fp32, one process."""
+    run = load_config(config, list(overrides))
+    first = run.stages[0]
+    per_step = run.train.global_batch_size * run.model.seq_length
+    stage = dataclasses.replace(
+        first, name="bench", tokens=(total_steps + 1) * per_step, epochs=None,
+        mixture=dataclasses.replace(first.mixture, text=1.0, captions=0.0, instructions=0.0),
+        init=dataclasses.replace(first.init, stage=None, fraction=None, path=None),
+        checkpoint_fractions=[1.0], save_every=0)
+    return dataclasses.replace(
+        run, run_dir=run_dir, stages=[stage],
+        parallel=dataclasses.replace(run.parallel, tp=1, pp=1, vpp=None, sequence_parallel=False),
+        train=dataclasses.replace(run.train, precision="fp32"))
+
+
+def _schedule(run: RunConfig):
+    from megavlm.train.schedule import resolve_schedules, stage_steps
+
+    st = run.stages[0]
+    return resolve_schedules(run, {st.name: stage_steps(run, st)})[st.name]
+
+
+def _loader(run: RunConfig, nmb: int) -> SyntheticTextLoader:
+    return SyntheticTextLoader(seed=run.seed, vocab=run.model.vocab_size, seq=run.model.seq_length,
+                               micro_batch=run.train.micro_batch_size, num_microbatches=nmb)
+
+
+def _num_microbatches(run: RunConfig) -> int:
+    return run.train.global_batch_size // run.train.micro_batch_size
+
+
+# ---------------------------------------------------------------------------------- megavlm
+
+def run_megavlm(run: RunConfig, parallel, total_steps: int) -> tuple[list[tuple[float, float]], list[float]]:
+    """(step seconds, losses) of ``total_steps`` steps through megavlm's StageTrainer."""
+    from megavlm.train.loop import StageTrainer
+
+    loaders: list[SyntheticTextLoader] = []
+
+    def factory(stage, par, nmb):
+        loaders.append(_loader(run, nmb))
+        return loaders[-1]
+
+    Path(run.run_dir).mkdir(parents=True, exist_ok=True)
+    trainer = StageTrainer(run, run.stages[0], _schedule(run), parallel, factory, log=lambda s: None)
+    trainer.train(stop_after=total_steps)
+    metrics = [json.loads(line) for line in (Path(run.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return loaders[0].step_seconds(), [m["loss"] for m in metrics]
+
+
+# ---------------------------------------------------------------------------- plain PyTorch
+
+class PlainVLM(nn.Module):
+    """The reference language model plus the projector MLP, as plain torch modules."""
+
+    def __init__(self, run: RunConfig):
+        super().__init__()
+        v = run.model.vision
+        self.lm = ReferenceDCLM(run.model)
+        self.projector = nn.Sequential(nn.Linear(v.embed_dim, v.projector_mult * v.embed_dim),
+                                       nn.GELU(), nn.Linear(v.projector_mult * v.embed_dim,
+                                                            run.model.hidden_size))
+
+    def load_megavlm(self, full: dict[str, Tensor]) -> None:
+        self.lm.load_state_dict(to_openlm_names(full, self.lm.cfg), strict=True)
+        with torch.no_grad():
+            for i, name in ((0, "fc1"), (2, "fc2")):
+                self.projector[i].weight.copy_(full[f"projector.{name}.weight"])
+                self.projector[i].bias.copy_(full[f"projector.{name}.bias"])
+
+
+def documents_mask(position_ids: Tensor) -> Tensor:
+    """[B, 1, S, S] True where attention is forbidden: causal within documents, which start
+    wherever the position id restarts at 0."""
+    doc = (position_ids == 0).cumsum(-1)
+    S = position_ids.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=position_ids.device).tril()
+    return (~((doc[:, :, None] == doc[:, None, :]) & causal))[:, None]
+
+
+def masked_loss_sum(hidden: Tensor, weight: Tensor, labels: Tensor, loss_mask: Tensor,
+                    z_loss: float) -> Tensor:
+    """Cross-entropy (+ z-loss) summed over loss positions; logits only where the mask is 1."""
+    keep = loss_mask.reshape(-1) > 0
+    h = hidden.reshape(-1, hidden.shape[-1])[keep]
+    logits = h @ weight.t()
+    loss = F.cross_entropy(logits, labels.reshape(-1)[keep], reduction="sum")
+    if z_loss:
+        loss = loss + z_loss * torch.logsumexp(logits, dim=-1).square().sum()
+    return loss
+
+
+def run_plain(run: RunConfig, full: dict[str, Tensor],
+              total_steps: int) -> tuple[list[tuple[float, float]], list[float]]:
+    """(step seconds, losses) of ``total_steps`` steps of the same model and loop in plain PyTorch."""
+    t = run.train
+    stage = run.stages[0]
+    model = PlainVLM(run)
+    model.load_megavlm(full)
+    model.train()
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    wd = t.weight_decay if stage.weight_decay is None else stage.weight_decay
+    beta2 = t.adam_beta2 if stage.adam_beta2 is None else stage.adam_beta2
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=0.0, betas=(t.adam_beta1, beta2), eps=t.adam_eps)
+    for p in model.parameters():  # untouched parameters step with zero gradients (as in megatron)
+        p.grad = torch.zeros_like(p)
+    sched = _schedule(run)
+    loader = _loader(run, _num_microbatches(run))
+    z = run.model.z_loss
+    losses = []
+    for step in range(total_steps):
+        batches = loader.next_step()
+        lr = sched.lr(step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=False)
+        count = sum(b.loss_mask.sum() for b in batches)
+        total = torch.zeros(())
+        for b in batches:
+            mask = documents_mask(b.position_ids) if b.cu_seqlens is not None else None
+            hidden = model.lm.hidden(b.tokens, b.position_ids, mask)
+            loss_sum = masked_loss_sum(hidden, model.lm.output.weight, b.labels, b.loss_mask, z)
+            (loss_sum / count).backward()
+            total += loss_sum.detach()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        losses.append((total / count).item())
+    return loader.step_seconds(), losses
+
+
+# ---------------------------------------------------------------------------------- reporting
+
+@dataclasses.dataclass
+class Measured:
+    system: str
+    seconds: list[float]  # wall seconds of the timed steps, warm-up dropped, all rounds pooled
+    cpu: list[float]  # CPU seconds of this process over the same steps
+    rounds: list[float]  # median wall step seconds per round
+    losses: list[float]  # losses of the first round (all steps)
+
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu)
+
+
+def machine_info() -> dict[str, str]:
+    cpu = "unknown"
+    try:
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = m.group(1).strip() if m else cpu
+    except OSError:
+        pass
+    try:
+        from importlib.metadata import version
+
+        mcore = version("megatron-core")
+    except Exception:
+        import megatron.core
+
+        mcore = getattr(megatron.core, "__version__", "unknown")
+    return {"CPU": cpu, "logical CPUs": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()),
+            "load average at start (1/5/15 min)": " / ".join(f"{v:.2f}" for v in os.getloadavg()),
+            "python": platform.python_version(), "torch": torch.__version__, "megatron-core": mcore}
+
+
+def render(run: RunConfig, results: dict[str, Measured], info: dict[str, str], command: str,
+           args) -> str:
+    m, t = run.model, run.train
+    tokens = t.global_batch_size * m.seq_length
+    mega, plain = results["megavlm"], results["plain"]
+    ratio = plain.median() / mega.median()
+    lines = [f"# Training throughput, CPU, {_dt.date.today().isoformat()}", "",
+             f"Command: `{command}`", "", "## Machine", ""]
+    lines += [f"- {k}: {v}" for k, v in info.items()]
+    lines += ["", "## Case", "",
+              f"- model: {m.num_layers} layers, d {m.hidden_size}, {m.num_attention_heads} heads, "
+              f"SwiGLU {m.ffn_hidden_size}, vocab {m.vocab_size}, seq {m.seq_length}, qk-norm, "
+              f"z-loss {m.z_loss:g}; projector {m.vision.embed_dim}→{m.vision.projector_mult * m.vision.embed_dim}"
+              f"→{m.hidden_size} (stepped, unused by text rows)",
+              f"- batch: micro {t.micro_batch_size} x {_num_microbatches(run)} microbatches = global "
+              f"{t.global_batch_size} rows = {tokens} tokens per step; synthetic text, half the rows "
+              "two packed documents",
+              f"- fp32, one process; AdamW (β {t.adam_beta1}/{t.adam_beta2}, wd {t.weight_decay}), "
+              f"grad clip {t.grad_clip}, LR schedule of the recipe's first stage",
+              f"- {args.steps} timed steps after {args.warmup} warm-up steps per run, {args.rounds} rounds "
+              "in ABBA order (megavlm, plain, plain, megavlm, ...); a step = data request to the "
+              "next data request",
+              "- megavlm: StageTrainer (megatron DDP + DistributedOptimizer + "
+              "get_forward_backward_func); plain: megavlm.model.reference.ReferenceDCLM + torch AdamW, "
+              "the same masked loss sum / count, same initial weights",
+              "- CPU ms: this process's CPU time per step (all its threads), less sensitive than "
+              "wall time to other processes sharing the cores",
+              "", "## Results", "",
+              "| system | tokens/s (median step) | median ms | min ms | max ms | per-round median ms "
+              "| CPU ms (median) | loss step 1 | loss last step |",
+              "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for r in (mega, plain):
+        lines.append(f"| {r.system} | {tokens / r.median():.0f} | {1e3 * r.median():.1f} | "
+                     f"{1e3 * min(r.seconds):.1f} | {1e3 * max(r.seconds):.1f} | "
+                     + ", ".join(f"{1e3 * x:.1f}" for x in r.rounds)
+                     + f" | {1e3 * r.cpu_median():.1f} | {r.losses[0]:.5f} | {r.losses[-1]:.5f} |")
+    cpu_ratio = plain.cpu_median() / mega.cpu_median()
+    lines += ["", f"**megavlm / plain PyTorch throughput: {ratio:.3f}x** (target ≥ 0.8x); "
+              f"by CPU time per step: {cpu_ratio:.3f}x", "",
+              f"Load average at the end (1/5/15 min): "
+              + " / ".join(f"{v:.2f}" for v in os.getloadavg()), ""]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------- main
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="megavlm bench train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="recipe (default: tiny.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override (repeatable)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each run")
+    p.add_argument("--rounds", type=int, default=4, help="runs per system, in ABBA order")
+    p.add_argument("--out-dir", type=Path, default=Path("benchmarks"))
+    p.add_argument("--no-write", action="store_true", help="print the markdown only")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        p.error("--steps and --rounds must be >= 1, --warmup >= 0")
+    command = "megavlm bench train " + " ".join(
+        shlex.quote(a) for a in (sys.argv[2:] if argv is None else argv))
+
+    import torch.distributed as dist
+
+    from megavlm.model.export import full_tensors
+    from megavlm.parallel.state import Parallel
+    from megavlm.train.loop import build_model
+
+    info = machine_info()  # before the runs: the load average is the machine's, not ours
+    total = args.warmup + args.steps + 1  # +1: the last step only closes the previous interval
+    owns_world = not dist.is_initialized()
+    with tempfile.TemporaryDirectory(prefix="megavlm-bench-") as tmp:
+        base = bench_config(args.config, args.overrides, total, str(Path(tmp) / "run"))
+        parallel = Parallel.initialize(base.parallel, base.seed)
+        try:
+            chunks, _ = build_model(base, parallel, torch.float32)
+            full = full_tensors(chunks)  # the plain model starts from megavlm's initial weights
+            del chunks
+            results = {s: Measured(s, [], [], [], []) for s in ("megavlm", "plain")}
+            for r in range(args.rounds):
+                order = ("megavlm", "plain") if r % 2 == 0 else ("plain", "megavlm")
+                for system in order:
+                    if system == "megavlm":
+                        run = dataclasses.replace(base, run_dir=str(Path(tmp) / f"run{r}"))
+                        secs, losses = run_megavlm(run, parallel, total)
+                    else:
+                        secs, losses = run_plain(base, full, total)
+                    timed = secs[args.warmup:]
+                    res = results[system]
+                    res.seconds += [w for w, _ in timed]
+                    res.cpu += [c for _, c in timed]
+                    res.rounds.append(statistics.median(w for w, _ in timed))
+                    if not res.losses:
+                        res.losses = losses
+        finally:
+            if owns_world:
+                parallel.destroy()
+    text = render(base, results, info, command, args)
+    print(text)
+    tokens = base.train.global_batch_size * base.model.seq_length
+    mega, plain = results["megavlm"], results["plain"]
+    print(f"megavlm {tokens / mega.median():.0f} tokens/s, plain PyTorch {tokens / plain.median():.0f} "
+          f"tokens/s, ratio {plain.median() / mega.median():.3f}")
+    if not args.no_write:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        path = args.out_dir / f"{_dt.date.today().isoformat()}-cpu-train.md"
+        path.write_text(text)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
