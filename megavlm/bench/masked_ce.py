@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+
+from megavlm.bench.artifact import cpu_model, load_average, write_report
 import torch.nn.functional as F
 
 CPU_VARIANTS = ("naive", "masked_reference")
@@ -270,15 +272,8 @@ def run_gpu(shape: Shape, repeats: int, fused_tiles: Sequence[str] = ()
 # ------------------------------------------------------------------------------------ reporting
 
 def machine_info() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = match.group(1).strip() if match else cpu
-    except OSError:
-        pass
-    info: dict[str, Any] = {"CPU": cpu, "logical CPUs": os.cpu_count(),
-                            "load average at start (1/5/15 min)": " / ".join(
-                                f"{v:.2f}" for v in os.getloadavg()),
+    info: dict[str, Any] = {"CPU": cpu_model(), "logical CPUs": os.cpu_count(),
+                            "load average at start (1/5/15 min)": load_average(),
                             "python": platform.python_version(), "torch": torch.__version__}
     try:
         import triton
@@ -384,10 +379,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for tag, text in reports:
         print(text)
         if not args.no_write:
-            args.out_dir.mkdir(parents=True, exist_ok=True)
-            path = args.out_dir / f"{_dt.date.today().isoformat()}-{tag}-masked-ce.md"
-            path.write_text(text)
-            print(f"wrote {path}")
+            print(f"wrote {write_report(args.out_dir, tag, 'masked-ce', text)}")
     return 0
 
 

@@ -49,6 +49,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from megavlm.bench.artifact import cpu_model, load_average
+
 from megavlm.config import RunConfig, load_config
 from megavlm.data.batch import Batch, Sample, collate
 from megavlm.model import flops
@@ -296,16 +298,11 @@ def hardware(cuda: bool) -> dict:
         info.update(device=name, slug=re.sub(r"[^a-z0-9]+", "-", (key or name).lower()).strip("-"),
                     peak_key=key, peaks=peaks, cuda=torch.version.cuda)
     else:
-        cpu = "unknown CPU"
-        try:
-            m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-            cpu = m.group(1).strip() if m else cpu
-        except OSError:
-            pass
+        cpu = cpu_model("unknown CPU")
         rate = measured_cpu_matmul_tflops()
         info.update(device=f"{cpu} ({os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads)",
                     slug="cpu", peak_key="measured fp32 matmul", peaks={"fp32": rate},
-                    load=" / ".join(f"{v:.2f}" for v in os.getloadavg()))
+                    load=load_average())
     return info
 
 

@@ -27,7 +27,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import re
 import shlex
 import statistics
 import sys
@@ -38,6 +37,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
+from megavlm.bench.artifact import cpu_model, load_average, write_report
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -244,12 +245,7 @@ class Measured:
 
 
 def machine_info() -> dict[str, str]:
-    cpu = "unknown"
-    try:
-        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = m.group(1).strip() if m else cpu
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         from importlib.metadata import version
 
@@ -259,7 +255,7 @@ def machine_info() -> dict[str, str]:
 
         mcore = getattr(megatron.core, "__version__", "unknown")
     return {"CPU": cpu, "logical CPUs": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()),
-            "load average at start (1/5/15 min)": " / ".join(f"{v:.2f}" for v in os.getloadavg()),
+            "load average at start (1/5/15 min)": load_average(),
             "python": platform.python_version(), "torch": torch.__version__, "megatron-core": mcore}
 
 
@@ -302,8 +298,7 @@ def render(run: RunConfig, results: dict[str, Measured], info: dict[str, str], c
     cpu_ratio = plain.cpu_median() / mega.cpu_median()
     lines += ["", f"**megavlm / plain PyTorch throughput: {ratio:.3f}x** (target ≥ 0.8x); "
               f"by CPU time per step: {cpu_ratio:.3f}x", "",
-              f"Load average at the end (1/5/15 min): "
-              + " / ".join(f"{v:.2f}" for v in os.getloadavg()), ""]
+              "Load average at the end (1/5/15 min): " + load_average(), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -367,10 +362,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"megavlm {tokens / mega.median():.0f} tokens/s, plain PyTorch {tokens / plain.median():.0f} "
           f"tokens/s, ratio {plain.median() / mega.median():.3f}")
     if not args.no_write:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        path = args.out_dir / f"{_dt.date.today().isoformat()}-cpu-train.md"
-        path.write_text(text)
-        print(f"wrote {path}")
+        print(f"wrote {write_report(args.out_dir, 'cpu', 'train', text)}")
     return 0
 
 

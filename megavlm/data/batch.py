@@ -11,7 +11,7 @@ position ever predicts an image placeholder, and nothing is predicted across doc
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import numpy as np
