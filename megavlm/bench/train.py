@@ -10,8 +10,9 @@ Both sides run the tiny recipe's model and batch settings (fp32, one process): m
 (with z-loss) divided once by the step's loss-token count, AdamW with the recipe's betas, weight
 decay (not on 1-D tensors) and gradient clipping, the stage's LR schedule. Batches are synthetic
 text rows (half of them two packed documents), generated inside each step on both sides. The
-plain model carries the projector too and steps it with zero gradients, as megatron's optimizer
-does for an untouched parameter, so both sides do the same optimizer work.
+plain model carries the projector too; when the stage trains it (not ``trainable: lm``) it steps
+it with zero gradients, as megatron's optimizer does for an untouched parameter, so both sides
+do the same optimizer work.
 
 A step's time runs from one step's data request to the next (data, forward-backward, optimizer,
 logging): the interval between consecutive ``next_step`` calls of the loader. Warm-up steps are
@@ -193,14 +194,17 @@ def run_plain(run: RunConfig, full: dict[str, Tensor],
     model = PlainVLM(run)
     model.load_megavlm(full)
     model.train()
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    if stage.trainable == "lm":  # the stage freezes the projector on the megavlm side too
+        model.projector.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
     wd = t.weight_decay if stage.weight_decay is None else stage.weight_decay
     beta2 = t.adam_beta2 if stage.adam_beta2 is None else stage.adam_beta2
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=0.0, betas=(t.adam_beta1, beta2), eps=t.adam_eps)
-    for p in model.parameters():  # untouched parameters step with zero gradients (as in megatron)
+    for p in params:  # untouched parameters step with zero gradients (as in megatron)
         p.grad = torch.zeros_like(p)
     sched = _schedule(run)
     loader = _loader(run, _num_microbatches(run))

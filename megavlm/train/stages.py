@@ -40,7 +40,13 @@ def run_stages(run: RunConfig, parallel: Parallel, loader_factory: Optional[Load
         run.dump(Path(run.run_dir) / "config.yaml")
     parallel.barrier()
     factory = loader_factory or default_loader_factory(run)
-    steps = {st.name: stage_steps(run, st) for st in run.stages}
+    steps = {}
+    for st in run.stages:
+        tokens = None
+        if st.epochs is not None:  # fine-tuning: the budget is passes over the stage's data
+            nmb = run.train.global_batch_size // (run.train.micro_batch_size * parallel.dp)
+            tokens = st.epochs * factory(st, parallel, nmb).tokens_per_epoch
+        steps[st.name] = stage_steps(run, st, tokens)
     scheds = resolve_schedules(run, steps)
     out = []
     for st in run.stages:

@@ -21,3 +21,10 @@ def test_projector_only_stage(tmp_path, nproc, layout):
     before, after = res["weights"]["text"], res["weights"]["image"]
     moved = {k for k in before if not (before[k] == after[k]).all()}
     assert moved == {"projector.fc1.weight", "projector.fc1.bias", "projector.fc2.weight", "projector.fc2.bias"}
+
+
+def test_epochs_set_the_budget(tmp_path):
+    cfg = synthetic.tiny_run(str(tmp_path / "run"), steps=2, layers=2)
+    cfg["stages"][1].update(tokens=0, epochs=2)  # 2 passes over a 4-step synthetic epoch
+    res = launch(1, {"config": cfg}, tmp_path)
+    assert len(losses(res, "image")) == 8

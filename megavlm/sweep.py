@@ -1,0 +1,148 @@
+"""``megavlm sweep``: the paper's experiment grid over a three-stage recipe, locally or on SLURM.
+
+    megavlm sweep --config C --grid fraction=0.8,1.0 --grid seed=1,2 [--grid epochs=1,2]
+                  [--out DIR] [--jobs N] [--eval-limit N] [--epoch-tokens N] [--rewarm-peak LR] [--dry-run]
+                  [--slurm [--sbatch-arg=--partition=x ...]] [key.path=value ...]
+
+Variables: fraction, image_ratio, instruct_ratio, epochs, seed (see megavlm.experiment.grid);
+``--grid`` also takes a YAML/JSON file mapping variables to lists. The whole grid is checked
+before anything runs. Jobs share prefixes (one text run per seed, one image run per branch, see
+megavlm.experiment.plan), run ``--jobs`` at a time with the cores split between them, and are
+skipped once finished, so re-running the command resumes. With ``--slurm`` each job becomes an
+sbatch script with ``afterok`` dependencies instead. The sweep directory (default
+``<run_dir>/sweep``) ends with results.csv, results.json and plots/sweep_<variable>.png.
+
+Internal (what the executors launch): ``python -m megavlm.sweep job DIR ID`` and ``... collect DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megavlm sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="a three-stage recipe (launch/configs/*.yaml)")
+    p.add_argument("--grid", action="append", default=[], help="name=v1,v2 or a YAML/JSON grid file (repeatable)")
+    p.add_argument("--out", default=None, help="sweep directory (default <run_dir>/sweep)")
+    p.add_argument("--jobs", type=int, default=1, help="jobs side by side (cores are split between them)")
+    p.add_argument("--cores", type=int, default=None, help="cores to split (default: all)")
+    p.add_argument("--eval-limit", type=int, default=None, help="examples per evaluation task (default all)")
+    p.add_argument("--epoch-tokens", type=int, default=None,
+                   help="token positions per fine-tuning epoch (default: one pass over the instruction data)")
+    p.add_argument("--rewarm-peak", type=float, default=None,
+                   help="peak LR of the re-warmed image stage at fraction 1.0 (default: the text stage's peak)")
+    p.add_argument("--tag", default="", help="name of this grid's results (results-<tag>.csv, plots/<tag>/) "
+                   "when several grids share one --out and its runs")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the jobs, run nothing")
+    p.add_argument("--slurm", action="store_true", help="submit one sbatch job per sweep job")
+    p.add_argument("--sbatch", default="sbatch", help="sbatch executable")
+    p.add_argument("--sbatch-arg", action="append", default=[], help="extra #SBATCH line, e.g. --partition=cpu")
+    p.add_argument("--cpus-per-job", type=int, default=2, help="SLURM --cpus-per-task")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the recipe")
+    return p
+
+
+def prepare(args) -> tuple[Path, list]:
+    """Validate the grid against the recipe, plan the jobs and write plan.json (runs nothing)."""
+    from megavlm.config import load_config
+    from megavlm.experiment.grid import parse_grid, validate
+    from megavlm.experiment.plan import build_jobs, write_plan
+
+    run = load_config(args.config, args.overrides)
+    full = validate(run, parse_grid(args.grid))
+    if not args.dry_run:
+        from megavlm.experiment.plan import ensure_data
+
+        ensure_data(run)  # once, before jobs start side by side
+    sweep_dir = Path(args.out or Path(run.run_dir) / "sweep").resolve()
+    jobs = build_jobs(run, full, sweep_dir, rewarm_peak=args.rewarm_peak)
+    write_plan(sweep_dir, args.config, list(args.overrides), full, jobs, args.eval_limit, args.epoch_tokens,
+               args.rewarm_peak, args.tag)
+    return sweep_dir, jobs
+
+
+def collect(sweep_dir: Path) -> tuple[list, list]:
+    """results.csv / results.json and the figures from whatever cells have finished."""
+    from megavlm.experiment.plan import read_plan
+    from megavlm.experiment.plots import sweep_figures
+    from megavlm.experiment.results import write_results
+
+    csv_path, json_path, rows = write_results(sweep_dir)
+    plan = read_plan(sweep_dir)
+    plots = Path(sweep_dir) / "plots" / plan["tag"] if plan.get("tag") else Path(sweep_dir) / "plots"
+    figs = sweep_figures(rows, plan["grid"], plots) if rows else []
+    return [csv_path, json_path], figs
+
+
+def run_sweep(args) -> int:
+    from megavlm.experiment.executors import run_local, submit_slurm
+    from megavlm.experiment.plan import count_stage_runs
+
+    sweep_dir, jobs = prepare(args)
+    n = count_stage_runs(jobs)
+    todo = [j for j in jobs if not j.done()]
+    print(f"sweep {sweep_dir}: {n['cell']} cells = {n['text']} text runs + {n['image']} image runs + "
+          f"{n['cell']} fine-tuning runs; {len(jobs) - len(todo)} finished, {len(todo)} to run")
+    if args.dry_run:
+        for j in jobs:
+            print(f"  {'done' if j.done() else 'todo'}  {j.id}  <- {', '.join(j.deps) or '-'}")
+        return 0
+    if args.slurm:
+        ids = submit_slurm(sweep_dir, jobs, cpus=args.cpus_per_job, extra=args.sbatch_arg, sbatch=args.sbatch)
+        print(f"submitted {len(ids)} SLURM jobs (ids in {sweep_dir / 'slurm' / 'submitted.json'})")
+        return 0
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="sweep jobs", unit="job")
+
+    def event(what, job):
+        if what == "start":
+            bar.set_postfix_str(job.id)
+        elif what == "done":
+            bar.update(1)
+        else:
+            bar.write(f"job {job.id} failed (log {Path(job.run_dir) / 'job.log'})")
+
+    try:
+        run_local(sweep_dir, jobs, parallel_jobs=args.jobs, cores=args.cores, on_event=event)
+    finally:
+        bar.close()
+    files, figs = collect(sweep_dir)
+    print(f"sweep finished in {time.perf_counter() - t0:.0f} s: " + ", ".join(str(p) for p in files + figs))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry of ``megavlm sweep``; bad input is one line ``megavlm sweep: error: …`` and status 2."""
+    from megavlm.config import ConfigError
+    from megavlm.experiment.executors import JobFailed
+
+    from megavlm.cli import _quiet
+
+    _quiet()  # the job subprocesses start here, not through megavlm.cli
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv[:1] == ["job"] and len(argv) == 3:
+            from megavlm.experiment.plan import run_job
+
+            run_job(Path(argv[1]), argv[2])
+            return 0
+        if argv[:1] == ["collect"] and len(argv) == 2:
+            files, figs = collect(Path(argv[1]))
+            print("\n".join(str(p) for p in files + figs))
+            return 0
+        return run_sweep(build_parser().parse_args(argv))
+    except (ConfigError, JobFailed, FileNotFoundError) as e:
+        print(f"megavlm sweep: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
