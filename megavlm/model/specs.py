@@ -57,32 +57,38 @@ def select_backend(requested: str = "auto") -> Backend:
     return "te" if te_usable() else "local"
 
 
-def dclm_local_layer_spec(qk_norm: bool = True) -> ModuleSpec:
-    """The DCLM block from megatron-core modules: pre-norm, full-width qk-norm, SwiGLU, no biases."""
+def dclm_block(*, norm, column_linear, row_linear, core_attention, qk_norm: bool) -> ModuleSpec:
+    """The DCLM block's seats — pre-norm, full-width qk-norm, SwiGLU, no biases — filled with the
+    given implementations. The local and the TE spec differ only in what fills them."""
     norm_q = FullWidthQKNorm if qk_norm else IdentityOp
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=GainLayerNorm,
+            input_layernorm=norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
-                    core_attention=DotProductAttention,
-                    linear_proj=RowParallelLinear,
+                    linear_qkv=column_linear,
+                    core_attention=core_attention,
+                    linear_proj=row_linear,
                     q_layernorm=norm_q,
                     k_layernorm=norm_q,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=GainLayerNorm,
+            pre_mlp_layernorm=norm,
             mlp=partial(MLP.as_mlp_submodule,
-                        submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                 linear_fc2=RowParallelLinear)),
+                        submodules=MLPSubmodules(linear_fc1=column_linear, linear_fc2=row_linear)),
             mlp_bda=get_bias_dropout_add,
         ),
     )
+
+
+def dclm_local_layer_spec(qk_norm: bool = True) -> ModuleSpec:
+    """The DCLM block from megatron-core modules (runs anywhere, CPU included)."""
+    return dclm_block(norm=GainLayerNorm, column_linear=ColumnParallelLinear,
+                      row_linear=RowParallelLinear, core_attention=DotProductAttention, qk_norm=qk_norm)
 
 
 def dclm_te_layer_spec(qk_norm: bool = True) -> ModuleSpec:

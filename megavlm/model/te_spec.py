@@ -33,18 +33,11 @@ those fields from ``train.fp8``.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch.nn.functional as F
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from megavlm.model.norms import FullWidthQKNorm, GainLayerNorm
+from megavlm.model.norms import GainLayerNorm
 
 
 class NativeGainLayerNorm(GainLayerNorm):
@@ -79,27 +72,8 @@ def dclm_te_layer_spec(qk_norm: bool = True) -> ModuleSpec:
     """The DCLM block with TE GEMMs and attention (see the module docstring for each seat)."""
     from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
 
-    norm_q = FullWidthQKNorm if qk_norm else IdentityOp
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=NativeGainLayerNorm,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.causal},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=TEColumnParallelLinear,
-                    core_attention=_mask_aware_te_attention(),
-                    linear_proj=TERowParallelLinear,
-                    q_layernorm=norm_q,
-                    k_layernorm=norm_q,
-                ),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=NativeGainLayerNorm,
-            mlp=partial(MLP.as_mlp_submodule,
-                        submodules=MLPSubmodules(linear_fc1=TEColumnParallelLinear,
-                                                 linear_fc2=TERowParallelLinear)),
-            mlp_bda=get_bias_dropout_add,
-        ),
-    )
+    from megavlm.model.specs import dclm_block
+
+    return dclm_block(norm=NativeGainLayerNorm, column_linear=TEColumnParallelLinear,
+                      row_linear=TERowParallelLinear, core_attention=_mask_aware_te_attention(),
+                      qk_norm=qk_norm)
