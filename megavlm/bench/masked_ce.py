@@ -110,7 +110,7 @@ def loss_fn(variant: str) -> LossFn:
         return lambda x: masked_cross_entropy_reference(x["hidden"], x["weight"], x["labels"],
                                                         x["mask"])[0]
     if variant.startswith("fused"):  # "fused" (default tiles) or "fused:BN,BV,BD,WARPS,STAGES"
-        from megavlm_kernels.masked_ce import TileConfig, masked_linear_cross_entropy
+        from megavlm.kernels.masked_ce import TileConfig, masked_linear_cross_entropy
         config = None
         if ":" in variant:
             bn, bv, bd, warps, stages = (int(v) for v in variant.split(":", 1)[1].split(","))
