@@ -6,6 +6,7 @@
     megavlm bench {train,masked-ce,throughput} [...]  benchmarks (markdown under benchmarks/)
     megavlm sweep --config C --grid name=v1,v2 [...]  the paper's experiment grid (megavlm.sweep)
     megavlm eval  {text,vision,all} --checkpoint D     lm-eval text tasks, vision tasks, stable score
+    megavlm selftest [--size small|full] [--out-dir D] acceptance run on a new machine (megavlm.selftest)
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench")
     b.add_argument("what", choices=["train", "masked-ce", "throughput"])
     sub.add_parser("sweep", add_help=False, help="experiment grid; its own options: megavlm sweep --help")
+    sub.add_parser("selftest", add_help=False, help="acceptance run; its own options: megavlm selftest --help")
     sub.add_parser("eval", add_help=False, help="evaluation {text,vision,all}; its own options: megavlm eval --help")
     return p
 
@@ -124,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         from megavlm.sweep import main as sweep_main
 
         return sweep_main(argv[1:])
+    if argv[:1] == ["selftest"]:
+        from megavlm.selftest.run import main as selftest_main
+
+        return selftest_main(argv[1:])
     if argv[:1] == ["eval"]:
         from megavlm.eval.cli import main as eval_main
 
