@@ -12,6 +12,7 @@ covered by the formula's unit checks below, not by a measurement.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ import torch
 from megavlm.config import load_config
 from megavlm.model import memory
 from tests import synthetic
+
+DCLM_1B = str(Path(__file__).resolve().parents[2] / "launch" / "configs" / "dclm-1b.yaml")
 
 
 def _run(recompute: str = "none", layers: int = 2, trainable: str | None = None, **train):
@@ -109,7 +112,7 @@ def test_activation_bytes_match_saved_tensors(parallel1, recompute, micro, seq):
 
 
 def test_recompute_and_attention_order_the_activations():
-    run = load_config("launch/configs/dclm-1b.yaml")
+    run = load_config(DCLM_1B)
     base = memory.layout_of(run, dp=8, attention="dense")
     act = {}
     for name, layout in {
@@ -126,7 +129,7 @@ def test_recompute_and_attention_order_the_activations():
 
 
 def test_tensor_and_data_parallel_divide_what_they_shard():
-    run = load_config("launch/configs/dclm-1b.yaml")
+    run = load_config(DCLM_1B)
     one = memory.plan_stage(run.model, memory.layout_of(run, dp=1), 0)
     dp8 = memory.plan_stage(run.model, memory.layout_of(run, dp=8), 0)
     assert dp8.parameters == one.parameters and dp8.gradients == one.gradients
@@ -172,7 +175,7 @@ def test_plan_json_carries_the_memory_field(capsys):
 
     from megavlm.cli import main
 
-    assert main(["plan", "--config", "launch/configs/dclm-1b.yaml", "--memory", "--json",
+    assert main(["plan", "--config", DCLM_1B, "--memory", "--json",
                  "--dp", "8"]) == 0
     out = json.loads(capsys.readouterr().out)
     text, image, _ = out["memory"]
@@ -180,5 +183,5 @@ def test_plan_json_carries_the_memory_field(capsys):
     assert text["total"] == sum(text[k] for k in ("parameters", "gradients", "optimizer",
                                                  "activations", "transient"))
     assert image["gradients"] > text["gradients"]  # the projector trains in the image stage
-    assert "memory" not in json.loads((main(["plan", "--config", "launch/configs/dclm-1b.yaml",
+    assert "memory" not in json.loads((main(["plan", "--config", DCLM_1B,
                                              "--json"]), capsys.readouterr().out)[1])
