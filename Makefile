@@ -33,16 +33,16 @@ install-online:
 	@# torch: keep any torch that is already importable (a GPU host's CUDA build, a cluster's
 	@# version); otherwise the pinned CPU wheel.
 	@if $(call HAVE,torch); then \
-	  echo "keeping torch $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
+	  echo "keeping torch $$($(PYTHON) -c 'import torch; print(torch.__version__)' 2>/dev/null)"; \
 	else $(PIP) install -q torch==$(TORCH_VERSION); fi
 	$(PIP) install -q numpy packaging psutil
 	@# megatron-core 0.19.2 declares Python >= 3.12 but its cp311 wheel runs on 3.11.
 	@if $(call HAVE,megatron.core); then \
-	  echo "keeping megatron-core $$($(PYTHON) -c 'import megatron.core as m; print(m.__version__)')"; \
+	  echo "keeping megatron-core $$($(PYTHON) -c 'import megatron.core as m; print(m.__version__)' 2>/dev/null)"; \
 	else $(PIP) install -q $(MCORE_FLAGS) megatron-core==$(MCORE_VERSION); fi
 	@# Triton (kernels; under its CPU interpreter in tests): keep an installed one, else 3.9.0.
 	@if $(call HAVE,triton); then \
-	  echo "keeping triton $$($(PYTHON) -c 'import triton; print(triton.__version__)')"; \
+	  echo "keeping triton $$($(PYTHON) -c 'import triton; print(triton.__version__)' 2>/dev/null)"; \
 	else $(PIP) install -q triton==$(TRITON_VERSION); fi
 	@# dev tools, the `kernels` extra (unpinned Triton: satisfied by the one above), transformers
 	@# (a tiny random SigLIP in tests), DALI (CPU-only decode pipelines), lm-eval (evaluation)
@@ -54,12 +54,12 @@ install-online:
 install-offline:
 	@$(call HAVE,torch) || { echo "install-offline: torch is not importable by $(PYTHON);" \
 	  "install the cluster's torch first (this target never installs torch)" >&2; exit 1; }
-	@echo "keeping torch $$($(PYTHON) -c 'import torch; print(torch.__version__, torch.version.cuda)')"
+	@echo "keeping torch $$($(PYTHON) -c 'import torch; print(torch.__version__, torch.version.cuda)' 2>/dev/null)"
 	@if $(call HAVE,triton); then \
-	  echo "keeping triton $$($(PYTHON) -c 'import triton; print(triton.__version__)')"; \
+	  echo "keeping triton $$($(PYTHON) -c 'import triton; print(triton.__version__)' 2>/dev/null)"; \
 	else echo "no triton: the fused kernels will not run (masked CE uses the reference)"; fi
 	@if $(call HAVE,megatron.core); then \
-	  echo "keeping megatron-core $$($(PYTHON) -c 'import megatron.core as m; print(m.__version__)')"; \
+	  echo "keeping megatron-core $$($(PYTHON) -c 'import megatron.core as m; print(m.__version__)' 2>/dev/null)"; \
 	elif [ -n "$(WHEELS)" ]; then \
 	  $(PIP) install -q $(WHEEL_FLAGS) $(MCORE_FLAGS) megatron-core==$(MCORE_VERSION); \
 	else echo "install-offline: megatron-core is not importable; pass WHEELS=dir holding" \
