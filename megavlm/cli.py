@@ -6,6 +6,7 @@
     megavlm bench {train,masked-ce,throughput} [...]  benchmarks (markdown under benchmarks/)
     megavlm sweep --config C --grid name=v1,v2 [...]  the paper's experiment grid (megavlm.sweep)
     megavlm eval  {text,vision,all} --checkpoint D     lm-eval text tasks, vision tasks, stable score
+    megavlm selftest [--size small|full] [--out-dir D] acceptance run on a new machine (megavlm.selftest)
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ def cmd_plan(args) -> int:
 
     run = _load(args)
     p = plan(run)
+    if args.memory:
+        from megavlm.model.memory import recipe_memory
+
+        p["memory"] = recipe_memory(run, dp=args.dp, attention=args.attention,
+                                    capacity_gib=args.gpu_gib)
     if args.json:
         print(json.dumps(p))
     else:
@@ -51,6 +57,8 @@ def cmd_plan(args) -> int:
             print(f"{s['name']}: {s['steps']} steps, {s['tokens']:.3g} tokens, schedule {sc['kind']}"
                   f" (lr {s['lr'][0][1]:.3g} → {s['lr'][-1][1]:.3g}), checkpoints at "
                   + ", ".join(f"{f:g}→step {k}" for f, k in s["checkpoints"]))
+        for m in p.get("memory", []):
+            print(f"{m['stage']}: " + "\n".join(m["lines"]))
     return 0
 
 
@@ -93,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.1.tokens=1e6")
         if name == "plan":
             s.add_argument("--json", action="store_true", help="print one JSON object")
+            s.add_argument("--memory", action="store_true",
+                           help="per-rank memory plan (megavlm.model.memory); JSON field 'memory'")
+            s.add_argument("--dp", type=int, default=1, help="data-parallel size for --memory")
+            s.add_argument("--attention", choices=["flash", "dense"], default="flash",
+                           help="attention path for --memory (dense stores S x S scores)")
+            s.add_argument("--gpu-gib", type=float, default=79.6,
+                           help="GPU memory for --memory's verdict (an '80 GB' H100: 79.6 GiB)")
         else:
             s.add_argument("--stage", action="append", help="run only these stages (repeatable)")
     d = sub.add_parser("demo")
@@ -103,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench")
     b.add_argument("what", choices=["train", "masked-ce", "throughput"])
     sub.add_parser("sweep", add_help=False, help="experiment grid; its own options: megavlm sweep --help")
+    sub.add_parser("selftest", add_help=False, help="acceptance run; its own options: megavlm selftest --help")
     sub.add_parser("eval", add_help=False, help="evaluation {text,vision,all}; its own options: megavlm eval --help")
     return p
 
@@ -124,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         from megavlm.sweep import main as sweep_main
 
         return sweep_main(argv[1:])
+    if argv[:1] == ["selftest"]:
+        from megavlm.selftest.run import main as selftest_main
+
+        return selftest_main(argv[1:])
     if argv[:1] == ["eval"]:
         from megavlm.eval.cli import main as eval_main
 

@@ -110,7 +110,7 @@ def loss_fn(variant: str) -> LossFn:
         return lambda x: masked_cross_entropy_reference(x["hidden"], x["weight"], x["labels"],
                                                         x["mask"])[0]
     if variant.startswith("fused"):  # "fused" (default tiles) or "fused:BN,BV,BD,WARPS,STAGES"
-        from megavlm_kernels.masked_ce import TileConfig, masked_linear_cross_entropy
+        from megavlm.kernels.masked_ce import TileConfig, masked_linear_cross_entropy
         config = None
         if ":" in variant:
             bn, bv, bd, warps, stages = (int(v) for v in variant.split(":", 1)[1].split(","))
@@ -134,13 +134,14 @@ def loss_fn(variant: str) -> LossFn:
     raise ValueError(f"unknown variant {variant!r}")
 
 
-def step(fn: LossFn, x: dict[str, torch.Tensor]) -> float:
-    """One forward + backward from fresh gradients; returns the loss."""
+def step(fn: LossFn, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One forward + backward from fresh gradients; returns the loss, still on its device (no
+    host sync here: timed iterations on a GPU must not wait for the device inside the window)."""
     x["hidden"].grad = None
     x["weight"].grad = None
     loss = fn(x)
     loss.backward()
-    return float(loss.detach())
+    return loss.detach()
 
 
 # ----------------------------------------------------------------------------------------- CPU
@@ -173,14 +174,14 @@ def cpu_worker(spec: dict[str, Any]) -> dict[str, Any]:
     x = make_inputs(shape, "cpu")
     if spec["measure"] == "memory":
         fn = loss_fn(spec["variant"])
-        loss = step(fn, x)  # warm-up: lazy initialisation, first touch of the gradient buffers
+        loss = float(step(fn, x))  # warm-up: lazy initialisation, first touch of the grads
         x["hidden"].grad = None
         x["weight"].grad = None
         return {"peak_mib": peak_rss_mib(lambda: step(fn, x)), "loss": loss}
     # Time: the variants take turns, iteration by iteration, so that load from other processes
     # on a shared machine falls on all of them alike.
     fns = {v: loss_fn(v) for v in spec["variants"]}
-    losses = {v: step(fn, x) for v, fn in fns.items()}
+    losses = {v: float(step(fn, x)) for v, fn in fns.items()}
     times: dict[str, list[float]] = {v: [] for v in fns}
     for _ in range(spec["repeats"]):
         for v, fn in fns.items():
@@ -234,7 +235,7 @@ def run_gpu(shape: Shape, repeats: int, fused_tiles: Sequence[str] = ()
             results.append(Result(variant, note=f"skipped: {e}"))
             continue
         try:
-            loss = step(fn, x)
+            loss = float(step(fn, x))  # the one host read of the loss, outside the timing
             step(fn, x)  # second warm-up: autotuning / compile caches
             x["hidden"].grad = None
             x["weight"].grad = None

@@ -12,15 +12,21 @@ states whose backward already reduces over the TP group (megatron's
 ``copy_to_tensor_model_parallel_region`` or the sequence-parallel gather), exactly as megatron's
 ColumnParallelLinear does for its input.
 
-``masked_cross_entropy`` is the one dispatcher: fused kernel (megavlm_kernels, when present and
-supported for the inputs) or the reference. ``MEGAVLM_MASKED_CE=reference|fused`` forces a path;
-forcing ``fused`` where it cannot run is an error, not a silent fallback.
+``masked_cross_entropy`` is the one dispatcher: fused kernel (``megavlm.kernels.masked_ce``, a
+subpackage of megavlm, so it is present however megavlm is installed or put on PYTHONPATH) or the
+reference. ``MEGAVLM_MASKED_CE=auto|reference|fused`` chooses: ``auto`` (default) takes the fused
+kernel where it can run and the reference elsewhere; ``fused`` where the kernel cannot run (no
+Triton, no CUDA and no interpreter, an import error) is an error naming the reason, never a
+silent fallback. ``masked_ce_path(device, dtype)`` answers which path runs and why, so reports
+(``megavlm selftest``, benchmarks) can say which one ran.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -116,28 +122,61 @@ def masked_cross_entropy_reference(
     return loss.sum(), count
 
 
+@dataclass(frozen=True)
+class PathChoice:
+    """Which masked-CE implementation runs for a device and dtype, and why."""
+
+    path: str
+    """``"fused"`` (megavlm.kernels Triton kernel) or ``"reference"`` (plain PyTorch)."""
+    reason: str
+    """Why: the override that forced it, or why the fused kernel can or cannot run."""
+    requested: str
+    """The value of MEGAVLM_MASKED_CE (``auto`` when unset)."""
+
+
+def _requested() -> str:
+    choice = os.environ.get(ENV_OVERRIDE, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "reference", "fused"):
+        raise ValueError(f"{ENV_OVERRIDE}={choice!r}: expected auto, reference or fused")
+    return choice
+
+
 def _fused_available(hidden: Tensor) -> tuple[bool, str]:
     try:
-        from megavlm_kernels import masked_ce as fused  # noqa: F401  (kernels/ package)
+        fused = importlib.import_module("megavlm.kernels.masked_ce")
     except Exception as e:  # a GPU library may raise more than ImportError without a driver
-        return False, f"megavlm_kernels.masked_ce is not importable ({type(e).__name__}: {e})"
-    ok, why = fused.supports(hidden)
-    return ok, why
+        return False, f"megavlm.kernels.masked_ce is not importable ({type(e).__name__}: {e})"
+    return fused.supports(hidden)
+
+
+def _choose(hidden: Tensor) -> PathChoice:
+    requested = _requested()
+    if requested == "reference":
+        return PathChoice("reference", f"forced by {ENV_OVERRIDE}=reference", requested)
+    ok, why = _fused_available(hidden)
+    if ok:
+        return PathChoice("fused", "fused Triton kernel supports this device and dtype", requested)
+    if requested == "fused":
+        raise RuntimeError(f"{ENV_OVERRIDE}=fused but the fused kernel cannot run: {why}")
+    return PathChoice("reference", f"fused kernel cannot run: {why}", requested)
+
+
+def masked_ce_path(device: Union[str, torch.device] = "cpu",
+                   dtype: torch.dtype = torch.bfloat16) -> PathChoice:
+    """The path ``masked_cross_entropy`` takes for hidden states on ``device`` in ``dtype``.
+
+    Raises what the dispatcher would raise: ValueError for an unknown override, RuntimeError for
+    ``MEGAVLM_MASKED_CE=fused`` where the kernel cannot run.
+    """
+    return _choose(torch.empty(0, device=device, dtype=dtype))
 
 
 def masked_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, loss_mask: Tensor, *,
                          z_loss: float = 0.0, tp_group=None) -> tuple[Tensor, Tensor]:
     """Dispatch to the fused kernel when it can run, else the reference (see module docstring)."""
-    choice = os.environ.get(ENV_OVERRIDE, "auto").lower()
-    if choice not in ("auto", "reference", "fused"):
-        raise ValueError(f"{ENV_OVERRIDE}={choice!r}: expected auto, reference or fused")
-    if choice != "reference":
-        ok, why = _fused_available(hidden)
-        if ok:
-            from megavlm_kernels import masked_ce as fused
-            return fused.masked_linear_cross_entropy(hidden, weight, labels, loss_mask,
-                                                     z_loss=z_loss, tp_group=tp_group)
-        if choice == "fused":
-            raise RuntimeError(f"{ENV_OVERRIDE}=fused but the fused kernel cannot run: {why}")
+    if _choose(hidden).path == "fused":
+        fused = importlib.import_module("megavlm.kernels.masked_ce")
+        return fused.masked_linear_cross_entropy(hidden, weight, labels, loss_mask,
+                                                 z_loss=z_loss, tp_group=tp_group)
     return masked_cross_entropy_reference(hidden, weight, labels, loss_mask, z_loss=z_loss,
                                           tp_group=tp_group)

@@ -8,10 +8,14 @@ compile them, and setting it for the whole session would make every CPU ``masked
 call elsewhere take the (500x slower) interpreted kernel. Each worker is a fresh spawn-started
 Python whose first act is to set or clear the variable; tests send it module-level functions and
 tensors and get results back.
+
+Without Triton these tests are collected (their modules import only megavlm.kernels' host side,
+which never imports Triton) and skipped with the reason, never failed at collection.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -25,6 +29,24 @@ _WORKER_SETUP = ("import os, sys\n"
                  "os.environ.pop('TRITON_INTERPRET', None)\n"
                  "if {interpret!r}: os.environ['TRITON_INTERPRET'] = '1'\n"
                  "sys.path[:0] = {paths!r}\n")
+
+
+def _triton_missing() -> str:
+    try:
+        found = importlib.util.find_spec("triton") is not None
+    except Exception as e:  # a broken install can raise from its __init__ lookup
+        return f"triton lookup failed ({type(e).__name__}: {e})"
+    return "" if found else "triton is not installed (the `kernels` extra); kernel tests skipped"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = _triton_missing()
+    if not reason:
+        return
+    here = Path(__file__).resolve().parent
+    for item in items:
+        if here in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def _worker(interpret: bool) -> Iterator[Callable[..., Any]]:

@@ -1,4 +1,4 @@
-"""Fused masked linear cross-entropy (megavlm_kernels.masked_ce) against the reference (the spec).
+"""Fused masked linear cross-entropy (megavlm.kernels.masked_ce) against the reference (the spec).
 
 On CPU the kernels run under the Triton interpreter in the worker process of the ``interpreted``
 fixture (tests/kernels/conftest.py says why); the reference and torch's cross-entropy run here.
@@ -19,10 +19,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-import megavlm_kernels.masked_ce as fused_module
+import megavlm.kernels.masked_ce as fused_module
 from megavlm.ops.masked_ce import (ENV_OVERRIDE, masked_cross_entropy,
                                    masked_cross_entropy_reference)
-from megavlm_kernels.masked_ce import TileConfig, masked_linear_cross_entropy, supports
+from megavlm.kernels.masked_ce import TileConfig, masked_linear_cross_entropy, supports
 
 SMALL = TileConfig(block_n=16, block_v=16, block_d=16, chunk_bytes=16 * 48 * 4)
 """Vocabulary chunks of 48 columns for 16 fp32 rows: the backward loop runs more than once."""
@@ -240,7 +240,7 @@ def test_triton_imported_without_interpreter_is_reported():
     dispatcher falls back to the reference instead of failing inside the interpreter."""
     code = ("import os, torch, triton\n"
             "os.environ['TRITON_INTERPRET'] = '1'\n"
-            "import megavlm_kernels.masked_ce as m\n"
+            "import megavlm.kernels.masked_ce as m\n"
             "from megavlm.ops.masked_ce import masked_cross_entropy\n"
             "ok, why = m.supports(torch.zeros(1))\n"
             "assert not ok and 'imported before' in why, why\n"
@@ -253,7 +253,7 @@ def test_triton_imported_without_interpreter_is_reported():
 
 def test_import_needs_neither_triton_nor_cuda():
     """Importing the package and asking ``supports`` must not import Triton or touch CUDA."""
-    code = ("import sys, torch, megavlm_kernels, megavlm_kernels.masked_ce as m\n"
+    code = ("import sys, torch, megavlm.kernels, megavlm.kernels.masked_ce as m\n"
             "ok, why = m.supports(torch.zeros(1))\n"
             "assert not ok, why\n"
             "assert 'triton' not in sys.modules, 'triton imported'\n")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import megavlm_kernels.masked_ce as fused_module
+import megavlm.kernels.masked_ce as fused_module
 from megavlm.ops.masked_ce import (ENV_OVERRIDE, masked_cross_entropy,
                                    masked_cross_entropy_reference)
 
@@ -102,3 +102,51 @@ def test_dispatcher_rejects_unknown_override(monkeypatch):
     hidden, weight, labels, mask = make_case((4,), 16, 8, keep=1.0, seed=5)
     with pytest.raises(ValueError, match=ENV_OVERRIDE):
         masked_cross_entropy(hidden, weight, labels, mask)
+
+
+def test_path_is_queryable_and_says_why(monkeypatch):
+    from megavlm.ops.masked_ce import masked_ce_path
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv(ENV_OVERRIDE, raising=False)
+    auto = masked_ce_path("cpu", torch.float32)
+    assert (auto.path, auto.requested) == ("reference", "auto")
+    assert "TRITON_INTERPRET" in auto.reason
+    monkeypatch.setenv(ENV_OVERRIDE, "reference")
+    forced = masked_ce_path("cpu", torch.float32)
+    assert forced.path == "reference" and ENV_OVERRIDE in forced.reason
+    monkeypatch.setenv(ENV_OVERRIDE, "fused")
+    with pytest.raises(RuntimeError, match="cannot run"):
+        masked_ce_path("cpu", torch.float32)
+
+
+def test_kernels_import_error_is_an_error_when_forced_and_named_in_auto(monkeypatch):
+    """A kernels package that fails to import: ``fused`` raises naming it, ``auto`` says why."""
+    import sys
+
+    from megavlm.ops.masked_ce import masked_ce_path
+
+    monkeypatch.setitem(sys.modules, "megavlm.kernels.masked_ce", None)  # import -> ImportError
+    monkeypatch.setenv(ENV_OVERRIDE, "fused")
+    hidden, weight, labels, mask = make_case((4,), 16, 8, keep=1.0, seed=6)
+    with pytest.raises(RuntimeError, match="not importable"):
+        masked_cross_entropy(hidden, weight, labels, mask)
+    monkeypatch.setenv(ENV_OVERRIDE, "auto")
+    choice = masked_ce_path("cpu", torch.float32)
+    assert choice.path == "reference" and "not importable" in choice.reason
+    loss, _ = masked_cross_entropy(hidden, weight, labels, mask)
+    torch.testing.assert_close(loss, torch_ce(hidden, weight, labels, mask, 0.0))
+
+
+def test_kernels_ship_inside_the_megavlm_package():
+    """The kernels are a subpackage found by setup.py's find_packages, so a wheel, an editable
+    install and a plain checkout on PYTHONPATH all carry them (no package_dir mapping)."""
+    from pathlib import Path
+
+    from setuptools import find_packages
+
+    import megavlm
+
+    root = Path(megavlm.__file__).resolve().parent
+    assert Path(fused_module.__file__).resolve().parent == root / "kernels"
+    assert "megavlm.kernels" in find_packages(str(root.parent), include=["megavlm", "megavlm.*"])

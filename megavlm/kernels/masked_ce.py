@@ -193,15 +193,39 @@ def _launch_options(cfg: TileConfig, rows: Tensor) -> dict[str, Any]:
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _vocab_splits(cfg: TileConfig, device: torch.device, row_blocks: int, vocab_blocks: int) -> int:
+def vocab_splits(cfg: TileConfig, multiprocessors: Optional[int], row_blocks: int,
+                 vocab_blocks: int) -> int:
+    """Forward programs along the vocabulary per row block: enough programs to fill the device
+    (4 per multiprocessor; ``multiprocessors=None`` on the CPU: 1), at most one per vocab block."""
     if cfg.vocab_splits is not None:
         wanted = cfg.vocab_splits
-    elif device.type == "cuda":
-        programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-        wanted = _cdiv(programs, row_blocks)
+    elif multiprocessors is not None:
+        wanted = _cdiv(4 * multiprocessors, row_blocks)
     else:
         wanted = 1
     return max(1, min(wanted, vocab_blocks))
+
+
+def forward_grid(cfg: TileConfig, n: int, vocab: int,
+                 multiprocessors: Optional[int]) -> tuple[int, int, int]:
+    """(row blocks, vocabulary splits, vocabulary blocks per split) of the forward launch."""
+    row_blocks = _cdiv(n, cfg.block_n)
+    vocab_blocks = _cdiv(vocab, cfg.block_v)
+    splits = vocab_splits(cfg, multiprocessors, row_blocks, vocab_blocks)
+    blocks_per_split = _cdiv(vocab_blocks, splits)
+    return row_blocks, _cdiv(vocab_blocks, blocks_per_split), blocks_per_split  # no empty split
+
+
+def backward_chunk(cfg: TileConfig, n: int, vocab: int, element_size: int) -> int:
+    """Vocabulary columns of gradient logits materialised at once by the backward."""
+    chunk = (cfg.chunk_bytes // (n * element_size)) // cfg.block_v * cfg.block_v
+    return max(cfg.block_v, min(chunk, _cdiv(vocab, cfg.block_v) * cfg.block_v))
+
+
+def _multiprocessors(device: torch.device) -> Optional[int]:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _row_lse(rows: Tensor, weight: Tensor, target: Tensor, cfg: TileConfig,
@@ -209,11 +233,8 @@ def _row_lse(rows: Tensor, weight: Tensor, target: Tensor, cfg: TileConfig,
     """Per-row log-sum-exp over the full (possibly sharded) vocabulary and target logit, fp32."""
     n, d = rows.shape
     vocab = weight.shape[0]
-    row_blocks = _cdiv(n, cfg.block_n)
-    vocab_blocks = _cdiv(vocab, cfg.block_v)
-    splits = _vocab_splits(cfg, rows.device, row_blocks, vocab_blocks)
-    blocks_per_split = _cdiv(vocab_blocks, splits)
-    splits = _cdiv(vocab_blocks, blocks_per_split)  # every split holds >= 1 real block
+    row_blocks, splits, blocks_per_split = forward_grid(cfg, n, vocab,
+                                                        _multiprocessors(rows.device))
     part = torch.empty((3, splits, n), dtype=torch.float32, device=rows.device)
     _kernels(rows.device).lse_partials[(row_blocks, splits)](
         rows, weight, target, part[0], part[1], part[2],
@@ -270,8 +291,7 @@ class _MaskedLinearCE(torch.autograd.Function):
         g = grad_loss.detach().to(torch.float32).reshape(1).contiguous()
         # d(lse - target + z lse^2)/d logits = (1 + 2 z lse) softmax - onehot, times g.
         coef = (g * (1.0 + 2.0 * ctx.z_loss * lse)).contiguous()
-        chunk = (cfg.chunk_bytes // (n * rows.element_size())) // cfg.block_v * cfg.block_v
-        chunk = max(cfg.block_v, min(chunk, _cdiv(vocab, cfg.block_v) * cfg.block_v))
+        chunk = backward_chunk(cfg, n, vocab, rows.element_size())
         buf = torch.empty((n, chunk), dtype=rows.dtype, device=rows.device)
         kernel = _kernels(rows.device).dlogits
         options = _launch_options(cfg, rows)
