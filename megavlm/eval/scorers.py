@@ -163,14 +163,15 @@ OCIDREF_IOU = 0.25
 
 def parse_box(text: str) -> Optional[tuple[float, float, float, float]]:
     """The box of an answer, as TRI's vlm-evaluation reads it: the *whole* answer (surrounding
-    whitespace aside) must be a list of four numbers ``[x1, y1, x2, y2]`` with x1 < x2 and
-    y1 < y2; anything else (text around the list, a degenerate or flipped box) is None, scored
-    as wrong. Coordinates are compared with the normalized reference box as they are."""
+    whitespace aside) must be a list of four numbers ``[x1, y1, x2, y2]``, each in [0, 1], with
+    x1 < x2 and y1 < y2; anything else (text around the list, a degenerate or flipped box,
+    pixel coordinates) is None, scored as wrong (TRI-ML/vlm-evaluation, harnesses/refcoco.py
+    and ocidref.py ``parse_bbox``)."""
     m = _WHOLE_BOX.fullmatch(text.strip())
     if m is None:
         return None
     x1, y1, x2, y2 = (float(v) for v in m.groups())
-    if not (x1 < x2 and y1 < y2):
+    if not (x1 < x2 and y1 < y2) or not all(0.0 <= v <= 1.0 for v in (x1, y1, x2, y2)):
         return None
     return (x1, y1, x2, y2)
 
