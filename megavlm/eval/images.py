@@ -52,11 +52,16 @@ def recorded_encoder(model: CheckpointModel) -> tuple[str, Optional[int]]:
 
 def load_encoder(model: CheckpointModel):
     """The checkpoint's encoder (megavlm.data.encoders), checked against the config's shape."""
+    import contextlib
+    import sys
+
     from megavlm.data.encoders import make_encoder
 
     spec, size = recorded_encoder(model)
     try:
-        enc = make_encoder(spec, size)
+        # efficientnet-lite-pytorch prints its loading message: keep stdout for the JSON summary
+        with contextlib.redirect_stdout(sys.stderr):
+            enc = make_encoder(spec, size)
     except (ValueError, RuntimeError, OSError) as e:
         raise EvalError(f"checkpoint {model.path}: cannot build its image encoder {spec!r} ({e})") from None
     v = model.run.model.vision

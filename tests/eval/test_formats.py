@@ -1,5 +1,5 @@
-"""The benchmark readers on small files written in each benchmark's published layout, the
-refuse-all unpickler, and each bad input's error."""
+"""The benchmark readers on small files written in each benchmark's published layout (tests/eval/
+layouts.py), the refuse-all unpickler, and each bad input's error."""
 from __future__ import annotations
 
 import json
@@ -10,92 +10,7 @@ import pytest
 
 from megavlm.eval import formats
 from megavlm.eval.runner import EvalError
-
-
-def write_vqav2(d, n=3):
-    d.mkdir(parents=True, exist_ok=True)
-    qs = {"info": {}, "task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": "val2014",
-          "questions": [{"image_id": 42 + i, "question": f"How many cats {i}?", "question_id": 4200 + i}
-                        for i in range(n)]}
-    anns = {"annotations": [{"question_id": 4200 + i, "image_id": 42 + i, "question_type": "how many",
-                             "answer_type": "number", "multiple_choice_answer": str(i),
-                             "answers": [{"answer": str(i), "answer_confidence": "yes", "answer_id": k + 1}
-                                         for k in range(10)]} for i in range(n)]}
-    q, a = d / "v2_OpenEnded_mscoco_val2014_questions.json", d / "v2_mscoco_val2014_annotations.json"
-    q.write_text(json.dumps(qs))
-    a.write_text(json.dumps(anns))
-    return q, a
-
-
-def write_gqa(d):
-    d.mkdir(parents=True, exist_ok=True)
-    p = d / "testdev_balanced_questions.json"
-    p.write_text(json.dumps({
-        "20968379": {"semantic": [], "entailed": [], "equivalent": ["20968379"], "question": "Is the sky blue?",
-                     "imageId": "n161313", "isBalanced": True, "groups": {"global": None, "local": "s"},
-                     "answer": "yes", "semanticStr": "", "annotations": {}, "types": {}, "fullAnswer": "Yes, it is."},
-        "20968380": {"question": "What color is the car?", "imageId": "n161314", "answer": "red",
-                     "fullAnswer": "The car is red."}}))
-    return p
-
-
-def write_textvqa(d):
-    d.mkdir(parents=True, exist_ok=True)
-    p = d / "TextVQA_0.5.1_val.json"
-    p.write_text(json.dumps({"dataset_type": "val", "dataset_name": "textvqa", "dataset_version": "0.5.1", "data": [
-        {"question": "what brand is this?", "image_id": "0054c91397f2fe05", "image_classes": ["Bottle"],
-         "flickr_original_url": "", "flickr_300k_url": "", "image_width": 1024, "image_height": 664,
-         "answers": ["acme"] * 10, "question_tokens": ["what", "brand"], "question_id": 34602,
-         "set_name": "val", "ocr_tokens": ["ACME", "cola"]},
-        {"question": "what number?", "image_id": "005635e119b9f32f", "answers": ["7"] * 10,
-         "question_id": 34603, "ocr_tokens": []}]}))
-    return p
-
-
-def write_pope(d, n=2):
-    d.mkdir(parents=True, exist_ok=True)
-    out = []
-    for s in ("adversarial", "popular", "random"):
-        p = d / f"coco_pope_{s}.json"
-        p.write_text("".join(json.dumps({"question_id": i + 1, "image": f"COCO_val2014_{310196 + i:012d}.jpg",
-                                         "text": "Is there a snowboard in the image?",
-                                         "label": "yes" if i % 2 == 0 else "no"}) + "\n" for i in range(n)))
-        out.append(p)
-    return out
-
-
-def write_refcoco(d, dataset="refcoco", by="unc"):
-    """REFER's refs pickle (protocol 2, plain containers) + COCO instances."""
-    sub = d / dataset
-    sub.mkdir(parents=True, exist_ok=True)
-    refs = [{"sent_ids": [0, 1], "file_name": "COCO_train2014_000000581857_16.jpg", "ann_id": 1719310,
-             "ref_id": 0, "image_id": 581857, "split": "val", "category_id": 1,
-             "sentences": [{"tokens": ["the", "lady"], "raw": "THE LADY", "sent_id": 0, "sent": "the lady"},
-                           {"tokens": ["woman", "left"], "raw": "woman left", "sent_id": 1, "sent": "woman left"}]},
-            {"sent_ids": [2], "file_name": "x.jpg", "ann_id": 1719311, "ref_id": 1, "image_id": 581857,
-             "split": "testA", "category_id": 1,
-             "sentences": [{"tokens": ["man"], "raw": "man", "sent_id": 2, "sent": "man"}]}]
-    (sub / f"refs({by}).p").write_bytes(pickle.dumps(refs, protocol=2))
-    inst = {"info": {}, "licenses": [], "categories": [{"id": 1, "name": "person"}],
-            "images": [{"license": 1, "file_name": "COCO_train2014_000000581857.jpg", "height": 400,
-                        "width": 640, "id": 581857}],
-            "annotations": [{"segmentation": [[0, 0]], "area": 1.0, "iscrowd": 0, "image_id": 581857,
-                             "bbox": [64.0, 40.0, 320.0, 200.0], "category_id": 1, "id": 1719310},
-                            {"image_id": 581857, "bbox": [0, 0, 64, 40], "category_id": 1, "id": 1719311}]}
-    (sub / "instances.json").write_text(json.dumps(inst))
-    return sub / f"refs({by}).p", sub / "instances.json"
-
-
-def write_ocid(d):
-    d.mkdir(parents=True, exist_ok=True)
-    p = d / "val_expressions.json"
-    p.write_text(json.dumps({
-        "12": {"take_id": 3, "scene_path": "ARID20/table/top/seq01/rgb/result_1.png", "sub_type": "x",
-               "sequence_path": "ARID20/table/top/seq01", "bbox": "[64, 48, 320, 240]", "sentence": "the red bowl",
-               "scene_instance_id": 1, "class": "bowl"},
-        "13": {"take_id": 18, "scene_path": "ARID20/table/top/seq01/rgb/result_2.png",
-               "bbox": "[0, 0, 640, 480]", "sentence": "the whole table"}}))
-    return p
+from tests.eval.layouts import write_gqa, write_ocid, write_pope, write_refcoco, write_textvqa, write_vqav2
 
 
 def test_vqav2(tmp_path):
