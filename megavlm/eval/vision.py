@@ -247,6 +247,8 @@ def score_task(task: str, model: CheckpointModel, questions: Sequence[VisionQues
     acc, metrics = aggregate(task, questions, rows)
     seconds = time.perf_counter() - t0
     metrics["questions_per_s"] = len(questions) / seconds if seconds > 0 else math.inf
+    if shards is not None and shards.world > 1:
+        metrics["data_parallel_ranks"] = shards.world
     for q, r in zip(questions, rows):
         if q.split:
             r["split"] = q.split
