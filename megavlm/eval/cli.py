@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--tasks", default=None, help="lm-eval tasks instead of the offline text suite")
     a.add_argument("--include-path", default=None)
     a.add_argument("--out-dir", default=None, help="report folder (default <run_dir>/eval)")
+    a.add_argument("--suite", choices=("offline", "paper"), default=None,
+                   help="vision suite: offline (default) or paper (with --data-root)")
+    a.add_argument("--data-root", default=None, help="root of the downloaded benchmarks (--suite paper)")
+    a.add_argument("--paper-tasks", default=None, help="comma-separated subset of the paper suite's tasks")
+    a.add_argument("--strict", action="store_true", help="--suite paper: a missing task is an error")
     return ap
 
 
@@ -165,7 +170,7 @@ def run(args) -> Optional[dict]:
                 _write_atomic(Path(args.output_path), json.dumps(
                     {r.task: {**out[r.task], "predictions": r.predictions} for r in results}, indent=1))
             return out
-        args.task, args.max_new_tokens, args.suite = None, 128, None
+        args.task, args.max_new_tokens = None, 128
         vis = _vision(args, model, shards)
         if not shards.is_main:
             return None

@@ -172,3 +172,15 @@ def test_refuses_other_encoder_and_no_record(encoder_checkpoint, tiny_checkpoint
         lmms_adapter.MegavlmLMMS(checkpoint=str(encoder_checkpoint), encoder="siglip:x")
     with pytest.raises(EvalError, match=r"records no image encoder"):
         lmms_adapter.MegavlmLMMS(checkpoint=str(tiny_checkpoint))
+
+
+def test_entry_point_payload_resolves():
+    """What setup.py's ``lmms_eval.models`` entry point names loads as lmms-eval expects."""
+    from lmms_eval.models.registry_v2 import ModelRegistryV2
+
+    from megavlm.eval import lmms_adapter
+
+    reg = ModelRegistryV2()
+    for m in reg._coerce_payload_to_manifests(lmms_adapter.manifest):
+        reg.register_manifest(m)
+    assert reg.get_model_class("megavlm") is lmms_adapter.MegavlmLMMS
