@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(v)
     v.add_argument("--task", default=None, help="vqav2 | gqa | textvqa | pope | refcoco | ocid_ref | refer | generic")
     v.add_argument("--questions", action="append", default=None, help="question file (repeat for POPE splits)")
-    v.add_argument("--annotations", default=None, help="VQAv2 annotation file")
+    v.add_argument("--annotations", default=None,
+                   help="VQAv2 annotation file; RefCOCO instances.json (default: beside refs(…).p)")
     v.add_argument("--embeds", default=None, help="embedding store prefix of the task's images")
     v.add_argument("--max-new-tokens", type=int, default=128)
     v.add_argument("--suite", choices=("offline", "paper"), default=None,
@@ -114,7 +115,7 @@ def _text(args, model, suite_dir: Path) -> tuple[dict, dict]:
 
 
 def _vision(args, model, shards=None) -> list:
-    from megavlm.eval import paper, suites, vision
+    from megavlm.eval import formats, paper, suites, vision
 
     if getattr(args, "suite", None) == "paper":
         if args.task:
@@ -136,7 +137,12 @@ def _vision(args, model, shards=None) -> list:
         raise EvalError(f"--task {args.task} needs --questions and --embeds")
     qs = []
     for f in args.questions:
-        qs += (vision.read_vqav2(f, args.annotations) if args.task == "vqav2" else vision.READERS[args.task](f))
+        if args.task == "vqav2":
+            qs += vision.read_vqav2(f, args.annotations)
+        elif args.task == "refcoco" and Path(f).suffix in (".p", ".pkl", ".pickle"):  # refs(…).p + instances.json
+            qs += formats.read_questions(f, "refcoco", instances=args.annotations)
+        else:
+            qs += vision.READERS[args.task](f)
     qs = qs[:_limit(args)] if args.limit else qs
     bank = vision.ImageBank(args.embeds)
     rule = "refcoco" if args.task == "refer" else args.task

@@ -225,3 +225,18 @@ def test_cli_vision_task_with_missing_image(tiny_checkpoint, tmp_path, capsys):
                    "--embeds", str(store)])
     err = capsys.readouterr().err
     assert rc == 2 and "question 2 references image '/x/b.png'" in err
+
+
+def test_cli_refcoco_from_refs_pickle(tiny_checkpoint, tmp_path, capsys):
+    from tests.eval.layouts import write_refcoco
+
+    refs, _ = write_refcoco(tmp_path)  # instances.json beside it
+    store = write_store(tmp_path / "coco.embeds", ["COCO_train2014_000000581857.jpg"])
+    out = tmp_path / "res.json"
+    rc = cli.main(["vision", "--checkpoint", str(tiny_checkpoint), "--task", "refcoco", "--questions", str(refs),
+                   "--embeds", str(store), "--max-new-tokens", "4", "--output-path", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads(out.read_text())["refcoco"]
+    assert res["n"] == 2 and [p["qid"] for p in res["predictions"]] == ["0-0", "0-1"]
+    assert all(p["score"] == scorers.box_accuracy(p["prediction"], (0.1, 0.1, 0.6, 0.6), 0.5)
+               for p in res["predictions"])
