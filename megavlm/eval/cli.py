@@ -4,6 +4,7 @@
                         [--include-path DIR] [--output-path FILE]
     megavlm eval vision --checkpoint C [--task vqav2 --questions Q [--annotations A] --embeds PREFIX]
                         [--limit N] [--batch-size B] [--output-path FILE]
+    megavlm eval vision --checkpoint C --suite paper --data-root DIR [--paper-tasks a,b] [--strict]
     megavlm eval all    --checkpoint C [--tasks ...] [--limit N] [--out-dir DIR]
 
 ``text`` runs lm-eval tasks (default: the paper's nine; ``--offline``: the local suite built from
@@ -11,6 +12,15 @@ the demo assets). ``vision`` runs the offline vision suite, or one benchmark tas
 question file and an embedding store of its images. ``all`` runs text + vision (offline suites
 unless ``--tasks`` names lm-eval tasks) and writes the JSON + markdown report into the run
 directory. Bad input ends with one line ``megavlm eval: error: …`` and exit status 2.
+
+``--suite paper`` runs the paper's vision suite from the benchmarks' published files under
+``--data-root DIR`` (layout below); tasks whose files are absent are listed and skipped unless
+``--strict``. Images are encoded once with the checkpoint's recorded encoder into
+``DIR/.megavlm-cache/<encoder>-<size>px/``.
+
+Data parallel: ``torchrun --nproc_per_node=N -m megavlm eval vision …`` deals each vision task's
+questions out to the N ranks (strided), gathers the per-question rows and scores them on every
+rank; rank 0 alone prints and writes. Text tasks (lm-eval) run on rank 0 only.
 """
 
 from __future__ import annotations
@@ -37,7 +47,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="megavlm eval", description=__doc__,
+    from megavlm.eval import paper
+
+    ap = argparse.ArgumentParser(prog="megavlm eval", description=__doc__, epilog=paper.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
     t = sub.add_parser("text", help="lm-eval tasks")
@@ -46,19 +58,32 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--offline", action="store_true", help="the offline local suite")
     t.add_argument("--include-path", default=None, help="folder of local lm-eval YAML tasks")
     t.add_argument("--output-path", default=None, help="write lm-eval's results JSON here")
-    v = sub.add_parser("vision", help="vision tasks on stored image embeddings")
+    v = sub.add_parser("vision", help="vision tasks on stored image embeddings", epilog=paper.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(v)
-    v.add_argument("--task", default=None, help="vqav2 | gqa | textvqa | pope | refcoco | ocid_ref | generic")
+    v.add_argument("--task", default=None, help="vqav2 | gqa | textvqa | pope | refcoco | ocid_ref | refer | generic")
     v.add_argument("--questions", action="append", default=None, help="question file (repeat for POPE splits)")
-    v.add_argument("--annotations", default=None, help="VQAv2 annotation file")
+    v.add_argument("--annotations", default=None,
+                   help="VQAv2 annotation file; RefCOCO instances.json (default: beside refs(…).p)")
     v.add_argument("--embeds", default=None, help="embedding store prefix of the task's images")
     v.add_argument("--max-new-tokens", type=int, default=128)
+    v.add_argument("--suite", choices=("offline", "paper"), default=None,
+                   help="offline: the demo-asset suite (the default without --task); paper: the paper's "
+                        "benchmarks from their published files under --data-root")
+    v.add_argument("--data-root", default=None, help="root of the downloaded benchmarks (--suite paper)")
+    v.add_argument("--paper-tasks", default=None, help="comma-separated subset of the paper suite's tasks")
+    v.add_argument("--strict", action="store_true", help="--suite paper: a missing task is an error")
     v.add_argument("--output-path", default=None, help="write the results JSON here")
     a = sub.add_parser("all", help="text + vision, report into the run directory")
     _common(a)
     a.add_argument("--tasks", default=None, help="lm-eval tasks instead of the offline text suite")
     a.add_argument("--include-path", default=None)
     a.add_argument("--out-dir", default=None, help="report folder (default <run_dir>/eval)")
+    a.add_argument("--suite", choices=("offline", "paper"), default=None,
+                   help="vision suite: offline (default) or paper (with --data-root)")
+    a.add_argument("--data-root", default=None, help="root of the downloaded benchmarks (--suite paper)")
+    a.add_argument("--paper-tasks", default=None, help="comma-separated subset of the paper suite's tasks")
+    a.add_argument("--strict", action="store_true", help="--suite paper: a missing task is an error")
     return ap
 
 
@@ -89,28 +114,51 @@ def _text(args, model, suite_dir: Path) -> tuple[dict, dict]:
     return res, suites.text_accuracies(res)
 
 
-def _vision(args, model) -> list:
-    from megavlm.eval import suites, vision
+def _vision(args, model, shards=None) -> list:
+    from megavlm.eval import formats, paper, suites, vision
 
+    if getattr(args, "suite", None) == "paper":
+        if args.task:
+            raise EvalError("--suite paper runs the suite's own tasks; drop --task")
+        if not args.data_root:
+            raise EvalError("--suite paper needs --data-root DIR (the layout is in --help)")
+        tasks = [t.strip() for t in args.paper_tasks.split(",") if t.strip()] if args.paper_tasks else None
+        results, absent = paper.run_paper_suite(model, args.data_root, tasks, _limit(args), args.max_new_tokens,
+                                                args.strict, shards)
+        if absent and (shards is None or shards.is_main):
+            print(f"megavlm eval: skipped (not under {args.data_root}): {'; '.join(absent)}", file=sys.stderr)
+        return results
     if not args.task:
         return suites.run_vision_suite(model, suites.Sources.default(args.demo_root, args.wordnet), _limit(args),
-                                       args.max_new_tokens)
+                                       args.max_new_tokens, shards=shards)
     if args.task not in vision.READERS:
         raise EvalError(f"unknown vision task {args.task!r}; known: {sorted(vision.READERS)}")
     if not args.questions or not args.embeds:
         raise EvalError(f"--task {args.task} needs --questions and --embeds")
     qs = []
     for f in args.questions:
-        qs += (vision.read_vqav2(f, args.annotations) if args.task == "vqav2" else vision.READERS[args.task](f))
+        if args.task == "vqav2":
+            qs += vision.read_vqav2(f, args.annotations)
+        elif args.task == "refcoco" and Path(f).suffix in (".p", ".pkl", ".pickle"):  # refs(…).p + instances.json
+            qs += formats.read_questions(f, "refcoco", instances=args.annotations)
+        else:
+            qs += vision.READERS[args.task](f)
     qs = qs[:_limit(args)] if args.limit else qs
     bank = vision.ImageBank(args.embeds)
-    return [vision.score_task(args.task, model, qs, bank, ",".join(args.questions), args.max_new_tokens)]
+    rule = "refcoco" if args.task == "refer" else args.task
+    return [vision.score_task(rule, model, qs, bank, ",".join(args.questions), args.max_new_tokens,
+                              name=args.task, shards=shards)]
 
 
-def run(args) -> dict:
+def run(args) -> Optional[dict]:
+    """The command's summary on rank 0; None on the other data-parallel ranks."""
     from megavlm.eval import report
+    from megavlm.eval.distributed import EvalShards
 
     model = _load(args)
+    shards = EvalShards.from_parallel(model.parallel)
+    if args.what == "text" and not shards.is_main:
+        return None  # lm-eval runs on rank 0 only
     with tempfile.TemporaryDirectory(prefix="megavlm-eval-") as tmp:
         if args.what == "text":
             res, acc = _text(args, model, Path(tmp))
@@ -120,20 +168,30 @@ def run(args) -> dict:
                 Path(args.output_path).write_text(json.dumps(res, indent=1, default=str))
             return out
         if args.what == "vision":
-            results = _vision(args, model)
+            results = _vision(args, model, shards)
+            if not shards.is_main:
+                return None
             out = {r.task: {"accuracy": r.accuracy, "n": r.n, **r.metrics} for r in results}
             if args.output_path:
-                Path(args.output_path).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.output_path).write_text(json.dumps(
+                _write_atomic(Path(args.output_path), json.dumps(
                     {r.task: {**out[r.task], "predictions": r.predictions} for r in results}, indent=1))
             return out
-        _, acc = _text(args, model, Path(tmp))
         args.task, args.max_new_tokens = None, 128
-        vis = _vision(args, model)
+        vis = _vision(args, model, shards)
+        if not shards.is_main:
+            return None
+        _, acc = _text(args, model, Path(tmp))
         rep = report.build_report(args.checkpoint, acc, vis)
         j, m = report.write_report(rep, args.out_dir)
         rep["files"] = [str(j), str(m)]
         return rep
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -154,7 +212,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (EvalError, CheckpointError, DataError, TokenizerError) as e:
         print(f"megavlm eval: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(out, indent=1, default=str))
+    if out is not None:
+        print(json.dumps(out, indent=1, default=str))
     return 0
 
 

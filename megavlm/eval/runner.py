@@ -52,7 +52,8 @@ class Score:
 class CheckpointModel:
     """Model chunks + tokenizer + config of one checkpoint directory, for one process."""
 
-    def __init__(self, chunks: list, run, tokenizer: Tokenizer, path: Path, batch_size: int = 16):
+    def __init__(self, chunks: list, run, tokenizer: Tokenizer, path: Path, batch_size: int = 16,
+                 parallel=None):
         if len(chunks) != 1:
             raise EvalError(f"{path}: evaluation runs the model as one chunk, got {len(chunks)}")
         self.model = chunks[0]
@@ -63,6 +64,9 @@ class CheckpointModel:
         self.max_length = run.model.seq_length
         self.num_patches = run.model.vision.num_patches
         self.device = next(self.model.parameters()).device
+        self.parallel = parallel
+        """The process groups the model was loaded under (megavlm.parallel.state.Parallel); under
+        torchrun its data-parallel group shards the evaluation (megavlm.eval.distributed)."""
         if tokenizer.vocab_size > run.model.vocab_size:
             raise EvalError(f"{path}: tokenizer has {tokenizer.vocab_size} ids but the model's "
                             f"vocabulary is {run.model.vocab_size}")
@@ -70,15 +74,19 @@ class CheckpointModel:
     @classmethod
     def load(cls, checkpoint: str | Path, batch_size: int = 16) -> "CheckpointModel":
         """Load a checkpoint directory (``<run>/<stage>/checkpoints/step_…``). The tokenizer is
-        checked first so that a checkpoint without one fails before the model is built."""
+        checked first so that a checkpoint without one fails before the model is built. Under
+        torchrun every rank loads the whole model (tp = pp = 1): the world is data parallel."""
+        from megavlm.config import ParallelConfig
+        from megavlm.parallel.state import Parallel
         from megavlm.train.checkpoint import load_for_inference, tokenizer_file
 
         path = Path(checkpoint).expanduser()
         if not path.is_dir():
             raise EvalError(f"checkpoint not found: {path}")
         tok = load_tokenizer(tokenizer_file(path))
-        chunks, run = load_for_inference(path)
-        return cls(chunks, run, tok, path, batch_size)
+        parallel = Parallel.initialize(ParallelConfig(), seed=0)
+        chunks, run = load_for_inference(path, parallel)
+        return cls(chunks, run, tok, path, batch_size, parallel)
 
     # -- layout ---------------------------------------------------------------------------------
 

@@ -8,9 +8,10 @@
   (the m4c evaluator's rule, without the leave-one-out average).
 * GQA: exact match after lower-casing and removing punctuation.
 * POPE: yes/no accuracy per split (adversarial, popular, random), averaged over splits.
-* RefCOCO / OCID-Ref: a normalized box [x1, y1, x2, y2] parsed from the generated text; correct
-  when its IoU with the reference box is at least 0.5 (RefCOCO) / 0.25 (OCID-Ref). Text with no
-  parseable box scores 0.
+* RefCOCO / RefCOCO+ / RefCOCOg / OCID-Ref: the whole generated answer must be a list of four
+  numbers [x1, y1, x2, y2] with x1 < x2 and y1 < y2 (vlm-evaluation's rule); correct when its IoU
+  with the normalized reference box is at least 0.5 (RefCOCO family) / 0.25 (OCID-Ref). Any other
+  answer scores 0.
 """
 
 from __future__ import annotations
@@ -154,21 +155,25 @@ def pope_score(per_split: Mapping[str, float]) -> float:
 
 # -- referring expressions ---------------------------------------------------------------------
 
-_NUM = r"[-+]?(?:\d+\.\d*|\.\d+|\d+)"
-_BOX = re.compile(rf"\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]")
+_NUM = r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?"
+_WHOLE_BOX = re.compile(rf"\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]")
 REFCOCO_IOU = 0.5
 OCIDREF_IOU = 0.25
 
 
 def parse_box(text: str) -> Optional[tuple[float, float, float, float]]:
-    """The first ``[x1, y1, x2, y2]`` in ``text`` with coordinates in [0, 1] and x1 <= x2,
-    y1 <= y2; None when there is none (scored as wrong)."""
-    for m in _BOX.finditer(text):
-        box = tuple(float(v) for v in m.groups())
-        x1, y1, x2, y2 = box
-        if all(0.0 <= v <= 1.0 for v in box) and x1 <= x2 and y1 <= y2:
-            return box  # type: ignore[return-value]
-    return None
+    """The box of an answer, as TRI's vlm-evaluation reads it: the *whole* answer (surrounding
+    whitespace aside) must be a list of four numbers ``[x1, y1, x2, y2]``, each in [0, 1], with
+    x1 < x2 and y1 < y2; anything else (text around the list, a degenerate or flipped box,
+    pixel coordinates) is None, scored as wrong (TRI-ML/vlm-evaluation, harnesses/refcoco.py
+    and ocidref.py ``parse_bbox``)."""
+    m = _WHOLE_BOX.fullmatch(text.strip())
+    if m is None:
+        return None
+    x1, y1, x2, y2 = (float(v) for v in m.groups())
+    if not (x1 < x2 and y1 < y2) or not all(0.0 <= v <= 1.0 for v in (x1, y1, x2, y2)):
+        return None
+    return (x1, y1, x2, y2)
 
 
 def iou(a: Sequence[float], b: Sequence[float]) -> float:

@@ -25,8 +25,11 @@ CHANCE: dict[str, float] = {
     "vqav2": 0.0,
     "gqa": 0.0,
     "textvqa": 0.0,
+    "textvqa_ocr": 0.0,
     "pope": 0.50,
     "refcoco": 0.0,
+    "refcoco+": 0.0,
+    "refcocog": 0.0,
     "ocid_ref": 0.0,
     # the offline suites (megavlm.eval.suites)
     "megavlm_wordnet_mc": 0.25,

@@ -317,15 +317,18 @@ def caption_perplexity(model: CheckpointModel, bank: ImageBank, recs: Sequence[t
 
 
 def run_vision_suite(model: CheckpointModel, sources: Sources, limit: Optional[int] = None,
-                     max_new_tokens: int = 128) -> list[TaskResult]:
+                     max_new_tokens: int = 128, shards=None) -> list[TaskResult]:
+    """The offline vision suite; with ``shards`` (megavlm.eval.distributed) the question tasks are
+    split across the data-parallel ranks (the caption perplexity, a few hundred rows, is not)."""
     bank, recs = _heldout_images(sources)
     check_store(bank.store, model)
     src = sources.demo_root / "raw/captions_heldout.jsonl"
     fashion = build_fashion_vqa(recs, limit)
     if not fashion:
         raise EvalError(f"{src}: no Fashion-MNIST test images in the held-out captions")
-    results = [score_task("synonyms", model, fashion, bank, src, max_new_tokens, name="fashion_vqa"),
-               score_task("pope", model, build_offline_pope(recs, limit), bank, src, name="offline_pope")]
+    results = [score_task("synonyms", model, fashion, bank, src, max_new_tokens, name="fashion_vqa", shards=shards),
+               score_task("pope", model, build_offline_pope(recs, limit), bank, src, name="offline_pope",
+                          shards=shards)]
     results.append(caption_perplexity(model, bank, recs, limit))
     return results
 

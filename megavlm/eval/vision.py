@@ -1,21 +1,24 @@
-"""Vision tasks on stored image embeddings: question readers, image lookup, generation and scoring.
+"""Vision tasks on stored image embeddings: image lookup, generation and scoring.
 
-The model never sees pixels, at evaluation either: a task's images are encoded once by the data
-pipeline's tool (``tools/encode_images.py --no-captions``) into an embedding store whose record
-keys are the image paths, and questions refer to images by path or id. Before any forward pass
-every question's image is looked up and the store is checked against the checkpoint (width,
-patches, encoder), so a wrong file fails at once with its name instead of producing a score.
+The model never sees pixels, at evaluation either: a task's images are encoded once (by
+``tools/encode_images.py --no-captions``, or by ``megavlm eval vision --suite paper``, which
+caches them under the data root) into an embedding store whose record keys are the image paths,
+and questions refer to images by path or id. Before any forward pass every question's image is
+looked up and the store is checked against the checkpoint (width, patches, encoder), so a wrong
+file fails at once with its name instead of producing a score.
 
 Prompting follows the instruction-tuning layout of megavlm.data.conversations —
 ``[image][SEP][USER] \\n{question}\\nAnswer the question using a single word or phrase. [SEP][ASSISTANT]``
 — and the answer is greedy (at most 128 new tokens, stopped at SEP/EOD). POPE compares
-log P("Yes") with log P("No") after the same prompt.
+log P("Yes") with log P("No") after the same prompt. Referring expressions ask for the box with
+LLaVA-1.5's referring prompt (REFER_PROMPT), whose answer is ``[x1, y1, x2, y2]``.
 
-Readers (the layouts the benchmarks ship in): VQAv2 questions + annotations JSON, GQA's
-``{qid: {imageId, question, answer}}``, TextVQA's ``{"data": [...]}``, POPE JSONL
-(``{question_id, image, text, label}``), referring expressions as JSON/JSONL records
-``{image, expression|sentence, bbox: [x1, y1, x2, y2] normalized}``, and a generic JSONL
-``{question_id, image, question, answers}``.
+Every task produces one result row per question (prediction, score, split); the task's numbers
+are computed from the rows. Under data parallelism (megavlm.eval.distributed) each rank answers
+its shard of the questions and the rows are gathered before scoring, so the scores are those of
+one process.
+
+The question readers live in megavlm.eval.formats; the names below are re-exported from there.
 """
 
 from __future__ import annotations
@@ -25,144 +28,27 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
 from megavlm.data.indexed import DataError, EmbeddingStore
 from megavlm.eval import scorers
+from megavlm.eval.formats import (READERS, read_generic, read_gqa, read_ocid_ref, read_pope,  # noqa: F401
+                                  read_refcoco, read_refer, read_textvqa, read_vqav2)
+from megavlm.eval.questions import VisionQuestion
 from megavlm.eval.runner import CheckpointModel, EvalError, ScoreRequest
 
+if TYPE_CHECKING:
+    from megavlm.eval.distributed import EvalShards
+
 PROMPT = "\n{question}\nAnswer the question using a single word or phrase."
+REFER_PROMPT = "\nPlease provide the bounding box coordinate of the region this sentence describes: {question}"
+"""LLaVA-1.5's referring-expression prompt (its instruction mix teaches the ``[x1, y1, x2, y2]``
+answer with normalized coordinates, which vlm-evaluation's parse_bbox expects)."""
 MAX_NEW_TOKENS = 128
-
-
-@dataclass(frozen=True)
-class VisionQuestion:
-    """One question about one image; which answer fields are set depends on the task."""
-
-    qid: str
-    image: str
-    question: str
-    answers: tuple[str, ...] = ()
-    label: Optional[bool] = None
-    box: Optional[tuple[float, float, float, float]] = None
-    split: str = ""
-
-
-# -- readers ------------------------------------------------------------------------------------
-
-
-def _load_json(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise EvalError(f"question file not found: {path}")
-    text = path.read_text()
-    try:
-        if path.suffix == ".jsonl":
-            return [json.loads(l) for l in text.splitlines() if l.strip()]
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise EvalError(f"{path}: not valid JSON ({e})") from None
-
-
-def _need(rec: dict, keys: Sequence[str], where: str) -> Any:
-    for k in keys:
-        if k in rec:
-            return rec[k]
-    raise EvalError(f"{where}: record has none of the fields {list(keys)}")
-
-
-def read_vqav2(questions: str | Path, annotations: Optional[str | Path] = None) -> list[VisionQuestion]:
-    """VQAv2 (``{"questions": [{image_id, question, question_id}]}`` + ``{"annotations":
-    [{question_id, answers: [{answer}]}]}``). Without annotations, answers are empty (predict only)."""
-    qs = _load_json(questions)
-    if not isinstance(qs, dict) or "questions" not in qs:
-        raise EvalError(f"{questions}: not a VQAv2 question file (no 'questions' list)")
-    answers: dict = {}
-    if annotations is not None:
-        ann = _load_json(annotations)
-        if not isinstance(ann, dict) or "annotations" not in ann:
-            raise EvalError(f"{annotations}: not a VQAv2 annotation file (no 'annotations' list)")
-        answers = {a["question_id"]: tuple(x["answer"] for x in a["answers"]) for a in ann["annotations"]}
-    out = []
-    for q in qs["questions"]:
-        qid = q["question_id"]
-        if annotations is not None and qid not in answers:
-            raise EvalError(f"{annotations}: no answers for question {qid}")
-        out.append(VisionQuestion(str(qid), str(q["image_id"]), q["question"], answers.get(qid, ())))
-    return out
-
-
-def read_gqa(path: str | Path) -> list[VisionQuestion]:
-    """GQA balanced questions: ``{qid: {imageId, question, answer}}``."""
-    d = _load_json(path)
-    if not isinstance(d, dict):
-        raise EvalError(f"{path}: not a GQA question file (expected an object keyed by question id)")
-    return [VisionQuestion(str(k), str(v["imageId"]), v["question"], (v["answer"],) if "answer" in v else ())
-            for k, v in d.items()]
-
-
-def read_textvqa(path: str | Path) -> list[VisionQuestion]:
-    """TextVQA: ``{"data": [{question_id, image_id, question, answers}]}``."""
-    d = _load_json(path)
-    if not isinstance(d, dict) or "data" not in d:
-        raise EvalError(f"{path}: not a TextVQA file (no 'data' list)")
-    return [VisionQuestion(str(r["question_id"]), str(r["image_id"]), r["question"],
-                           tuple(r.get("answers", ()))) for r in d["data"]]
-
-
-def read_pope(path: str | Path, split: str = "") -> list[VisionQuestion]:
-    """POPE JSONL: ``{question_id, image, text, label: yes|no}``; the split defaults to the file
-    name's ``adversarial``/``popular``/``random``."""
-    recs = _load_json(path)
-    if isinstance(recs, dict):
-        recs = [recs]
-    split = split or next((s for s in scorers.POPE_SPLITS if s in Path(path).name), "")
-    out = []
-    for i, r in enumerate(recs):
-        where = f"{path}: record {i}"
-        label = str(_need(r, ("label", "answer"), where)).strip().lower()
-        if label not in ("yes", "no"):
-            raise EvalError(f"{where}: label {label!r} is not yes/no")
-        out.append(VisionQuestion(str(r.get("question_id", i)), str(_need(r, ("image",), where)),
-                                  str(_need(r, ("text", "question"), where)), (label,),
-                                  label=label == "yes", split=r.get("split", split)))
-    return out
-
-
-def read_refer(path: str | Path) -> list[VisionQuestion]:
-    """Referring expressions (RefCOCO/OCID-Ref prepared as records with a normalized bbox)."""
-    recs = _load_json(path)
-    out = []
-    for i, r in enumerate(recs):
-        where = f"{path}: record {i}"
-        box = tuple(float(v) for v in _need(r, ("bbox", "box"), where))
-        if len(box) != 4:
-            raise EvalError(f"{where}: bbox must be [x1, y1, x2, y2]")
-        expr = str(_need(r, ("expression", "sentence", "question"), where))
-        out.append(VisionQuestion(str(r.get("question_id", i)), str(_need(r, ("image", "image_id"), where)),
-                                  expr, box=box))  # type: ignore[arg-type]
-    return out
-
-
-def read_generic(path: str | Path) -> list[VisionQuestion]:
-    """JSON list / JSONL of ``{question_id, image, question, answers}``."""
-    recs = _load_json(path)
-    out = []
-    for i, r in enumerate(recs):
-        where = f"{path}: record {i}"
-        ans = r.get("answers", r.get("answer", ()))
-        ans = (ans,) if isinstance(ans, str) else tuple(a["answer"] if isinstance(a, dict) else a for a in ans)
-        out.append(VisionQuestion(str(r.get("question_id", i)), str(_need(r, ("image", "image_id"), where)),
-                                  str(_need(r, ("question", "text"), where)), ans))
-    return out
-
-
-READERS: dict[str, Callable[..., list[VisionQuestion]]] = {
-    "vqav2": read_vqav2, "gqa": read_gqa, "textvqa": read_textvqa, "pope": read_pope,
-    "refcoco": read_refer, "ocid_ref": read_refer, "generic": read_generic,
-}
+BOX_TASKS = {"refcoco": scorers.REFCOCO_IOU, "ocid_ref": scorers.OCIDREF_IOU}
+"""Scoring rules that compare a generated box with the reference (refcoco covers RefCOCO+/g too)."""
 
 
 # -- images -------------------------------------------------------------------------------------
@@ -273,7 +159,8 @@ def yes_no_logprobs(model: CheckpointModel, questions: Sequence[VisionQuestion],
 
 @dataclass
 class TaskResult:
-    """One vision task's outcome: ``accuracy`` enters the stable score, ``metrics`` are extra."""
+    """One vision task's outcome: ``accuracy`` enters the stable score, ``metrics`` are extra;
+    ``predictions`` holds one row per question (qid, prediction, score, and split when set)."""
 
     task: str
     accuracy: Optional[float]
@@ -283,47 +170,86 @@ class TaskResult:
     predictions: list = field(default_factory=list)
 
 
+_RULES = {"vqav2": scorers.vqa_accuracy, "textvqa": scorers.textvqa_accuracy,
+          "gqa": lambda p, a: scorers.gqa_accuracy(p, a[0]),
+          "generic": scorers.vqa_accuracy, "synonyms": scorers.synonym_accuracy}
+RULES = ("pope", *BOX_TASKS, *_RULES)
+"""Scoring rules ``score_task`` knows."""
+
+
+def answer_rows(task: str, model: CheckpointModel, questions: Sequence[VisionQuestion], bank: ImageBank,
+                records: Sequence[int], max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
+    """One row per question: ``{qid, prediction, score}`` (+ POPE's two log-probabilities)."""
+    if task == "pope":
+        lps = yes_no_logprobs(model, questions, bank, records)
+        rows = []
+        for q, (y, n) in zip(questions, lps):
+            yes = scorers.pope_prediction(y, n)
+            rows.append({"qid": q.qid, "prediction": "yes" if yes else "no", "score": float(yes == q.label),
+                         "logp_yes": y, "logp_no": n})
+        return rows
+    template = REFER_PROMPT if task in BOX_TASKS else PROMPT
+    out = generate_answers(model, questions, bank, records, max_new_tokens, template)
+    if task in BOX_TASKS:
+        scores = [scorers.box_accuracy(a, q.box, BOX_TASKS[task]) for a, q in zip(out, questions)]
+    else:
+        scores = [_RULES[task](a, q.answers) for a, q in zip(out, questions)]
+    return [{"qid": q.qid, "prediction": a, "score": float(sc)} for q, a, sc in zip(questions, out, scores)]
+
+
+def aggregate(task: str, questions: Sequence[VisionQuestion], rows: Sequence[dict]) -> tuple[float, dict]:
+    """The task's accuracy and extra metrics from its per-question rows. POPE: mean over splits of
+    the per-split accuracy; the rest: mean score (with per-split means when questions carry splits)."""
+    splits: dict[str, list[float]] = {}
+    for q, r in zip(questions, rows):
+        splits.setdefault(q.split or "all", []).append(r["score"])
+    per = {s: sum(v) / len(v) for s, v in splits.items()}
+    if task == "pope":
+        return scorers.pope_score(per), {"per_split": per}
+    acc = sum(r["score"] for r in rows) / len(rows)
+    return acc, ({"per_split": per} if len(per) > 1 else {})
+
+
+def _validate(task: str, questions: Sequence[VisionQuestion], source: str | Path) -> None:
+    if task not in RULES:
+        raise EvalError(f"unknown vision task {task!r}; known: {sorted(RULES)}")
+    for q in questions:
+        if task == "pope" and q.label is None:
+            raise EvalError(f"{source}: POPE question {q.qid} has no yes/no label")
+        if task in BOX_TASKS and q.box is None:
+            raise EvalError(f"{source}: question {q.qid} has no reference box (task {task})")
+        if task in _RULES and not q.answers:
+            raise EvalError(f"{source}: questions without answers cannot be scored (task {task})")
+
+
 def score_task(task: str, model: CheckpointModel, questions: Sequence[VisionQuestion], bank: ImageBank,
-               source: str | Path, max_new_tokens: int = MAX_NEW_TOKENS, name: str = "") -> TaskResult:
-    """Run and score one task: ``task`` names the scoring rule (a key of READERS, or ``synonyms``:
-    correct when the answer is any accepted answer), ``name`` the result (default: ``task``)."""
+               source: str | Path, max_new_tokens: int = MAX_NEW_TOKENS, name: str = "",
+               shards: Optional["EvalShards"] = None) -> TaskResult:
+    """Run and score one task: ``task`` names the scoring rule (see RULES; ``synonyms``: correct
+    when the answer is any accepted answer), ``name`` the result (default: ``task``). With
+    ``shards`` this rank answers only its share of the questions and every rank returns the
+    result of all of them."""
     import time
 
     if not questions:
         raise EvalError(f"{source}: no questions")
+    _validate(task, questions, source)
     check_store(bank.store, model)
     records = bank.resolve(questions, source)
     t0 = time.perf_counter()
-    metrics: dict = {}
-    if task == "pope":
-        lps = yes_no_logprobs(model, questions, bank, records)
-        preds = [scorers.pope_prediction(y, n) for y, n in lps]
-        splits: dict[str, list[int]] = {}
-        for k, q in enumerate(questions):
-            if q.label is None:
-                raise EvalError(f"{source}: POPE question {q.qid} has no yes/no label")
-            splits.setdefault(q.split or "all", []).append(k)
-        per = {s: scorers.pope_accuracy([preds[k] for k in ks], [questions[k].label for k in ks])
-               for s, ks in splits.items()}
-        metrics["per_split"] = per
-        acc = scorers.pope_score(per)
-        out = ["yes" if p else "no" for p in preds]
+    if shards is None or shards.world == 1:
+        rows = answer_rows(task, model, questions, bank, records, max_new_tokens)
     else:
-        out = generate_answers(model, questions, bank, records, max_new_tokens)
-        if task in ("refcoco", "ocid_ref"):
-            thr = scorers.REFCOCO_IOU if task == "refcoco" else scorers.OCIDREF_IOU
-            accs = [scorers.box_accuracy(a, q.box, thr) for a, q in zip(out, questions)]
-        else:
-            rule = {"vqav2": scorers.vqa_accuracy, "textvqa": scorers.textvqa_accuracy,
-                    "gqa": lambda p, a: scorers.gqa_accuracy(p, a[0]),
-                    "generic": scorers.vqa_accuracy, "synonyms": scorers.synonym_accuracy}.get(task)
-            if rule is None:
-                raise EvalError(f"unknown vision task {task!r}; known: {sorted(READERS)}")
-            if any(not q.answers for q in questions):
-                raise EvalError(f"{source}: questions without answers cannot be scored (task {task})")
-            accs = [rule(a, q.answers) for a, q in zip(out, questions)]
-        acc = sum(accs) / len(accs)
+        mine = shards.indices(len(questions))
+        part = answer_rows(task, model, [questions[i] for i in mine], bank, [records[i] for i in mine],
+                           max_new_tokens) if mine else []
+        rows = shards.gather(mine, part, len(questions))
+    acc, metrics = aggregate(task, questions, rows)
     seconds = time.perf_counter() - t0
     metrics["questions_per_s"] = len(questions) / seconds if seconds > 0 else math.inf
-    return TaskResult(name or task, acc, len(questions), metrics, seconds,
-                      [{"qid": q.qid, "prediction": p} for q, p in zip(questions, out)])
+    if shards is not None and shards.world > 1:
+        metrics["data_parallel_ranks"] = shards.world
+    for q, r in zip(questions, rows):
+        if q.split:
+            r["split"] = q.split
+    return TaskResult(name or task, acc, len(questions), metrics, seconds, list(rows))

@@ -31,11 +31,9 @@ def sentences(n: int, seed: int) -> list[str]:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
+def _train_tiny(root: Path, vision: dict | None = None) -> Path:
     from megavlm.data.tokenizer import train_sentencepiece
 
-    root = tmp_path_factory.mktemp("evalrun")
     data = root / "data"
     data.mkdir()
     txt = data / "train.txt"
@@ -43,6 +41,8 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     train_sentencepiece([txt], data / "tokenizer.model", vocab_size=VOCAB)
     raw = tiny_run(str(root / "run"), steps=3, layers=2)
     raw["model"].update(vocab_size=VOCAB, seq_length=SEQ)
+    if vision:
+        raw["model"]["vision"] = vision
     raw["data"] = {"root": str(data), "tokenizer": "tokenizer.model"}
     text = raw["stages"][0]
     text["tokens"] = 3 * 8 * SEQ
@@ -52,6 +52,20 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     ckpts = sorted((root / "run" / "text" / "checkpoints").glob("step_*"))
     assert ckpts, "the engine wrote no checkpoint"
     return ckpts[-1]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """Vision config of tests/synthetic.py (4 patches of width 24, no encoder record)."""
+    return _train_tiny(tmp_path_factory.mktemp("evalrun"))
+
+
+@pytest.fixture(scope="session")
+def encoder_checkpoint(tmp_path_factory) -> Path:
+    """A tiny checkpoint whose projector reads the real EfficientNet-Lite0 at 64 px (2 x 2 patches
+    of width 1280), recorded in its config: what the paper suite and lmms-eval encode images with."""
+    return _train_tiny(tmp_path_factory.mktemp("encrun"),
+                       {"embed_dim": 1280, "num_patches": 4, "projector_mult": 1, "encoder": "efficientnet-lite0"})
 
 
 @pytest.fixture(scope="session")

@@ -61,9 +61,15 @@ def test_pope():
 
 
 def test_boxes():
-    assert scorers.parse_box("It is at [0.1, 0.2, 0.5, 0.6].") == (0.1, 0.2, 0.5, 0.6)
-    assert scorers.parse_box("[10, 20, 50, 60]") is None      # not normalized
+    assert scorers.parse_box(" [0.1, 0.2, 0.5, 0.6]\n") == (0.1, 0.2, 0.5, 0.6)
+    assert scorers.parse_box("[.1,0.2,5e-1,1]") == (0.1, 0.2, 0.5, 1.0)
+    assert scorers.parse_box("It is at [0.1, 0.2, 0.5, 0.6].") is None  # the whole answer must be the list
+    assert scorers.parse_box("[0.1, 0.2, 0.5, 0.6] and more") is None
+    assert scorers.parse_box("[0.1, 0.2, 0.5]") is None       # three numbers
     assert scorers.parse_box("[0.5, 0.2, 0.1, 0.6]") is None  # x1 > x2
+    assert scorers.parse_box("[0.1, 0.2, 0.1, 0.6]") is None  # x1 == x2: degenerate
+    assert scorers.parse_box("[0.1, 0.6, 0.5, 0.2]") is None  # y1 > y2
+    assert scorers.parse_box("[10, 20, 50, 60]") is None      # not normalized
     assert scorers.parse_box("the left cup") is None
     # [0,0,0.5,0.5] vs [0.25,0,0.75,0.5]: intersection 0.25*0.5 = 0.125, union 0.25+0.25-0.125
     # = 0.375 -> IoU 1/3: wrong at 0.5 (RefCOCO), right at 0.25 (OCID-Ref)

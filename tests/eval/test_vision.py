@@ -127,7 +127,7 @@ def test_readers(tmp_path):
     (tmp_path / "q.json").write_text(json.dumps({"questions": [{"image_id": 42, "question": "How many?", "question_id": 7}]}))
     (tmp_path / "a.json").write_text(json.dumps({"annotations": [{"question_id": 7, "answers": [{"answer": "2"}] * 10}]}))
     (q,) = vision.read_vqav2(tmp_path / "q.json", tmp_path / "a.json")
-    assert (q.qid, q.image, q.answers) == ("7", "42", ("2",) * 10)
+    assert (q.qid, q.image, q.answers) == ("7", "COCO_val2014_000000000042.jpg", ("2",) * 10)
     (tmp_path / "gqa.json").write_text(json.dumps({"201": {"imageId": "n1", "question": "Is it red?", "answer": "no"}}))
     assert vision.read_gqa(tmp_path / "gqa.json")[0].answers == ("no",)
     (tmp_path / "pope_adversarial.jsonl").write_text(json.dumps({"question_id": 1, "image": "x.jpg", "text": "Is there a cat?", "label": "yes"}) + "\n")
@@ -136,7 +136,7 @@ def test_readers(tmp_path):
     (tmp_path / "ref.jsonl").write_text(json.dumps({"image": "x.jpg", "expression": "left cup", "bbox": [0, 0, .5, .5]}) + "\n")
     assert vision.read_refer(tmp_path / "ref.jsonl")[0].box == (0, 0, .5, .5)
     (tmp_path / "tv.json").write_text(json.dumps({"data": [{"question_id": 3, "image_id": "ab", "question": "What brand?", "answers": ["acme"] * 10}]}))
-    assert vision.read_textvqa(tmp_path / "tv.json")[0].image == "ab"
+    assert vision.read_textvqa(tmp_path / "tv.json")[0].image == "train_images/ab.jpg"
     with pytest.raises(EvalError, match="not a VQAv2 question file"):
         vision.read_vqav2(tmp_path / "gqa.json")
 
@@ -225,3 +225,18 @@ def test_cli_vision_task_with_missing_image(tiny_checkpoint, tmp_path, capsys):
                    "--embeds", str(store)])
     err = capsys.readouterr().err
     assert rc == 2 and "question 2 references image '/x/b.png'" in err
+
+
+def test_cli_refcoco_from_refs_pickle(tiny_checkpoint, tmp_path, capsys):
+    from tests.eval.layouts import write_refcoco
+
+    refs, _ = write_refcoco(tmp_path)  # instances.json beside it
+    store = write_store(tmp_path / "coco.embeds", ["COCO_train2014_000000581857.jpg"])
+    out = tmp_path / "res.json"
+    rc = cli.main(["vision", "--checkpoint", str(tiny_checkpoint), "--task", "refcoco", "--questions", str(refs),
+                   "--embeds", str(store), "--max-new-tokens", "4", "--output-path", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads(out.read_text())["refcoco"]
+    assert res["n"] == 2 and [p["qid"] for p in res["predictions"]] == ["0-0", "0-1"]
+    assert all(p["score"] == scorers.box_accuracy(p["prediction"], (0.1, 0.1, 0.6, 0.6), 0.5)
+               for p in res["predictions"])
