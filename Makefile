@@ -9,6 +9,7 @@ PIP := $(PYTHON) -m pip
 TORCH_VERSION := 2.13.0
 TRITON_VERSION := 3.9.0
 MCORE_VERSION := 0.19.2
+LMMS_EVAL_VERSION := 0.7.3
 OFFLINE ?=
 WHEELS ?=
 PYTEST_ARGS ?=
@@ -44,9 +45,12 @@ install-online:
 	@if $(call HAVE,triton); then \
 	  echo "keeping triton $$($(PYTHON) -c 'import triton; print(triton.__version__)' 2>/dev/null)"; \
 	else $(PIP) install -q triton==$(TRITON_VERSION); fi
+	@# lmms-eval without its own requirements (they would replace torch with a CUDA 2.14 build and
+	@# add torchvision); the `lmms` extra below brings the light modules its import and tasks need.
+	$(PIP) install -q --no-deps lmms-eval==$(LMMS_EVAL_VERSION)
 	@# dev tools, the `kernels` extra (unpinned Triton: satisfied by the one above), transformers
-	@# (a tiny random SigLIP in tests), DALI (CPU-only decode pipelines), lm-eval (evaluation)
-	$(PIP) install -q -e ".[dev,kernels,siglip,dali,eval]"
+	@# (a tiny random SigLIP in tests), DALI (CPU-only decode pipelines), lm-eval and lmms-eval
+	$(PIP) install -q -e ".[dev,kernels,siglip,dali,eval,lmms]"
 
 # Offline (GPU clusters): installs nothing from a registry. torch and Triton must already be
 # there; megatron-core comes from WHEELS=dir when it is not importable; megavlm itself is
