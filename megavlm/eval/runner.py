@@ -71,7 +71,8 @@ class CheckpointModel:
     def load(cls, checkpoint: str | Path, batch_size: int = 16) -> "CheckpointModel":
         """Load a checkpoint directory (``<run>/<stage>/checkpoints/step_…``). The tokenizer is
         checked first so that a checkpoint without one fails before the model is built."""
-        from megavlm.train.checkpoint import load_for_inference, tokenizer_file
+        from megavlm.checkpoint_format import tokenizer_file
+        from megavlm.model.build import load_for_inference
 
         path = Path(checkpoint).expanduser()
         if not path.is_dir():
