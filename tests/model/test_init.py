@@ -77,6 +77,8 @@ def test_distributions_follow_openlm():
     q, k, v = layout.split_qkv(full_tensor("decoder.layers.0.self_attention.linear_qkv.weight", CFG, 0),
                                CFG.num_attention_heads)
     assert not torch.equal(q, k) and not torch.equal(k, v)
+    gate, up = full_tensor("decoder.layers.0.mlp.linear_fc1.weight", CFG, 0).chunk(2)
+    assert not torch.equal(gate, up)  # two independent draws, [gate; up]
 
 
 def test_a_parameter_without_a_rule_is_an_error(chunk):
