@@ -6,3 +6,9 @@ its cosine continued, and instruction fine-tuning — on megatron-core, from one
 """
 
 __version__ = "0.1.0"
+
+# Before anything imports megatron-core: a Transformer Engine that is installed but fails to load
+# (OSError) must read as absent to megatron, whose imports catch only ImportError. Imports nothing.
+from megavlm.parallel.megatron_compat import install_te_import_guard as _install_te_import_guard
+
+_install_te_import_guard()

@@ -45,9 +45,9 @@ def convert(run: RunConfig, parallel, input_path: Path, out: Path, *, dtype: tor
             check: bool = True, tokenizer: Optional[Path] = None, log=print) -> dict:
     """Convert on an initialised parallel context (collective: every rank calls it). Returns
     {dropped, kept, check} for reporting."""
+    from megavlm.model.build import build_model
     from megavlm.model.reference import from_openlm_names
-    from megavlm.train import checkpoint as ckpt
-    from megavlm.train.loop import build_model
+    from megavlm.train import checkpoint as ckpt  # writing a checkpoint is the trainer's format
 
     t0 = time.perf_counter()
     state, dropped = openlm_io.read_state_dict(input_path)
@@ -71,12 +71,12 @@ def verify(run: RunConfig, parallel, checkpoint: Path, state: dict, *, dtype: to
            log=print) -> dict:
     """Load ``checkpoint`` at this run's layout into a freshly built model and compare it with the
     OpenLM ``state``: gathered tensors exactly, and (pp 1) logits against the reference forward."""
+    from megavlm.checkpoint_format import load_model_weights
+    from megavlm.model.build import build_model
     from megavlm.model.export import full_tensors
-    from megavlm.train import checkpoint as ckpt
-    from megavlm.train.loop import build_model
 
     fresh, _ = build_model(run, parallel, dtype, backend="local")
-    ckpt.load(Path(checkpoint), fresh, None)
+    load_model_weights(Path(checkpoint), fresh)
     gathered = full_tensors(fresh, tp_group=parallel.tp_group, pp_group=parallel.pp_group)
     expect = {k: v.float().to(dtype).float() for k, v in state.items()}  # what the checkpoint can hold
     openlm_io.check_tensors(gathered, expect, run.model)

@@ -34,20 +34,19 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def export(checkpoint: Path, out: Path, parallel, *, dtype: torch.dtype = torch.float32,
            check: bool = True, log=print) -> dict:
     """Export on a one-process parallel context; returns {tensors, check}."""
+    from megavlm import checkpoint_format as ckpt
     from megavlm.config import load_config
+    from megavlm.model.build import build_model
     from megavlm.model.export import full_tensors
-    from megavlm.train import checkpoint as ckpt
-    from megavlm.train.loop import build_model
 
     checkpoint = Path(checkpoint)
-    if not (checkpoint / ckpt.META).is_file() or not (checkpoint / ckpt.CONFIG).is_file():
-        raise ckpt.CheckpointError(f"{checkpoint} is not a complete megavlm checkpoint with its config")
+    ckpt.require_complete(checkpoint, config=True)
     run = load_config(checkpoint / ckpt.CONFIG)
     run.parallel.tp = run.parallel.pp = 1
     run.parallel.vpp, run.parallel.sequence_parallel = None, False
     run.train.fp8 = "none"
     chunks, _ = build_model(run, parallel, torch.float32, backend="local")
-    ckpt.load(checkpoint, chunks, None)
+    ckpt.load_model_weights(checkpoint, chunks)
     full = full_tensors(chunks)
     tensors = openlm_io.export_tensors(full, run.model, dtype)
     openlm_io.write_export(tensors, openlm_io.export_config(run), out,
@@ -78,7 +77,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from megavlm.config import ParallelConfig
     from megavlm.parallel.state import Parallel
-    from megavlm.train.checkpoint import CheckpointError
+    from megavlm.checkpoint_format import CheckpointError
 
     parallel = Parallel.initialize(ParallelConfig(), 0)
     try:

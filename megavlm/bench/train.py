@@ -328,7 +328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from megavlm.model.export import full_tensors
     from megavlm.parallel.state import Parallel
-    from megavlm.train.loop import build_model
+    from megavlm.model.build import build_model
 
     info = machine_info()  # before the runs: the load average is the machine's, not ours
     total = args.warmup + args.steps + 1  # +1: the last step only closes the previous interval

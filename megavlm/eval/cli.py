@@ -196,7 +196,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry of ``megavlm eval``: parse, run, print a JSON summary; 2 on bad input."""
-    from megavlm.train.checkpoint import CheckpointError
+    from megavlm.checkpoint_format import CheckpointError
 
     import warnings
 

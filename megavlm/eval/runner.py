@@ -76,9 +76,10 @@ class CheckpointModel:
         """Load a checkpoint directory (``<run>/<stage>/checkpoints/step_…``). The tokenizer is
         checked first so that a checkpoint without one fails before the model is built. Under
         torchrun every rank loads the whole model (tp = pp = 1): the world is data parallel."""
+        from megavlm.checkpoint_format import tokenizer_file
         from megavlm.config import ParallelConfig
+        from megavlm.model.build import load_for_inference
         from megavlm.parallel.state import Parallel
-        from megavlm.train.checkpoint import load_for_inference, tokenizer_file
 
         path = Path(checkpoint).expanduser()
         if not path.is_dir():

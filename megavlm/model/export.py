@@ -1,27 +1,26 @@
 """Full (unsharded) tensors of a model, keyed by global parameter name.
 
-Gathers every parameter — or its gradient — across the tensor-parallel group (undoing megatron's
-shard layouts, including the GLU fc1 whose shard is [gate shard; up shard]) and across pipeline
-stages, renaming local layer indices to global ones. Used by parity tests, by the independent
+Gathers every parameter — or its gradient — across the tensor-parallel group (megavlm.model.layout
+puts the shards back together) and across pipeline stages, renaming local layer indices to
+global ones. Used by parity tests, by the independent
 reference forward, and by export of the language model.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+from megavlm.model import layout
 
 
-def _gather_tp(t: Tensor, dim: int, group, size: int) -> Tensor:
+def _gather_tp(t: Tensor, group, size: int) -> list[Tensor]:
     parts = [torch.empty_like(t) for _ in range(size)]
     dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
+    return parts
 
 
 def full_tensors(chunks: Iterable[torch.nn.Module], *, tp_group=None, pp_group=None,
@@ -32,8 +31,9 @@ def full_tensors(chunks: Iterable[torch.nn.Module], *, tp_group=None, pp_group=N
     tp = dist.get_world_size(tp_group) if tp_group is not None else 1
     out: dict[str, Tensor] = {}
     for chunk in unwrap_model(list(chunks)):
-        layers = {str(i): l.layer_number - 1 for i, l in enumerate(chunk.decoder.layers)}
-        for name, p in chunk.named_parameters():
+        numbers = layout.chunk_layer_numbers(chunk)
+        for local, p in chunk.named_parameters():
+            name = layout.global_name(local, numbers)
             if grads:
                 t = getattr(p, "main_grad", None)
                 if t is None:
@@ -41,16 +41,9 @@ def full_tensors(chunks: Iterable[torch.nn.Module], *, tp_group=None, pp_group=N
             else:
                 t = p.data
             t = t.detach().float().cpu().clone()  # a snapshot, never a view of a live buffer
-            if tp > 1 and getattr(p, "tensor_model_parallel", False):
-                dim = p.partition_dim
-                if name.endswith("mlp.linear_fc1.weight"):
-                    gate, up = t.chunk(2, dim=0)
-                    t = torch.cat([_gather_tp(gate, 0, tp_group, tp), _gather_tp(up, 0, tp_group, tp)])
-                else:
-                    t = _gather_tp(t, dim, tp_group, tp)
-            m = _LAYER.match(name)
-            if m:
-                name = f"decoder.layers.{layers[m.group(1)]}." + name[m.end():]
+            layout.check_parameter(name, p)
+            if tp > 1 and layout.placement(name).dim is not None:
+                t = layout.unshard(name, _gather_tp(t, tp_group, tp))
             out[name] = t
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
         gathered: list[Optional[dict]] = [None] * dist.get_world_size(pp_group)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from megavlm.config import ModelConfig
+from megavlm.model import layout
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -33,73 +34,63 @@ def _trunc_normal(shape: tuple[int, ...], std: float, seed: int, name: str) -> T
     return t
 
 
-def _shard(full: Tensor, dim: int, rank: int, size: int) -> Tensor:
-    return full.chunk(size, dim=dim)[rank]
+def _ones(n: int) -> Tensor:
+    return torch.ones(n)
 
 
-class _Filler:
-    def __init__(self, seed: int, tp_rank: int, tp_size: int):
-        self.seed, self.rank, self.size = seed, tp_rank, tp_size
-        self.done: set[int] = set()
+def full_tensor(name: str, model: ModelConfig, seed: int) -> Tensor:
+    """The full (unsharded) initial value of the parameter with this global name.
 
-    def set(self, param: Tensor, value: Tensor) -> None:
-        if tuple(param.shape) != tuple(value.shape):
-            raise RuntimeError(f"init shape mismatch: parameter {tuple(param.shape)} vs {tuple(value.shape)}")
-        with torch.no_grad():
-            param.copy_(value.to(param.dtype))
-        self.done.add(id(param))
-
-    def normal(self, param: Tensor, name: str, full_shape, std: float, shard_dim=None) -> None:
-        full = _trunc_normal(tuple(full_shape), std, self.seed, name)
-        self.set(param, full if shard_dim is None else _shard(full, shard_dim, self.rank, self.size))
-
-    def const(self, param: Tensor, value: float) -> None:
-        self.set(param, torch.full(tuple(param.shape), value))
+    Layout-independent by construction: it depends on the name, the model config and the seed
+    only. Raises KeyError for a name it has no rule for."""
+    d, ffn, V = model.hidden_size, model.ffn_hidden_size, model.vocab_size
+    heads = model.num_attention_heads
+    std = model.init_std or 1.0 / math.sqrt(d)
+    dv = model.vision.embed_dim
+    hv = dv * model.vision.projector_mult
+    top = {
+        "embedding.word_embeddings.weight": lambda: _trunc_normal((V, d), std, seed, "embed"),
+        "output_layer.weight": lambda: _trunc_normal((V, d), std, seed, "output"),
+        "decoder.final_layernorm.weight": lambda: _ones(d),
+        "projector.fc1.weight": lambda: _trunc_normal((hv, dv), 1 / math.sqrt(dv), seed, "projector.fc1"),
+        "projector.fc1.bias": lambda: torch.zeros(hv),
+        "projector.fc2.weight": lambda: _trunc_normal((d, hv), 1 / math.sqrt(hv), seed, "projector.fc2"),
+        "projector.fc2.bias": lambda: torch.zeros(d),
+    }
+    if name in top:
+        return top[name]()
+    i, suffix = layout.layer_and_suffix(name)
+    if i is None:
+        raise KeyError(f"megavlm.model.init has no rule for parameter {name!r}")
+    scale = 1.0 / math.sqrt(2 * (i + 1))
+    if suffix in ("input_layernorm.weight", "pre_mlp_layernorm.weight") or (
+            model.qk_norm and suffix in ("self_attention.q_layernorm.weight",
+                                         "self_attention.k_layernorm.weight")):
+        return _ones(d)  # the qk-norm gain is full width (heads x head_dim = d)
+    if suffix == "self_attention.linear_qkv.weight":
+        q, k, v = (_trunc_normal((d, d), std, seed, f"layers.{i}.attn.{w}") for w in "qkv")
+        return layout.fuse_qkv(q, k, v, heads)
+    if suffix == "self_attention.linear_proj.weight":
+        return _trunc_normal((d, d), std * scale, seed, f"layers.{i}.attn.out")
+    if suffix == "mlp.linear_fc1.weight":
+        return layout.fuse_glu(_trunc_normal((ffn, d), std, seed, f"layers.{i}.mlp.gate"),
+                               _trunc_normal((ffn, d), std, seed, f"layers.{i}.mlp.up"))
+    if suffix == "mlp.linear_fc2.weight":
+        return _trunc_normal((d, ffn), scale / math.sqrt(ffn), seed, f"layers.{i}.mlp.down")
+    raise KeyError(f"megavlm.model.init has no rule for parameter {name!r}")
 
 
 def initialize(chunks: Iterable[torch.nn.Module], model: ModelConfig, seed: int,
                tp_rank: int, tp_size: int) -> None:
-    """Set every parameter of these model chunks (megavlm.model.vlm.VLM); raise on any left over."""
-    d, ffn, V = model.hidden_size, model.ffn_hidden_size, model.vocab_size
-    heads, hd = model.num_attention_heads, model.head_dim
-    std = model.init_std or 1.0 / math.sqrt(d)
-    f = _Filler(seed, tp_rank, tp_size)
-    chunks = list(chunks)
-    for chunk in chunks:
-        if chunk.pre_process:
-            f.normal(chunk.embedding.word_embeddings.weight, "embed", (V, d), std, shard_dim=0)
-            p = chunk.projector
-            dv, hv = model.vision.embed_dim, model.vision.embed_dim * model.vision.projector_mult
-            f.normal(p.fc1.weight, "projector.fc1", (hv, dv), 1 / math.sqrt(dv), shard_dim=0)
-            f.const(p.fc1.bias, 0.0)
-            f.normal(p.fc2.weight, "projector.fc2", (d, hv), 1 / math.sqrt(hv), shard_dim=1)
-            f.const(p.fc2.bias, 0.0)
-        for layer in chunk.decoder.layers:
-            i = layer.layer_number - 1  # global, whatever the pipeline layout
-            scale = 1.0 / math.sqrt(2 * (i + 1))
-            f.const(layer.input_layernorm.weight, 1.0)
-            f.const(layer.pre_mlp_layernorm.weight, 1.0)
-            att = layer.self_attention
-            q, k, v = (_trunc_normal((d, d), std, seed, f"layers.{i}.attn.{w}") for w in "qkv")
-            # megatron's fused QKV rows are grouped per head: [q_h; k_h; v_h] for each head h
-            qkv = torch.stack([t.view(heads, hd, d) for t in (q, k, v)], dim=1).reshape(3 * d, d)
-            f.set(att.linear_qkv.weight, _shard(qkv, 0, tp_rank, tp_size))
-            f.normal(att.linear_proj.weight, f"layers.{i}.attn.out", (d, d), std * scale, shard_dim=1)
-            if model.qk_norm:
-                f.const(att.q_layernorm.weight, 1.0)
-                f.const(att.k_layernorm.weight, 1.0)
-            mlp = layer.mlp
-            gate = _trunc_normal((ffn, d), std, seed, f"layers.{i}.mlp.gate")
-            up = _trunc_normal((ffn, d), std, seed, f"layers.{i}.mlp.up")
-            # megatron's GLU fc1 shard = [gate shard; up shard]; silu applies to the first half
-            f.set(mlp.linear_fc1.weight, torch.cat([_shard(gate, 0, tp_rank, tp_size),
-                                                    _shard(up, 0, tp_rank, tp_size)]))
-            f.normal(mlp.linear_fc2.weight, f"layers.{i}.mlp.down", (d, ffn),
-                     scale / math.sqrt(ffn), shard_dim=1)
-        if chunk.post_process:
-            f.const(chunk.decoder.final_layernorm.weight, 1.0)
-            f.normal(chunk.output_layer.weight, "output", (V, d), std, shard_dim=0)
-    for chunk in chunks:
-        for name, param in chunk.named_parameters():
-            if id(param) not in f.done:
-                raise RuntimeError(f"megavlm.model.init has no rule for parameter {name}")
+    """Set every parameter of these model chunks (megavlm.model.vlm.VLM) to this rank's shard
+    of its :func:`full_tensor`; raise on a parameter without a rule."""
+    with torch.no_grad():
+        for chunk in chunks:
+            numbers = layout.chunk_layer_numbers(chunk)
+            for local, param in chunk.named_parameters():
+                name = layout.global_name(local, numbers)
+                value = layout.shard(name, full_tensor(name, model, seed), tp_rank, tp_size)
+                if tuple(param.shape) != tuple(value.shape):
+                    raise RuntimeError(f"init shape mismatch for {name}: parameter "
+                                       f"{tuple(param.shape)} vs shard {tuple(value.shape)}")
+                param.copy_(value.to(param.dtype))

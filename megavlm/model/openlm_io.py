@@ -2,11 +2,11 @@
 
 Why: DCLM-1B and other open_lm models are published as state dicts under open_lm's parameter
 names (``tok_embeddings``, ``layers.N.attention.in_proj``, ``feed_forward.w12`` …). Importing one
-means renaming (megavlm.model.reference.from_openlm_names owns the names and the QKV re-layout),
-placing each full tensor's shard into the parameters this rank holds, and proving the result
-computes the same function as an independent implementation: :func:`check_logits` runs the
-megatron model and megavlm.model.reference.ReferenceDCLM (plain PyTorch, loaded straight from the
-OpenLM state dict) on the same tokens. Export is the way back: the language model under OpenLM
+means renaming (megavlm.model.reference.from_openlm_names owns the names), placing each full
+tensor's shard (megavlm.model.layout owns the shard arithmetic) into the parameters this rank
+holds, and proving the result computes the same function as an independent implementation:
+:func:`check_logits` runs the megatron model and megavlm.model.reference.ReferenceDCLM (plain
+PyTorch, loaded straight from the OpenLM state dict) on the same tokens. Export is the way back: the language model under OpenLM
 names plus the projector, as safetensors with a config JSON.
 
 Used by tools/convert_openlm.py and tools/export.py.
@@ -24,11 +24,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megavlm.config import ModelConfig, RunConfig
+from megavlm.model import layout
 from megavlm.model.reference import ReferenceDCLM, to_openlm_names
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")  # DDP, torch.compile, HF's OpenLM wrapper
 _ROTARY_BUFFER = re.compile(r"(^|\.)(inv_freq|pos_embed\..*|rotary.*\.(cos|sin)_cached)$")
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
 class ConversionError(ValueError):
@@ -96,26 +96,6 @@ def validate_state_dict(state: dict[str, Tensor], cfg: ModelConfig) -> None:
 
 # --------------------------------------------------------------------------------- placing
 
-def _shard(full: Tensor, param: Tensor, name: str, tp_rank: int, tp_size: int) -> Tensor:
-    if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
-        return full
-    dim = param.partition_dim
-    if name.endswith("mlp.linear_fc1.weight"):  # megatron's GLU shard = [gate shard; up shard]
-        gate, up = full.chunk(2, dim=0)
-        return torch.cat([gate.chunk(tp_size, 0)[tp_rank], up.chunk(tp_size, 0)[tp_rank]])
-    # everything else, fused QKV included (rows grouped per head), splits contiguously
-    return full.chunk(tp_size, dim=dim)[tp_rank]
-
-
-def global_name(chunk, local: str) -> str:
-    """A chunk's parameter name with its local layer index replaced by the global one."""
-    m = _LAYER.match(local)
-    if not m:
-        return local
-    layer = chunk.decoder.layers[int(m.group(1))]
-    return f"decoder.layers.{layer.layer_number - 1}." + local[m.end():]
-
-
 def place_full_tensors(chunks: Iterable[torch.nn.Module], full: dict[str, Tensor], tp_rank: int,
                        tp_size: int, keep: tuple[str, ...] = ("projector.",)) -> list[str]:
     """Copy this rank's shard of each full tensor (global megatron names) into the chunks.
@@ -125,14 +105,16 @@ def place_full_tensors(chunks: Iterable[torch.nn.Module], full: dict[str, Tensor
     kept = []
     with torch.no_grad():
         for chunk in chunks:
+            numbers = layout.chunk_layer_numbers(chunk)
             for local, p in chunk.named_parameters():
-                name = global_name(chunk, local)
+                name = layout.global_name(local, numbers)
                 if name not in full:
                     if name.startswith(keep):
                         kept.append(name)
                         continue
                     raise ConversionError(f"no tensor for parameter {name}")
-                value = _shard(full[name], p, name, tp_rank, tp_size)
+                layout.check_parameter(name, p)
+                value = layout.shard(name, full[name], tp_rank, tp_size)
                 if tuple(value.shape) != tuple(p.shape):
                     raise ConversionError(f"{name}: shard {tuple(value.shape)} vs parameter {tuple(p.shape)}")
                 p.copy_(value.to(p.dtype))

@@ -8,11 +8,11 @@ mismatch instead of a quietly different model. The same module is the plain-PyTo
 ``open_lm/model.py`` state-dict keys, so :func:`to_openlm_names` / :func:`from_openlm_names`
 are the seam for exporting to and importing from OpenLM / DCLM checkpoints.
 
-Layout facts the converters encode:
+Layout facts the converters encode (the arithmetic lives in megavlm.model.layout):
 
-* megatron's fused QKV weight [3d, d] is grouped per head: rows ``[q_h; k_h; v_h]`` for each head
-  h; OpenLM's ``in_proj`` is ``[q; k; v]`` as three whole [d, d] blocks.
-* megatron's GLU ``linear_fc1`` is ``[gate; up]``, the same as OpenLM's ``w12`` (silu on the
+* megatron's fused QKV weight [3d, d] is grouped per head; OpenLM's ``in_proj`` is ``[q; k; v]``
+  as three whole [d, d] blocks.
+* megatron's full GLU ``linear_fc1`` is ``[gate; up]``, the same as OpenLM's ``w12`` (silu on the
   first half), so it is copied unchanged.
 * qk-norm is ONE LayerNorm over the whole heads·head_dim vector (OpenLM's ``q_norm``/``k_norm``),
   not a per-head norm.
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megavlm.config import ModelConfig
+from megavlm.model import layout
 
 
 class GainOnlyLayerNorm(nn.Module):
@@ -176,19 +177,15 @@ _QKV = "self_attention.linear_qkv.weight"
 
 
 def qkv_megatron_to_openlm(w: Tensor, heads: int) -> Tensor:
-    """[3d, d] rows per head [q_h; k_h; v_h] → [q; k; v] whole blocks."""
-    three_d, d = w.shape
-    hd = three_d // (3 * heads)
-    per_head = w.reshape(heads, 3, hd, d)
-    return torch.cat([per_head[:, j].reshape(heads * hd, d) for j in range(3)], dim=0)
+    """megatron's per-head grouped fused QKV (megavlm.model.layout) → OpenLM's [q; k; v] blocks."""
+    return torch.cat(layout.split_qkv(w, heads), dim=0)
 
 
 def qkv_openlm_to_megatron(w: Tensor, heads: int) -> Tensor:
     """Inverse of :func:`qkv_megatron_to_openlm`."""
-    three_d, d = w.shape
-    hd = three_d // (3 * heads)
-    blocks = [b.reshape(heads, hd, d) for b in w.chunk(3, dim=0)]
-    return torch.stack(blocks, dim=1).reshape(three_d, d)
+    if w.shape[0] % 3:
+        raise ValueError(f"OpenLM in_proj has {w.shape[0]} rows, not 3 blocks")
+    return layout.fuse_qkv(*w.chunk(3, dim=0), heads=heads)
 
 
 def _expected_openlm_keys(cfg: ModelConfig) -> set[str]:

@@ -106,22 +106,3 @@ class VLM(MegatronModule):
             hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
         return hidden.transpose(0, 1), self.output_layer.weight
 
-
-def build_chunks(config: TransformerConfig, model: ModelConfig, vpp: Optional[int],
-                 backend: Backend = "local") -> list[VLM]:
-    """This rank's model chunks: one per virtual pipeline stage (one without interleaving)."""
-    from megatron.core import parallel_state as ps
-
-    chunks = []
-    for vp in range(vpp or 1):
-        vp_stage = vp if vpp else None
-        chunks.append(VLM(config, model, backend=backend, vp_stage=vp_stage,
-                          pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-                          post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)))
-    # megatron's finalize_model_grads (distributed/finalize_model_grads.py:452) sums the grads of
-    # every parameter named q_layernorm/k_layernorm over the TP group when config.qk_layernorm is
-    # set — right for its per-head norm, whose gain is replicated, wrong for our full-width norm,
-    # whose gain is split across the group like the heads. The flag is only read while building
-    # attention (attention.py:1700) and by that reduction, so it is switched off once built.
-    config.qk_layernorm = False
-    return chunks

@@ -3,8 +3,8 @@
 megatron-core keeps its process groups in module globals (``parallel_state``); megavlm code never
 reaches for them. :class:`Parallel` initialises torch.distributed (gloo without CUDA, nccl with
 it), megatron's groups and its RNG tracker, and hands out the groups, ranks and device that the
-model, the data loader and the training loop need. Initialising it also applies the CPU
-compatibility layer when CUDA is absent.
+model, the data loader and the training loop need. Initialising it also checks the megatron-core
+pin and applies megavlm.parallel.megatron_compat (its CPU shims only when CUDA is absent).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megavlm.config import ParallelConfig
-from megavlm.parallel import cpu
+from megavlm.parallel import megatron_compat
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Parallel:
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
         if backend == "nccl" and not cuda:
             raise RuntimeError("parallel.backend=nccl needs CUDA; use gloo (or auto) on CPU")
-        cpu.apply()
+        megatron_compat.apply()
         if not dist.is_initialized():
             rank = int(os.environ.get("RANK", "0"))
             world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from megavlm.config import RunConfig, StageConfig
 from megavlm.data.batch import Batch
+from megavlm.model.build import build_model, model_dtype
 from megavlm.parallel.state import Parallel
 from megavlm.train import checkpoint as ckpt
 from megavlm.train.schedule import StageSchedule, checkpoint_steps
@@ -39,37 +40,6 @@ class StepLoader(Protocol):
 
 
 LoaderFactory = Callable[[StageConfig, Parallel, int], StepLoader]
-
-
-def model_dtype(run: RunConfig) -> torch.dtype:
-    p = run.train.precision
-    if p == "fp32":
-        return torch.float32
-    bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if p == "bf16":
-        if not bf16_ok and torch.cuda.is_available():
-            raise RuntimeError("train.precision=bf16 but this GPU has no bf16 support")
-        return torch.bfloat16
-    return torch.bfloat16 if bf16_ok else torch.float32
-
-
-def build_model(run: RunConfig, parallel: Parallel, dtype: torch.dtype, backend: Optional[str] = None):
-    """The model chunks of this rank (unwrapped), initialised from the run seed. ``backend``
-    overrides ``run.model.backend`` (auto = TE when TE and a GPU are usable, else local)."""
-    from megavlm.model.init import initialize
-    from megavlm.model.specs import select_backend, transformer_config
-    from megavlm.model.vlm import build_chunks
-
-    backend = select_backend(backend or run.model.backend)
-    t = run.train
-    tc = transformer_config(run.model, run.parallel, dtype=dtype, batch_p2p_comm=parallel.p2p_batched,
-                            backend=backend, fp8=t.fp8, fp8_format=t.fp8_format,
-                            fp8_amax_history_len=t.fp8_amax_history_len)
-    chunks = build_chunks(tc, run.model, parallel.vpp, backend=backend)
-    initialize(chunks, run.model, run.seed, parallel.tp_rank, parallel.tp)
-    for c in chunks:
-        c.to(parallel.device)
-    return chunks, tc
 
 
 def set_trainable(chunks, trainable: str) -> None:

@@ -88,16 +88,16 @@ def test_convert_tp1_matches_reference_and_check_can_fail(source, parallel1, tmp
     # the check discriminates: a reference whose in_proj is taken as per-head rows (megatron's
     # layout, i.e. a converter that forgot the QKV re-layout) is far from the converted model
     from megavlm.model.reference import qkv_openlm_to_megatron
-    from megavlm.train.loop import build_model
+    from megavlm.model.build import build_model
 
     wrong = dict(source["state"])
     for i in range(run.model.num_layers):
         k = f"layers.{i}.attention.in_proj.weight"
         wrong[k] = qkv_openlm_to_megatron(wrong[k], run.model.num_attention_heads)
     chunks, _ = build_model(run, parallel1, torch.float32, backend="local")
-    from megavlm.train import checkpoint as ckpt
+    from megavlm.checkpoint_format import load_model_weights
 
-    ckpt.load(out, chunks, None)
+    load_model_weights(out, chunks)
     with pytest.raises(openlm_io.ConversionError, match="differs from the reference"):
         openlm_io.check_logits(chunks, wrong, run.model, tp_group=None, tp_size=1, pp_size=1)
 

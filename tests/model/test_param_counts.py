@@ -23,14 +23,14 @@ CONFIGS = Path(__file__).resolve().parents[2] / "launch" / "configs"
 
 def _counts(recipe: str) -> dict[str, int]:
     from megavlm.model.specs import transformer_config
-    from megavlm.model.vlm import build_chunks
+    from megavlm.model.build import build_chunks
 
     run = load_config(CONFIGS / f"{recipe}.yaml",
                       ["parallel.tp=1", "parallel.pp=1", "parallel.vpp=null",
                        "parallel.sequence_parallel=false", "parallel.recompute=none"])
     tc = transformer_config(run.model, run.parallel, dtype=torch.float32, batch_p2p_comm=False)
     with torch.device("meta"):
-        (chunk,) = build_chunks(tc, run.model, None)
+        (chunk,), _ = build_chunks(tc, run.model, None)
     assert all(p.is_meta for p in chunk.parameters())
     lm = qk = proj = 0
     for name, p in chunk.named_parameters():

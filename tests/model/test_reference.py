@@ -28,7 +28,7 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def built(parallel1):
     from megavlm.model.export import full_tensors
-    from megavlm.train.loop import build_model
+    from megavlm.model.build import build_model
 
     raw = synthetic.tiny_run("unused", layers=2)
     run = load_config(raw=raw)

@@ -36,7 +36,7 @@ def test_cpu_path_imports_nothing_from_te(parallel1):
     if te_usable():
         pytest.skip("TE and a GPU are usable here")
     import megavlm.model.te_spec  # noqa: F401
-    from megavlm.train.loop import build_model
+    from megavlm.model.build import build_model
 
     run = load_config(raw=synthetic.tiny_run("unused", layers=2))
     (chunk,), tc = build_model(run, parallel1, torch.float32)
@@ -77,7 +77,7 @@ def test_fp8_on_cpu_is_a_clear_error(parallel1):
     """Where TE is not usable, asking for FP8 fails when the model is built, naming the cause."""
     if te_usable():
         pytest.skip("TE and a GPU are usable here")
-    from megavlm.train.loop import build_model
+    from megavlm.model.build import build_model
 
     run = load_config(raw=synthetic.tiny_run("unused", layers=2), overrides=["train.fp8=delayed", "train.precision=bf16"])
     with pytest.raises(RuntimeError, match="Transformer Engine"):
@@ -110,7 +110,7 @@ def _hidden(chunk, batch):
 def test_te_equals_local_on_same_weights(parallel1, images):
     from megavlm.data.batch import collate
     from megavlm.model.export import full_tensors
-    from megavlm.train.loop import build_model
+    from megavlm.model.build import build_model
 
     run = _gpu_run()
     (te,), _ = build_model(run, parallel1, torch.bfloat16, backend="te")
@@ -134,7 +134,7 @@ def test_te_equals_local_on_same_weights(parallel1, images):
 @pytest.mark.skipif(not te_usable(), reason="needs transformer-engine and a CUDA GPU")
 def test_fp8_forward_backward_close_to_bf16(parallel1, fp8):
     from megavlm.data.batch import collate
-    from megavlm.train.loop import build_model
+    from megavlm.model.build import build_model
 
     run8, run16 = _gpu_run(fp8), _gpu_run()
     (m8,), tc8 = build_model(run8, parallel1, torch.bfloat16)

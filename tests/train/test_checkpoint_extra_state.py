@@ -17,7 +17,7 @@ from tests import synthetic
 
 
 def _build(parallel1):
-    from megavlm.train.loop import build_model
+    from megavlm.model.build import build_model
 
     run = load_config(raw=synthetic.tiny_run("unused", layers=2))
     return build_model(run, parallel1, torch.float32)[0]

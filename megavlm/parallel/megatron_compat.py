@@ -1,15 +1,28 @@
-"""The megatron-core 0.19.2 CPU compatibility layer.
+"""Every megatron-core workaround of megavlm, pinned to the version it answers (0.19.2).
 
-megatron-core is written for CUDA. To train (and test) the same code on CPU over gloo, its CUDA
-assumptions are answered here, each shim naming the megatron-core file (and line, in 0.19.2) it
-answers. Everything lives in this one module and is applied by :func:`apply` only when CUDA is
-absent; with CUDA nothing here runs.
+Why one module: each workaround patches or steps around a specific line of one megatron-core
+release, so they must be found, re-checked and dropped together when the pin moves. Every shim
+names the megatron-core file (and line, in 0.19.2) it answers; :func:`check_version` refuses any
+other release on every host, CUDA or not. ``tests/parallel/test_megatron_compat.py`` checks the
+behaviour of each shim.
 
-Most shims share one mechanism: the megatron module's global ``torch`` is replaced by a *CPU view
-of torch* (:class:`_CpuTorch`) that forwards everything to torch except ``torch.cuda`` (streams,
-events, current_device, RNG state and synchronize answered for the CPU) and tensor factories
-called with ``device="cuda"`` (made on the CPU). The rest are targeted patches of single
-functions. ``tests/parallel/test_cpu.py`` checks every shim and the version pin.
+On every host:
+
+* :func:`check_version` — the pin.
+* :func:`install_te_import_guard` — a Transformer Engine that is installed but fails to load
+  with something other than ImportError (OSError from a missing driver or library) would break
+  megatron-core's own imports, which catch only ImportError; it is turned into an ImportError so
+  megatron falls back to torch (installed by ``import megavlm``, before megatron is imported).
+* :func:`keep_split_qk_gains_out_of_tp_reduction` — megatron all-reduces qk-norm gain grads.
+* :func:`prime_optimizer_state`, :func:`adam_step_is_not_a_shard`, :func:`unshare_adam_steps`,
+  :func:`in_process_write_queue` — DistributedOptimizer checkpointing with torch's Adam.
+
+Only without CUDA (:func:`apply` on a CPU host): megatron is written for CUDA, so to train and test
+the same code on CPU over gloo its CUDA assumptions are answered here. Most of these shims share
+one mechanism: the megatron module's global ``torch`` is replaced by a *CPU view of torch*
+(:class:`_CpuTorch`) that forwards everything to torch except ``torch.cuda`` (streams, events,
+current_device, RNG state and synchronize answered for the CPU) and tensor factories called with
+``device="cuda"`` (made on the CPU). The rest are targeted patches of single functions.
 """
 
 from __future__ import annotations
@@ -20,20 +33,206 @@ import importlib
 import importlib.util
 import sys
 import types
-from typing import Any, Callable
+import warnings
+from typing import Any, Callable, Optional
 
 MEGATRON_CORE_VERSION = "0.19.2"
 _applied = False
 
 
 def needed() -> bool:
+    """Whether the CPU shims apply (no CUDA device)."""
     import torch
 
     return not torch.cuda.is_available()
 
 
+def check_version(found: Optional[str] = None) -> None:
+    """Raise unless megatron-core is the release these workarounds were written against."""
+    if found is None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("megatron-core")
+        except PackageNotFoundError:
+            raise RuntimeError(f"megatron-core is not installed: install "
+                               f"megatron-core=={MEGATRON_CORE_VERSION} (make install)") from None
+    if found.split("+")[0] != MEGATRON_CORE_VERSION:
+        raise RuntimeError(f"megavlm's megatron-core workarounds (megavlm/parallel/megatron_compat.py) "
+                           f"are written for megatron-core {MEGATRON_CORE_VERSION}, found {found}: "
+                           f"install megatron-core=={MEGATRON_CORE_VERSION} (make install)")
+
+
 # ---------------------------------------------------------------------------------------------
-# the CPU view of torch
+# a Transformer Engine that is installed but does not load
+
+_TE_TOP_LEVEL = ("transformer_engine", "transformer_engine_torch")
+
+
+class _GuardedLoader:
+    """Runs the real loader; any failure other than ImportError becomes an ImportError."""
+
+    def __init__(self, inner, guard: "_BrokenTEGuard"):
+        self._inner, self._guard = inner, guard
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def create_module(self, spec):
+        return self._guard.call(self._inner.create_module, spec)
+
+    def exec_module(self, module):
+        return self._guard.call(self._inner.exec_module, module)
+
+
+class _BrokenTEGuard:
+    """A meta-path finder wrapping the loaders of Transformer Engine's modules.
+
+    megatron-core imports TE in about a hundred places inside ``try: … except ImportError`` —
+    e.g. utils.py:56-64 (``import transformer_engine``, reached by ``import megatron.core``),
+    optimizer/__init__.py:13-35 (FusedAdam, else torch's AdamW), optimizer/distrib_optimizer.py:21-33,
+    optimizer/clip_grads.py:9-33. A TE whose shared libraries cannot load (no driver, a CUDA
+    mismatch) raises OSError instead, which escapes all of them and breaks even the local,
+    TE-free path. After such a failure TE is reported missing (ImportError, chained to the real
+    error, with one warning) for the rest of the process — as ModuleNotFoundError, the narrowest
+    class some of those imports catch (tensor_parallel/random.py:84-91)."""
+
+    def __init__(self):
+        self.failure: Optional[BaseException] = None
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] not in _TE_TOP_LEVEL:
+            return None
+        if self.failure is not None:
+            raise ModuleNotFoundError(f"Transformer Engine is installed but failed to load: "
+                                      f"{self.failure!r}", name=name)
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _GuardedLoader(spec.loader, self)
+        return spec
+
+    def call(self, fn, arg):
+        try:
+            return fn(arg)
+        except ImportError:
+            raise
+        except Exception as e:  # noqa: BLE001 — what megatron does not catch is the point
+            self.failure = e
+            for mod in [m for m in sys.modules if m.split(".")[0] in _TE_TOP_LEVEL]:
+                sys.modules.pop(mod, None)
+            warnings.warn(f"Transformer Engine is installed but fails to load ({e!r}); megavlm "
+                          f"continues without it (local layer spec, torch's AdamW)", RuntimeWarning,
+                          stacklevel=2)
+            raise ModuleNotFoundError(f"Transformer Engine is installed but fails to load: {e!r}") from e
+
+
+def install_te_import_guard() -> None:
+    """Put :class:`_BrokenTEGuard` first on ``sys.meta_path`` (idempotent; imports nothing)."""
+    if not any(isinstance(f, _BrokenTEGuard) for f in sys.meta_path):
+        sys.meta_path.insert(0, _BrokenTEGuard())
+
+
+# ---------------------------------------------------------------------------------------------
+# model building
+
+
+def keep_split_qk_gains_out_of_tp_reduction(built_config) -> None:
+    """Switch off ``qk_layernorm`` on the TransformerConfig the model chunks were built with.
+
+    megatron's finalize_model_grads (distributed/finalize_model_grads.py:451-453) sums the grads
+    of every parameter named q_layernorm/k_layernorm over the TP group when config.qk_layernorm
+    is set — right for its per-head norm, whose gain is replicated, wrong for megavlm's
+    full-width norm (megavlm.model.norms.FullWidthQKNorm), whose gain is split across the group
+    like the heads. The flag is read only while building attention (transformer/attention.py:1700)
+    and by that reduction, so it is switched off once built. Call it on the config the chunks own
+    (megavlm.model.build makes that a copy), never on a caller's."""
+    built_config.qk_layernorm = False
+
+
+# ---------------------------------------------------------------------------------------------
+# DistributedOptimizer checkpoints with torch's Adam (no apex / TE FusedAdam)
+
+
+def prime_optimizer_state(optimizer) -> None:
+    """Give every parameter an Adam state with a ``step`` before a load.
+
+    Without apex/TE, megatron's DistributedOptimizer.state_dict (optimizer/distrib_optimizer.py:837)
+    reads ``state['step']`` of every parameter, but its init_state_fn for torch's Adam
+    (optimizer/__init__.py:588) creates only exp_avg/exp_avg_sq — so loading into a fresh
+    optimizer fails. The loaded checkpoint overwrites these placeholders."""
+    import torch
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    for o in inner:
+        if getattr(o, "init_state_fn", None) is not None:
+            o.init_state_fn(o.optimizer, o.config)
+        for group in o.optimizer.param_groups:
+            for p in group["params"]:
+                o.optimizer.state[p].setdefault("step", torch.tensor(0.0))
+
+
+@contextlib.contextmanager
+def adam_step_is_not_a_shard():
+    """Without apex/TE, megatron's DistributedOptimizer.load_state_dict (distrib_optimizer.py:1025-1032)
+    puts torch Adam's scalar ``step`` into every parameter state, and then
+    _set_main_param_and_optimizer_states (distrib_optimizer.py:1222) expects a loaded shard for
+    every state tensor — ``step`` has none (the loader skips it on purpose at :2390), so loading
+    fails with KeyError('step'). Marking it absent lets the shard copy skip it."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def patched(self, model_param, tensors):
+        return original(self, model_param, {"step": None, **tensors})
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = patched
+    try:
+        yield
+    finally:
+        DistributedOptimizer._set_main_param_and_optimizer_states = original
+
+
+def unshare_adam_steps(optimizer) -> None:
+    """megatron (distrib_optimizer.py:1029-1032) gives every parameter the *same* ``step`` tensor;
+    torch's Adam increments each parameter's step in place, so a shared tensor would advance once
+    per parameter per step and corrupt the bias correction after a resume. Give each its own."""
+    import torch
+
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in o.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
+@contextlib.contextmanager
+def in_process_write_queue():
+    """Our saves are synchronous: megatron writes the shards from threads of this process and
+    collects their results through a queue. Its default queue lives in a multiprocessing Manager
+    (dist_checkpointing/strategies/filesystem_async.py:53-66): a spawned server process per rank
+    that costs a second to start and outlives a killed trainer, holding its stdout open. A
+    thread-safe queue.Queue does the same job in-process."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    original = fa.get_write_results_queue
+    q: queue.Queue = queue.Queue()
+    fa.get_write_results_queue = lambda *a, **k: q
+    try:
+        yield
+    finally:
+        fa.get_write_results_queue = original
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU only: the CPU view of torch
 
 
 def _cpu_device(device: Any) -> Any:
@@ -166,8 +365,6 @@ CPU_TORCH_MODULES: dict[str, str] = {
     "megatron.core.distributed.param_and_grad_buffer":
         "distributed/param_and_grad_buffer.py buffers on torch.cuda.current_device(), "
         "line 1145 warm-up tensor on 'cuda', current_stream() for async grad reduce",
-    "megatron.core.distributed.finalize_model_grads":
-        "distributed/finalize_model_grads.py num_tokens / norms on CUDA",
     "megatron.core.optimizer.optimizer":
         "optimizer/optimizer.py:315,690,698,702,1249 found_inf / scale tensors on 'cuda'",
     "megatron.core.optimizer.distrib_optimizer":
@@ -202,7 +399,11 @@ def _stub_paged_stash_ops() -> None:
     pipeline_parallel/schedules.py:27 imports it through moe/paged_stash.py. The kernels serve MoE
     paged stashing only; without triton they raise if ever called."""
     name = "megatron.core.transformer.moe.ops.paged_stash"
-    if name in sys.modules or importlib.util.find_spec("triton") is not None:
+    try:
+        have_triton = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a finder that refuses it, or a half-imported triton
+        have_triton = False
+    if name in sys.modules or have_triton:
         return
     mod = types.ModuleType(name)
     mod.GLOBAL_BLOCK_SIZE = 1024
@@ -263,16 +464,10 @@ TENSOR_METHOD_SHIMS: list[tuple[str, str, str]] = [
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero",
      "optimizer/distrib_optimizer.py:1374 send_tensor.cuda() when gathering optimizer state for a "
      "fully_reshardable checkpoint"),
-    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__",
-     "optimizer/optimizer.py:1028 accepts only 'torch.cuda.*Tensor' params"),
     ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32",
      "optimizer/clip_grads.py:174 asserts grads are 'torch.cuda.FloatTensor'"),
-    ("megatron.core.optimizer.clip_grads", "count_zeros_fp32",
-     "optimizer/clip_grads.py:231 (beside it)"),
     ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32",
      "optimizer/optimizer.py imports clip_grad_by_total_norm_fp32 by name"),
-    ("megatron.core.optimizer.optimizer", "count_zeros_fp32",
-     "optimizer/optimizer.py imports count_zeros_fp32 by name"),
 ]
 
 
@@ -358,16 +553,13 @@ def _skip_single_rank_collectives() -> None:
 
 
 def apply() -> None:
-    """Apply every shim (idempotent). Call before megatron.core is first imported."""
+    """Check the pin and apply the process-wide shims: the TE import guard on every host, the CPU
+    shims when CUDA is absent (idempotent). megavlm.parallel.state.Parallel.initialize calls it."""
     global _applied
+    check_version()
+    install_te_import_guard()
     if _applied or not needed():
         return
-    from importlib.metadata import version
-
-    found = version("megatron-core").split("+")[0]
-    if found != MEGATRON_CORE_VERSION:
-        raise RuntimeError(f"the megavlm CPU layer is written for megatron-core {MEGATRON_CORE_VERSION}, "
-                           f"found {found}: install megatron-core=={MEGATRON_CORE_VERSION} (make install)")
     _stub_paged_stash_ops()
     cpu_torch = _CpuTorch()
     for name in CPU_TORCH_MODULES:
