@@ -142,20 +142,24 @@ _MIX_KEYS = ("image_sample_positions", "patch_positions", "pad_positions")
 
 def _reduce_losses(losses: list[dict], parallel: Parallel, mix: dict) -> tuple[float, int, dict]:
     """Global (mean loss, loss-token count, mixture position counts) of one step: losses come
-    from the last pipeline stage's microbatch reports, mixture counts from each DP rank's loader."""
+    from the last pipeline stage's microbatch reports, mixture counts from each DP rank's loader.
+
+    Every collective's tensor lives on ``parallel.device`` (NCCL takes no host tensors); float64
+    keeps the token and position counts exact far past 2**24. The one host copy is at the end."""
     from megatron.core import parallel_state as ps
 
-    total = torch.zeros(2 + len(_MIX_KEYS), dtype=torch.float64)
+    dev = parallel.device
+    total = torch.zeros(2 + len(_MIX_KEYS), dtype=torch.float64, device=dev)
     for rec in losses:
-        total[:2] += rec["loss"].double().cpu()
-    total[2:] = torch.tensor([float(mix.get(k, 0)) for k in _MIX_KEYS], dtype=torch.float64)
+        total[:2] += rec["loss"].to(device=dev, dtype=torch.float64)
+    total[2:] = torch.tensor([float(mix.get(k, 0)) for k in _MIX_KEYS], dtype=torch.float64, device=dev)
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         dist.all_reduce(total, group=parallel.dp_group)
     # share with the other pipeline stages so every rank can log / stop consistently
     src = ps.get_pipeline_model_parallel_last_rank()
     dist.broadcast(total, src=src, group=parallel.pp_group)
-    loss = (total[0] / total[1].clamp(min=1)).item()
-    return loss, int(total[1].item()), {k: int(v) for k, v in zip(_MIX_KEYS, total[2:].tolist())}
+    loss_sum, count, *counts = total.tolist()  # the step's one device-to-host copy
+    return loss_sum / max(count, 1.0), int(count), {k: int(v) for k, v in zip(_MIX_KEYS, counts)}
 
 
 class StageTrainer:
