@@ -163,7 +163,7 @@ def _reduce_losses(losses: list[dict], parallel: Parallel, mix: dict) -> tuple[f
 
 
 class StageTrainer:
-    """Runs one stage to its end (or to ``stop_after`` steps, for tests of interrupted runs)."""
+    """Runs one stage to its end (or to ``stop_after`` steps: benchmarks, tests of early stops)."""
 
     def __init__(self, run: RunConfig, stage: StageConfig, sched: StageSchedule, parallel: Parallel,
                  loader_factory: LoaderFactory, log: Callable[[str], None] = print):
@@ -180,16 +180,13 @@ class StageTrainer:
                              f"micro_batch_size*dp = {t.micro_batch_size}*{self.parallel.dp}")
         return t.global_batch_size // per
 
-    def train(self, stop_after: Optional[int] = None, fault: Optional[str] = None,
+    def train(self, stop_after: Optional[int] = None,
               observer: Optional[Callable[[str, int, list], None]] = None) -> StageOutcome:
         """Train to the end of the stage.
 
-        ``stop_after`` ends early after that many steps. ``fault`` is fault injection for resume
-        tests: ``exit_after_step:K`` kills the process right after step K (no cleanup, no
-        checkpoint), ``exit_in_checkpoint:K`` kills it in the middle of writing step K's
-        checkpoint. ``observer(stage, step, model)`` is called when the step's gradients are
-        final, before the optimizer uses them (parity tests read them there)."""
-        fault_kind, _, fault_step = (fault or "").partition(":")
+        ``stop_after`` ends early after that many steps. ``observer(stage, step, model)`` is
+        called when the step's gradients are final, before the optimizer uses them (the demo's
+        progress bars advance there; parity tests read the gradients there)."""
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -270,10 +267,6 @@ class StageTrainer:
                 self.log(f"[{stage.name}] step {step + 1}/{T} loss {loss:.4f} lr {lr:.3e} "
                          f"grad {rec['grad_norm'] or 0:.3f} tok/s {rec['tokens_per_s']:.0f}")
             k = step + 1
-            if fault_kind == "exit_after_step" and k == int(fault_step):
-                import os
-
-                os._exit(17)
             periodic = stage.save_every and k % stage.save_every == 0
             if k in fractions or periodic or k == T:
                 meta = {"stage": stage.name, "step": k, "steps": T, "fractions": fractions.get(k, []),
@@ -281,7 +274,6 @@ class StageTrainer:
                 path = ckpt.stage_dir(run.run_dir, stage.name) / f"step_{k:07d}"
                 ckpt.save(path, model, optimizer, meta, loader.state_dict(), par.dp_rank,
                           write_loader=par.tp_rank == 0 and par.pp_rank == 0,
-                          exit_before_commit=fault_kind == "exit_in_checkpoint" and k == int(fault_step),
                           run_config=run, tokenizer=run.data.resolve(run.data.tokenizer))
                 ckpt.prune(run.run_dir, stage.name, set(fractions))
         return StageOutcome(stage.name, end, last_loss)

@@ -33,8 +33,7 @@ def default_loader_factory(run: RunConfig) -> LoaderFactory:
 
 def run_stages(run: RunConfig, parallel: Parallel, loader_factory: Optional[LoaderFactory] = None,
                log: Callable[[str], None] = print, only: Optional[list[str]] = None,
-               stop_after: Optional[int] = None, fault: Optional[str] = None,
-               observer=None) -> list[StageOutcome]:
+               stop_after: Optional[int] = None, observer=None) -> list[StageOutcome]:
     if parallel.rank == 0:
         Path(run.run_dir).mkdir(parents=True, exist_ok=True)
         run.dump(Path(run.run_dir) / "config.yaml")
@@ -53,7 +52,7 @@ def run_stages(run: RunConfig, parallel: Parallel, loader_factory: Optional[Load
         if only and st.name not in only:
             continue
         trainer = StageTrainer(run, st, scheds[st.name], parallel, factory, log=log if parallel.is_logging_rank else (lambda s: None))
-        out.append(trainer.train(stop_after=stop_after, fault=fault, observer=observer))
+        out.append(trainer.train(stop_after=stop_after, observer=observer))
         if stop_after is not None and not out[-1].skipped:
             break
     return out
