@@ -269,6 +269,17 @@ class ScheduleConfig:
                 raise ConfigError("schedule peak and final must be >= 0")
 
 
+@dataclass(frozen=True)
+class StageOptimizer:
+    """A stage's resolved AdamW settings (see :meth:`StageConfig.optimizer`)."""
+
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_eps: float
+    grad_clip: float
+
+
 @dataclass
 class StageConfig:
     """One training stage: its data, what trains, where it starts, its budget and LR schedule."""
@@ -297,6 +308,15 @@ class StageConfig:
     """Override of train.weight_decay for this stage."""
     adam_beta2: Optional[float] = None
     """Override of train.adam_beta2 for this stage."""
+
+    def optimizer(self, train: TrainConfig) -> "StageOptimizer":
+        """The AdamW settings this stage trains with: its overrides over ``train``'s values (the
+        one place the overrides are resolved)."""
+        return StageOptimizer(
+            weight_decay=train.weight_decay if self.weight_decay is None else self.weight_decay,
+            adam_beta1=train.adam_beta1,
+            adam_beta2=train.adam_beta2 if self.adam_beta2 is None else self.adam_beta2,
+            adam_eps=train.adam_eps, grad_clip=train.grad_clip)
 
     def __post_init__(self):
         if not self.name or "/" in self.name:

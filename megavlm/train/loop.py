@@ -24,7 +24,7 @@ from megavlm.config import RunConfig, StageConfig
 from megavlm.data.batch import Batch
 from megavlm.parallel.state import Parallel
 from megavlm.train import checkpoint as ckpt
-from megavlm.train.schedule import StageSchedule, checkpoint_steps
+from megavlm.train.schedule import StageSchedule, checkpoint_steps, num_microbatches
 from megavlm.train.step import make_forward_step
 
 
@@ -93,12 +93,11 @@ def wrap_ddp(chunks, tc):
 def build_optimizer(run: RunConfig, stage: StageConfig, model, dtype: torch.dtype):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    t = run.train
+    o = stage.optimizer(run.train)
     cfg = OptimizerConfig(
-        optimizer="adam", lr=0.0, min_lr=0.0,
-        weight_decay=t.weight_decay if stage.weight_decay is None else stage.weight_decay,
-        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2 if stage.adam_beta2 is None else stage.adam_beta2,
-        adam_eps=t.adam_eps, clip_grad=t.grad_clip, bf16=dtype == torch.bfloat16,
+        optimizer="adam", lr=0.0, min_lr=0.0, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+        clip_grad=o.grad_clip, bf16=dtype == torch.bfloat16,
         params_dtype=dtype, use_distributed_optimizer=True)
     return get_megatron_optimizer(cfg, model)
 
@@ -172,14 +171,6 @@ class StageTrainer:
         self.run_dir = Path(run.run_dir)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", parallel.is_logging_rank)
 
-    def _num_microbatches(self) -> int:
-        t = self.run.train
-        per = t.micro_batch_size * self.parallel.dp
-        if t.global_batch_size % per:
-            raise ValueError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                             f"micro_batch_size*dp = {t.micro_batch_size}*{self.parallel.dp}")
-        return t.global_batch_size // per
-
     def train(self, stop_after: Optional[int] = None,
               observer: Optional[Callable[[str, int, list], None]] = None) -> StageOutcome:
         """Train to the end of the stage.
@@ -210,7 +201,7 @@ class StageTrainer:
         tc.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
         tc.grad_sync_func = None
 
-        nmb = self._num_microbatches()
+        nmb = num_microbatches(run.train, par.dp)
         loader = self.loader_factory(stage, par, nmb)
         start = 0
         if done is not None:
@@ -233,7 +224,7 @@ class StageTrainer:
         step_tokens = run.train.global_batch_size * S
         last_loss = None
         end = T if stop_after is None else min(T, start + stop_after)
-        wd = run.train.weight_decay if stage.weight_decay is None else stage.weight_decay
+        wd = stage.optimizer(run.train).weight_decay
         for step in range(start, end):
             t0 = time.perf_counter()
             lr = self.sched.lr(step)

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 from megavlm.config import RunConfig, StageConfig
 from megavlm.parallel.state import Parallel
 from megavlm.train.loop import LoaderFactory, StageOutcome, StageTrainer
-from megavlm.train.schedule import resolve_schedules, stage_steps
+from megavlm.train.schedule import num_microbatches, resolve_schedules, stage_steps
 
 
 def default_loader_factory(run: RunConfig) -> LoaderFactory:
@@ -43,7 +43,7 @@ def run_stages(run: RunConfig, parallel: Parallel, loader_factory: Optional[Load
     for st in run.stages:
         tokens = None
         if st.epochs is not None:  # fine-tuning: the budget is passes over the stage's data
-            nmb = run.train.global_batch_size // (run.train.micro_batch_size * parallel.dp)
+            nmb = num_microbatches(run.train, parallel.dp)
             tokens = st.epochs * factory(st, parallel, nmb).tokens_per_epoch
         steps[st.name] = stage_steps(run, st, tokens)
     scheds = resolve_schedules(run, steps)
