@@ -74,11 +74,16 @@ def build_model(run: RunConfig, parallel: Parallel, dtype: torch.dtype, backend:
 
 def set_trainable(chunks, trainable: str) -> None:
     """Freeze what the stage does not train (frozen parameters get no grad buffer and no
-    optimizer state, and weight decay never touches them)."""
+    optimizer state, and weight decay never touches them). ``trainable`` is one of
+    megavlm.config.TRAINABLE."""
+    from megavlm.config import TRAINABLE
+
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable {trainable!r} is not one of {list(TRAINABLE)}")
     for c in chunks:
         for name, p in c.named_parameters():
             is_projector = name.startswith("projector.")
-            p.requires_grad_({"projector": is_projector, "lm": not is_projector}.get(trainable, True))
+            p.requires_grad_({"projector": is_projector, "lm": not is_projector, "all": True}[trainable])
 
 
 def wrap_ddp(chunks, tc):
