@@ -30,7 +30,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
