@@ -19,9 +19,8 @@ receives a host-tagged tensor or a tensor on another device than ``parallel.devi
 the collective is called from megavlm code or megavlm code made the tensor. What megatron does
 with its own tensors is megatron's business (listed in docs/gpu-audit.md).
 
-Limit: an explicit ``torch.device("cpu")`` object given by megavlm code is indistinguishable
-from the run's device on this machine unless it is a different object from ``parallel.device``;
-the audit in docs/gpu-audit.md covers those by reading.
+Limit: a factory given an explicit ``device=`` counts as placed, so ``torch.zeros(..., device="cpu")``
+in megavlm code would pass here; docs/gpu-audit.md covers those by reading.
 """
 
 from __future__ import annotations
