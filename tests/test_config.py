@@ -87,3 +87,12 @@ def test_dump_roundtrip(tmp_path):
     run.dump(tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == run
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_stage_optimizer_resolves_overrides():
+    from megavlm.config import StageConfig, TrainConfig
+
+    t = TrainConfig(weight_decay=0.1, adam_beta2=0.95)
+    assert StageConfig(tokens=1).optimizer(t).weight_decay == 0.1
+    o = StageConfig(tokens=1, weight_decay=0.0, adam_beta2=0.999).optimizer(t)
+    assert (o.weight_decay, o.adam_beta2, o.adam_beta1, o.grad_clip) == (0.0, 0.999, t.adam_beta1, t.grad_clip)
