@@ -13,20 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
-import warnings
 
-
-def _quiet() -> None:
-    """megatron-core announces optional libraries it falls back from; keep the console readable."""
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    warnings.filterwarnings("ignore", message=".*absl.logging is not installed.*")
-    for category in (UserWarning, FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"(torch\.distributed|megatron)(\.|$)")
-    level = os.environ.get("MEGAVLM_MEGATRON_LOG_LEVEL", "ERROR")
-    logging.getLogger("megatron").setLevel(level)
+from megavlm.console import quiet_libraries
 
 
 def _load(args):
@@ -134,7 +123,7 @@ def _user_errors() -> tuple[type, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet()
+    quiet_libraries()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["sweep"]:
         from megavlm.sweep import main as sweep_main

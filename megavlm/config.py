@@ -16,6 +16,7 @@ import difflib
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -269,6 +270,23 @@ class ScheduleConfig:
                 raise ConfigError("schedule peak and final must be >= 0")
 
 
+TRAINABLE = ("lm", "projector", "all")
+"""What a stage can train (StageConfig.trainable)."""
+TRAINABLE_ALIASES = {"projector+lm": "all"}
+"""Deprecated spellings of a TRAINABLE value, still read (old recipes, saved config.yaml)."""
+
+
+@dataclass(frozen=True)
+class StageOptimizer:
+    """A stage's resolved AdamW settings (see :meth:`StageConfig.optimizer`)."""
+
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_eps: float
+    grad_clip: float
+
+
 @dataclass
 class StageConfig:
     """One training stage: its data, what trains, where it starts, its budget and LR schedule."""
@@ -277,10 +295,12 @@ class StageConfig:
     """Unique stage name; checkpoints live under <run_dir>/<name>/."""
     tokens: int = 0
     """Token budget (sequence positions, images included); steps = ceil(tokens / (global_batch * seq))."""
-    trainable: Literal["lm", "projector", "projector+lm", "all"] = "all"
-    """What trains: the language model only (text pre-training: the projector sees no data, so
-    it is frozen rather than decayed), the projector only, projector + language model, or all —
-    the image encoder is precomputed and frozen, so all trains what projector+lm trains."""
+    trainable: Literal["lm", "projector", "all", "projector+lm"] = "all"
+    """What trains: ``lm`` = the language model only (text pre-training: the projector sees no
+    data, so it is frozen rather than decayed), ``projector`` = the projector only, ``all`` =
+    everything that has weights (projector + language model; the image encoder is precomputed,
+    so it never trains). ``projector+lm`` is a deprecated alias of ``all``, accepted with a
+    DeprecationWarning and stored as ``all``."""
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
     """Data mixture of the stage."""
     init: InitConfig = field(default_factory=InitConfig)
@@ -298,7 +318,23 @@ class StageConfig:
     adam_beta2: Optional[float] = None
     """Override of train.adam_beta2 for this stage."""
 
+    def optimizer(self, train: TrainConfig) -> "StageOptimizer":
+        """The AdamW settings this stage trains with: its overrides over ``train``'s values (the
+        one place the overrides are resolved)."""
+        return StageOptimizer(
+            weight_decay=train.weight_decay if self.weight_decay is None else self.weight_decay,
+            adam_beta1=train.adam_beta1,
+            adam_beta2=train.adam_beta2 if self.adam_beta2 is None else self.adam_beta2,
+            adam_eps=train.adam_eps, grad_clip=train.grad_clip)
+
     def __post_init__(self):
+        if self.trainable in TRAINABLE_ALIASES:
+            new = TRAINABLE_ALIASES[self.trainable]
+            warnings.warn(f"stage {self.name}: trainable {self.trainable!r} is deprecated, write "
+                          f"{new!r} (the same parameters train)", DeprecationWarning, stacklevel=2)
+            self.trainable = new
+        if self.trainable not in TRAINABLE:
+            raise ConfigError(f"stage {self.name}: trainable {self.trainable!r} is not one of {list(TRAINABLE)}")
         if not self.name or "/" in self.name:
             raise ConfigError(f"stage name {self.name!r} must be non-empty and contain no '/'")
         if self.tokens <= 0 and self.epochs is None:

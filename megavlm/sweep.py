@@ -124,9 +124,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     from megavlm.config import ConfigError
     from megavlm.experiment.executors import JobFailed
 
-    from megavlm.cli import _quiet
+    from megavlm.console import quiet_libraries
 
-    _quiet()  # the job subprocesses start here, not through megavlm.cli
+    quiet_libraries()  # the job subprocesses start here, not through megavlm.cli
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv[:1] == ["job"] and len(argv) == 3:

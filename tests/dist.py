@@ -39,7 +39,7 @@ def launch(nproc: int, spec: dict, workdir: Path, timeout: int = 300, expect_rc:
     metrics_file = Path(spec["config"]["run_dir"]) / "metrics.jsonl"
     res["metrics"] = ([json.loads(l) for l in metrics_file.read_text().splitlines()]
                       if metrics_file.exists() else [])
-    res["stdout"], res["stderr"] = p.stdout, p.stderr
+    res["stdout"], res["stderr"], res["returncode"] = p.stdout, p.stderr, p.returncode
     return res
 
 

@@ -38,8 +38,9 @@ def test_wrong_type_names_path():
 
 def test_dotted_overrides(tmp_path):
     path = CONFIGS[[p.name for p in CONFIGS].index("tiny.yaml")]
-    run = load_config(path, ["stages.1.tokens=1e6", "parallel.tp=2", "run_dir=/x", "stages.text.seed=3"][:3])
+    run = load_config(path, ["stages.1.tokens=1e6", "parallel.tp=2", "run_dir=/x", "stages.image.save_every=3"])
     assert run.stages[1].tokens == 1_000_000 and run.parallel.tp == 2 and run.run_dir == "/x"
+    assert run.stage("image").save_every == 3 and run.stage("text").save_every == 0  # by name, that stage only
     run = load_config(path, ["stages.image.mixture.captions=0.2", "stages.image.mixture.text=0.8"])
     assert run.stage("image").mixture.captions == 0.2
     with pytest.raises(ConfigError, match="unknown config key 'stages.1.tokenz'"):
@@ -48,6 +49,21 @@ def test_dotted_overrides(tmp_path):
         load_config(path, ["stages.7.tokens=5"])
     with pytest.raises(ConfigError, match="must look like key.path=value"):
         load_config(path, ["stages.1.tokens"])
+
+
+def test_one_name_for_training_everything():
+    raw = lambda t: {"stages": [{"name": "a", "tokens": 1, "trainable": t}]}  # noqa: E731
+    assert load_config(raw=raw("all")).stages[0].trainable == "all"
+    with pytest.warns(DeprecationWarning, match=r"'projector\+lm' is deprecated, write 'all'"):
+        assert load_config(raw=raw("projector+lm")).stages[0].trainable == "all"
+    with pytest.raises(ConfigError, match=r"stages.0.trainable: 'everything' is not one of"):
+        load_config(raw=raw("everything"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_recipes_use_current_names(path, recwarn):
+    load_config(path)
+    assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning) and "trainable" in str(w.message)]
 
 
 def test_validation_errors():
@@ -71,3 +87,12 @@ def test_dump_roundtrip(tmp_path):
     run.dump(tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == run
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_stage_optimizer_resolves_overrides():
+    from megavlm.config import StageConfig, TrainConfig
+
+    t = TrainConfig(weight_decay=0.1, adam_beta2=0.95)
+    assert StageConfig(tokens=1).optimizer(t).weight_decay == 0.1
+    o = StageConfig(tokens=1, weight_decay=0.0, adam_beta2=0.999).optimizer(t)
+    assert (o.weight_decay, o.adam_beta2, o.adam_beta1, o.grad_clip) == (0.0, 0.999, t.adam_beta1, t.grad_clip)

@@ -205,7 +205,7 @@ def case_config(base: RunConfig, case: Case, steps: int, run_dir: str) -> RunCon
                dataclasses.replace(first.mixture, text=0.0, captions=1.0, instructions=0.0))
     stage = dataclasses.replace(
         first, name=case.stage, tokens=(steps + 2) * per_step, epochs=None, mixture=mixture,
-        trainable="projector+lm", init=dataclasses.replace(first.init, stage=None, fraction=None, path=None),
+        trainable="all", init=dataclasses.replace(first.init, stage=None, fraction=None, path=None),
         checkpoint_fractions=[1.0], save_every=0)
     train = dataclasses.replace(base.train, log_every=10 ** 9)
     if case.precision == "fp32":

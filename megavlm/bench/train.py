@@ -39,13 +39,14 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from megavlm.bench.artifact import cpu_model, load_average, write_report
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megavlm.bench.artifact import cpu_model, load_average, write_report
 from megavlm.config import RunConfig, load_config
 from megavlm.data.batch import Batch, Sample, collate
-from megavlm.model.reference import ReferenceDCLM, to_openlm_names
+from megavlm.model.reference import ReferenceDCLM, document_mask, to_openlm_names
+from megavlm.ops.masked_ce import masked_cross_entropy_reference
+from megavlm.train.schedule import num_microbatches
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "launch" / "configs" / "tiny.yaml"
 PAD = 0
@@ -121,8 +122,13 @@ def _loader(run: RunConfig, nmb: int) -> SyntheticTextLoader:
                                micro_batch=run.train.micro_batch_size, num_microbatches=nmb)
 
 
-def _num_microbatches(run: RunConfig) -> int:
-    return run.train.global_batch_size // run.train.micro_batch_size
+def initial_weights(run: RunConfig, parallel) -> dict[str, Tensor]:
+    """Full tensors of the model megavlm initialises for ``run`` (both systems start from them)."""
+    from megavlm.model.export import full_tensors
+    from megavlm.model.build import build_model
+
+    chunks, _ = build_model(run, parallel, torch.float32)
+    return full_tensors(chunks)
 
 
 # ---------------------------------------------------------------------------------- megavlm
@@ -165,27 +171,6 @@ class PlainVLM(nn.Module):
                 self.projector[i].bias.copy_(full[f"projector.{name}.bias"])
 
 
-def documents_mask(position_ids: Tensor) -> Tensor:
-    """[B, 1, S, S] True where attention is forbidden: causal within documents, which start
-    wherever the position id restarts at 0."""
-    doc = (position_ids == 0).cumsum(-1)
-    S = position_ids.shape[1]
-    causal = torch.ones(S, S, dtype=torch.bool, device=position_ids.device).tril()
-    return (~((doc[:, :, None] == doc[:, None, :]) & causal))[:, None]
-
-
-def masked_loss_sum(hidden: Tensor, weight: Tensor, labels: Tensor, loss_mask: Tensor,
-                    z_loss: float) -> Tensor:
-    """Cross-entropy (+ z-loss) summed over loss positions; logits only where the mask is 1."""
-    keep = loss_mask.reshape(-1) > 0
-    h = hidden.reshape(-1, hidden.shape[-1])[keep]
-    logits = h @ weight.t()
-    loss = F.cross_entropy(logits, labels.reshape(-1)[keep], reduction="sum")
-    if z_loss:
-        loss = loss + z_loss * torch.logsumexp(logits, dim=-1).square().sum()
-    return loss
-
-
 def run_plain(run: RunConfig, full: dict[str, Tensor],
               total_steps: int) -> tuple[list[tuple[float, float]], list[float]]:
     """(step seconds, losses) of ``total_steps`` steps of the same model and loop in plain PyTorch."""
@@ -199,15 +184,14 @@ def run_plain(run: RunConfig, full: dict[str, Tensor],
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
-    wd = t.weight_decay if stage.weight_decay is None else stage.weight_decay
-    beta2 = t.adam_beta2 if stage.adam_beta2 is None else stage.adam_beta2
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd},
+    o = stage.optimizer(t)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=0.0, betas=(t.adam_beta1, beta2), eps=t.adam_eps)
+                            lr=0.0, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)
     for p in params:  # untouched parameters step with zero gradients (as in megatron)
         p.grad = torch.zeros_like(p)
     sched = _schedule(run)
-    loader = _loader(run, _num_microbatches(run))
+    loader = _loader(run, num_microbatches(run.train))
     z = run.model.z_loss
     losses = []
     for step in range(total_steps):
@@ -219,13 +203,15 @@ def run_plain(run: RunConfig, full: dict[str, Tensor],
         count = sum(b.loss_mask.sum() for b in batches)
         total = torch.zeros(())
         for b in batches:
-            mask = documents_mask(b.position_ids) if b.cu_seqlens is not None else None
+            mask = document_mask(b.position_ids) if b.cu_seqlens is not None else None
             hidden = model.lm.hidden(b.tokens, b.position_ids, mask)
-            loss_sum = masked_loss_sum(hidden, model.lm.output.weight, b.labels, b.loss_mask, z)
+            loss_sum, _ = masked_cross_entropy_reference(
+                hidden.reshape(-1, hidden.shape[-1]), model.lm.output.weight, b.labels.reshape(-1),
+                b.loss_mask.reshape(-1), z_loss=z)
             (loss_sum / count).backward()
             total += loss_sum.detach()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        if o.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         opt.step()
         losses.append((total / count).item())
     return loader.step_seconds(), losses
@@ -266,6 +252,7 @@ def machine_info() -> dict[str, str]:
 def render(run: RunConfig, results: dict[str, Measured], info: dict[str, str], command: str,
            args) -> str:
     m, t = run.model, run.train
+    o = run.stages[0].optimizer(t)
     tokens = t.global_batch_size * m.seq_length
     mega, plain = results["megavlm"], results["plain"]
     ratio = plain.median() / mega.median()
@@ -277,11 +264,11 @@ def render(run: RunConfig, results: dict[str, Measured], info: dict[str, str], c
               f"SwiGLU {m.ffn_hidden_size}, vocab {m.vocab_size}, seq {m.seq_length}, qk-norm, "
               f"z-loss {m.z_loss:g}; projector {m.vision.embed_dim}→{m.vision.projector_mult * m.vision.embed_dim}"
               f"→{m.hidden_size} (stepped, unused by text rows)",
-              f"- batch: micro {t.micro_batch_size} x {_num_microbatches(run)} microbatches = global "
+              f"- batch: micro {t.micro_batch_size} x {num_microbatches(run.train)} microbatches = global "
               f"{t.global_batch_size} rows = {tokens} tokens per step; synthetic text, half the rows "
               "two packed documents",
-              f"- fp32, one process; AdamW (β {t.adam_beta1}/{t.adam_beta2}, wd {t.weight_decay}), "
-              f"grad clip {t.grad_clip}, LR schedule of the recipe's first stage",
+              f"- fp32, one process; AdamW (β {o.adam_beta1}/{o.adam_beta2}, wd {o.weight_decay}), "
+              f"grad clip {o.grad_clip}, LR schedule of the recipe's first stage",
               f"- {args.steps} timed steps after {args.warmup} warm-up steps per run, {args.rounds} rounds "
               "in ABBA order (megavlm, plain, plain, megavlm, ...); a step = data request to the "
               "next data request",
@@ -326,9 +313,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     import torch.distributed as dist
 
-    from megavlm.model.export import full_tensors
     from megavlm.parallel.state import Parallel
-    from megavlm.model.build import build_model
 
     info = machine_info()  # before the runs: the load average is the machine's, not ours
     total = args.warmup + args.steps + 1  # +1: the last step only closes the previous interval
@@ -337,9 +322,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         base = bench_config(args.config, args.overrides, total, str(Path(tmp) / "run"))
         parallel = Parallel.initialize(base.parallel, base.seed)
         try:
-            chunks, _ = build_model(base, parallel, torch.float32)
-            full = full_tensors(chunks)  # the plain model starts from megavlm's initial weights
-            del chunks
+            full = initial_weights(base, parallel)  # the plain model starts from megavlm's weights
             results = {s: Measured(s, [], [], [], []) for s in ("megavlm", "plain")}
             for r in range(args.rounds):
                 order = ("megavlm", "plain") if r % 2 == 0 else ("plain", "megavlm")

@@ -137,12 +137,13 @@ def plan_jobs(plan: dict) -> list[Job]:
 def epoch_tokens(run: RunConfig, stage: StageConfig) -> int:
     """Token positions of one pass over the stage's data (what ``epochs`` multiplies)."""
     from megavlm.data.mixture import StageLoader
+    from megavlm.train.schedule import num_microbatches
 
     ensure_data(run)
     t = run.train
     loader = StageLoader(run.data, stage.mixture, seq_length=run.model.seq_length,
                          micro_batch_size=t.micro_batch_size,
-                         num_microbatches=t.global_batch_size // t.micro_batch_size, dp_rank=0, dp_size=1,
+                         num_microbatches=num_microbatches(t), dp_rank=0, dp_size=1,
                          seed=run.seed, stage=stage.name, vision=run.model.vision, epochs=1)
     return int(loader.tokens_per_epoch)
 

@@ -68,12 +68,16 @@ def write_results(sweep_dir: Path) -> tuple[Path, Path, list[dict]]:
         cols += [k for k in r if k not in cols]
     stem = f"results-{plan['tag']}" if plan.get("tag") else "results"
     csv_path = sweep_dir / f"{stem}.csv"
-    with csv_path.open("w", newline="") as f:
+    tmp = csv_path.with_name(csv_path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
+    tmp.replace(csv_path)
     n_cells = sum(1 for j in plan["jobs"] if j["kind"] == "cell")
     json_path = sweep_dir / f"{stem}.json"
-    json_path.write_text(json.dumps({"grid": plan["grid"], "cells_finished": len(rows), "cells": n_cells,
-                                     "rows": rows, "aggregate": aggregate(rows)}, indent=1))
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    tmp.write_text(json.dumps({"grid": plan["grid"], "cells_finished": len(rows), "cells": n_cells,
+                               "rows": rows, "aggregate": aggregate(rows)}, indent=1))
+    tmp.replace(json_path)
     return csv_path, json_path, rows

@@ -117,6 +117,19 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def document_mask(position_ids: Tensor) -> Tensor:
+    """[B, 1, S, S] bool, True where attention is forbidden: causal within each packed document.
+
+    The reference's own statement of packed attention, derived from the position ids alone (a
+    document starts wherever the position restarts at 0) and independent of the trainer's
+    ``cu_seqlens``-based attention path, so comparing the two checks the trainer. Dense S x S:
+    for the reference and the plain-PyTorch benchmark baseline, never for training."""
+    doc = (position_ids == 0).long().cumsum(-1)
+    S = position_ids.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=position_ids.device).tril()
+    return (~((doc[:, :, None] == doc[:, None, :]) & causal))[:, None]
+
+
 class ReferenceDCLM(nn.Module):
     """The language model of a recipe (no projector), OpenLM parameter names, batch-first."""
 
@@ -136,7 +149,7 @@ class ReferenceDCLM(nn.Module):
             tokens: [B, S] ids (or give ``inputs_embeds`` [B, S, d] instead, e.g. with images spliced).
             position_ids: [B, S] RoPE positions; None = 0..S-1 in every row.
             attention_mask: [B, 1, S, S] bool, True where attention is *forbidden* (megatron's
-                convention, as megavlm.train.step.packed_attention_mask builds it); None = causal.
+                convention; :func:`document_mask` builds it for packed rows); None = causal.
         """
         x = self.tok_embeddings(tokens) if inputs_embeds is None else inputs_embeds
         B, S = x.shape[:2]

@@ -27,12 +27,9 @@ from megavlm.parallel import megatron_compat
 
 
 def save(path: Path, chunks: list, optimizer, meta: dict, loader_state: dict, dp_rank: int,
-         write_loader: bool, exit_before_commit: bool = False, run_config=None,
-         tokenizer: Optional[Path] = None) -> None:
-    """Write a complete checkpoint at ``path`` (collective: every rank calls it).
-
-    ``exit_before_commit`` is fault injection for tests: the process dies after the shards are
-    written and before the rename that makes the checkpoint complete."""
+         write_loader: bool, run_config=None, tokenizer: Optional[Path] = None) -> None:
+    """Write a complete checkpoint at ``path`` (collective: every rank calls it); the last step,
+    :func:`publish`, is what makes it complete."""
     from megatron.core import dist_checkpointing
 
     tmp = path.with_name(".tmp-" + path.name)
@@ -52,10 +49,6 @@ def save(path: Path, chunks: list, optimizer, meta: dict, loader_state: dict, dp
         (tmp / "loader").mkdir(exist_ok=True)
         (tmp / "loader" / f"dp{dp_rank}.json").write_text(json.dumps(loader_state))
     dist.barrier()
-    if exit_before_commit:
-        import os
-
-        os._exit(17)
     if rank0:
         # a checkpoint describes itself: the resolved config and the tokenizer travel with it
         if run_config is not None:
@@ -64,10 +57,19 @@ def save(path: Path, chunks: list, optimizer, meta: dict, loader_state: dict, dp
             (tmp / TOKENIZER_DIR).mkdir(exist_ok=True)
             shutil.copy2(tokenizer, tmp / TOKENIZER_DIR / Path(tokenizer).name)
         (tmp / META).write_text(json.dumps(meta, indent=1))
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
+        publish(tmp, path)
     dist.barrier()
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """The rename that turns the written ``.tmp-…`` folder into the checkpoint ``path``.
+
+    Everything before it leaves only a partial folder that the next run removes; a process killed
+    before it therefore leaves no checkpoint. It is also the seam the resume tests stop a run
+    at (tests/parallel/dist_worker.py patches it) to prove that."""
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
 
 
 def _holds_params(optimizer) -> bool:

@@ -25,7 +25,7 @@ from megavlm.data.batch import Batch
 from megavlm.model.build import build_model, model_dtype
 from megavlm.parallel.state import Parallel
 from megavlm.train import checkpoint as ckpt
-from megavlm.train.schedule import StageSchedule, checkpoint_steps
+from megavlm.train.schedule import StageSchedule, checkpoint_steps, num_microbatches
 from megavlm.train.step import make_forward_step
 
 
@@ -44,11 +44,16 @@ LoaderFactory = Callable[[StageConfig, Parallel, int], StepLoader]
 
 def set_trainable(chunks, trainable: str) -> None:
     """Freeze what the stage does not train (frozen parameters get no grad buffer and no
-    optimizer state, and weight decay never touches them)."""
+    optimizer state, and weight decay never touches them). ``trainable`` is one of
+    megavlm.config.TRAINABLE."""
+    from megavlm.config import TRAINABLE
+
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable {trainable!r} is not one of {list(TRAINABLE)}")
     for c in chunks:
         for name, p in c.named_parameters():
             is_projector = name.startswith("projector.")
-            p.requires_grad_({"projector": is_projector, "lm": not is_projector}.get(trainable, True))
+            p.requires_grad_({"projector": is_projector, "lm": not is_projector, "all": True}[trainable])
 
 
 def wrap_ddp(chunks, tc):
@@ -63,12 +68,11 @@ def wrap_ddp(chunks, tc):
 def build_optimizer(run: RunConfig, stage: StageConfig, model, dtype: torch.dtype):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    t = run.train
+    o = stage.optimizer(run.train)
     cfg = OptimizerConfig(
-        optimizer="adam", lr=0.0, min_lr=0.0,
-        weight_decay=t.weight_decay if stage.weight_decay is None else stage.weight_decay,
-        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2 if stage.adam_beta2 is None else stage.adam_beta2,
-        adam_eps=t.adam_eps, clip_grad=t.grad_clip, bf16=dtype == torch.bfloat16,
+        optimizer="adam", lr=0.0, min_lr=0.0, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+        clip_grad=o.grad_clip, bf16=dtype == torch.bfloat16,
         params_dtype=dtype, use_distributed_optimizer=True)
     return get_megatron_optimizer(cfg, model)
 
@@ -112,24 +116,28 @@ _MIX_KEYS = ("image_sample_positions", "patch_positions", "pad_positions")
 
 def _reduce_losses(losses: list[dict], parallel: Parallel, mix: dict) -> tuple[float, int, dict]:
     """Global (mean loss, loss-token count, mixture position counts) of one step: losses come
-    from the last pipeline stage's microbatch reports, mixture counts from each DP rank's loader."""
+    from the last pipeline stage's microbatch reports, mixture counts from each DP rank's loader.
+
+    Every collective's tensor lives on ``parallel.device`` (NCCL takes no host tensors); float64
+    keeps the token and position counts exact far past 2**24. The one host copy is at the end."""
     from megatron.core import parallel_state as ps
 
-    total = torch.zeros(2 + len(_MIX_KEYS), dtype=torch.float64)
+    dev = parallel.device
+    total = torch.zeros(2 + len(_MIX_KEYS), dtype=torch.float64, device=dev)
     for rec in losses:
-        total[:2] += rec["loss"].double().cpu()
-    total[2:] = torch.tensor([float(mix.get(k, 0)) for k in _MIX_KEYS], dtype=torch.float64)
+        total[:2] += rec["loss"].to(device=dev, dtype=torch.float64)
+    total[2:] = torch.tensor([float(mix.get(k, 0)) for k in _MIX_KEYS], dtype=torch.float64, device=dev)
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         dist.all_reduce(total, group=parallel.dp_group)
     # share with the other pipeline stages so every rank can log / stop consistently
     src = ps.get_pipeline_model_parallel_last_rank()
     dist.broadcast(total, src=src, group=parallel.pp_group)
-    loss = (total[0] / total[1].clamp(min=1)).item()
-    return loss, int(total[1].item()), {k: int(v) for k, v in zip(_MIX_KEYS, total[2:].tolist())}
+    loss_sum, count, *counts = total.tolist()  # the step's one device-to-host copy
+    return loss_sum / max(count, 1.0), int(count), {k: int(v) for k, v in zip(_MIX_KEYS, counts)}
 
 
 class StageTrainer:
-    """Runs one stage to its end (or to ``stop_after`` steps, for tests of interrupted runs)."""
+    """Runs one stage to its end (or to ``stop_after`` steps: benchmarks, tests of early stops)."""
 
     def __init__(self, run: RunConfig, stage: StageConfig, sched: StageSchedule, parallel: Parallel,
                  loader_factory: LoaderFactory, log: Callable[[str], None] = print):
@@ -138,24 +146,13 @@ class StageTrainer:
         self.run_dir = Path(run.run_dir)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", parallel.is_logging_rank)
 
-    def _num_microbatches(self) -> int:
-        t = self.run.train
-        per = t.micro_batch_size * self.parallel.dp
-        if t.global_batch_size % per:
-            raise ValueError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                             f"micro_batch_size*dp = {t.micro_batch_size}*{self.parallel.dp}")
-        return t.global_batch_size // per
-
-    def train(self, stop_after: Optional[int] = None, fault: Optional[str] = None,
+    def train(self, stop_after: Optional[int] = None,
               observer: Optional[Callable[[str, int, list], None]] = None) -> StageOutcome:
         """Train to the end of the stage.
 
-        ``stop_after`` ends early after that many steps. ``fault`` is fault injection for resume
-        tests: ``exit_after_step:K`` kills the process right after step K (no cleanup, no
-        checkpoint), ``exit_in_checkpoint:K`` kills it in the middle of writing step K's
-        checkpoint. ``observer(stage, step, model)`` is called when the step's gradients are
-        final, before the optimizer uses them (parity tests read them there)."""
-        fault_kind, _, fault_step = (fault or "").partition(":")
+        ``stop_after`` ends early after that many steps. ``observer(stage, step, model)`` is
+        called when the step's gradients are final, before the optimizer uses them (the demo's
+        progress bars advance there; parity tests read the gradients there)."""
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -179,7 +176,7 @@ class StageTrainer:
         tc.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
         tc.grad_sync_func = None
 
-        nmb = self._num_microbatches()
+        nmb = num_microbatches(run.train, par.dp)
         loader = self.loader_factory(stage, par, nmb)
         start = 0
         if done is not None:
@@ -202,7 +199,7 @@ class StageTrainer:
         step_tokens = run.train.global_batch_size * S
         last_loss = None
         end = T if stop_after is None else min(T, start + stop_after)
-        wd = run.train.weight_decay if stage.weight_decay is None else stage.weight_decay
+        wd = stage.optimizer(run.train).weight_decay
         for step in range(start, end):
             t0 = time.perf_counter()
             lr = self.sched.lr(step)
@@ -236,10 +233,6 @@ class StageTrainer:
                 self.log(f"[{stage.name}] step {step + 1}/{T} loss {loss:.4f} lr {lr:.3e} "
                          f"grad {rec['grad_norm'] or 0:.3f} tok/s {rec['tokens_per_s']:.0f}")
             k = step + 1
-            if fault_kind == "exit_after_step" and k == int(fault_step):
-                import os
-
-                os._exit(17)
             periodic = stage.save_every and k % stage.save_every == 0
             if k in fractions or periodic or k == T:
                 meta = {"stage": stage.name, "step": k, "steps": T, "fractions": fractions.get(k, []),
@@ -247,7 +240,6 @@ class StageTrainer:
                 path = ckpt.stage_dir(run.run_dir, stage.name) / f"step_{k:07d}"
                 ckpt.save(path, model, optimizer, meta, loader.state_dict(), par.dp_rank,
                           write_loader=par.tp_rank == 0 and par.pp_rank == 0,
-                          exit_before_commit=fault_kind == "exit_in_checkpoint" and k == int(fault_step),
                           run_config=run, tokenizer=run.data.resolve(run.data.tokenizer))
                 ckpt.prune(run.run_dir, stage.name, set(fractions))
         return StageOutcome(stage.name, end, last_loss)

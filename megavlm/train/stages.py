@@ -12,7 +12,7 @@ from typing import Callable, Optional
 from megavlm.config import RunConfig, StageConfig
 from megavlm.parallel.state import Parallel
 from megavlm.train.loop import LoaderFactory, StageOutcome, StageTrainer
-from megavlm.train.schedule import resolve_schedules, stage_steps
+from megavlm.train.schedule import num_microbatches, resolve_schedules, stage_steps
 
 
 def default_loader_factory(run: RunConfig) -> LoaderFactory:
@@ -33,8 +33,7 @@ def default_loader_factory(run: RunConfig) -> LoaderFactory:
 
 def run_stages(run: RunConfig, parallel: Parallel, loader_factory: Optional[LoaderFactory] = None,
                log: Callable[[str], None] = print, only: Optional[list[str]] = None,
-               stop_after: Optional[int] = None, fault: Optional[str] = None,
-               observer=None) -> list[StageOutcome]:
+               stop_after: Optional[int] = None, observer=None) -> list[StageOutcome]:
     if parallel.rank == 0:
         Path(run.run_dir).mkdir(parents=True, exist_ok=True)
         run.dump(Path(run.run_dir) / "config.yaml")
@@ -44,7 +43,7 @@ def run_stages(run: RunConfig, parallel: Parallel, loader_factory: Optional[Load
     for st in run.stages:
         tokens = None
         if st.epochs is not None:  # fine-tuning: the budget is passes over the stage's data
-            nmb = run.train.global_batch_size // (run.train.micro_batch_size * parallel.dp)
+            nmb = num_microbatches(run.train, parallel.dp)
             tokens = st.epochs * factory(st, parallel, nmb).tokens_per_epoch
         steps[st.name] = stage_steps(run, st, tokens)
     scheds = resolve_schedules(run, steps)
@@ -53,7 +52,7 @@ def run_stages(run: RunConfig, parallel: Parallel, loader_factory: Optional[Load
         if only and st.name not in only:
             continue
         trainer = StageTrainer(run, st, scheds[st.name], parallel, factory, log=log if parallel.is_logging_rank else (lambda s: None))
-        out.append(trainer.train(stop_after=stop_after, fault=fault, observer=observer))
+        out.append(trainer.train(stop_after=stop_after, observer=observer))
         if stop_after is not None and not out[-1].skipped:
             break
     return out

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from megavlm.config import load_config
-from megavlm.model.reference import (ReferenceDCLM, from_openlm_names, qkv_megatron_to_openlm,
+from megavlm.model.reference import (ReferenceDCLM, document_mask, from_openlm_names, qkv_megatron_to_openlm,
                                      reference_from_megatron, to_openlm_names)
 from tests import synthetic
 
@@ -61,18 +61,8 @@ def _megatron_logits(chunk, batch):
         return chunk.logits(hidden)
 
 
-def _documents_mask(position_ids):
-    """[B, 1, S, S] True = forbidden, built from restarting positions: a new document starts
-    wherever the position id is 0 (independent of megavlm's cu_seqlens-based builder)."""
-    doc = (position_ids == 0).long().cumsum(-1)
-    S = position_ids.shape[1]
-    causal = torch.ones(S, S, dtype=torch.bool).tril()
-    allowed = (doc[:, :, None] == doc[:, None, :]) & causal
-    return (~allowed)[:, None]
-
-
 def _reference_logits(ref, full, batch, run):
-    mask = _documents_mask(batch.position_ids) if batch.cu_seqlens is not None else None
+    mask = document_mask(batch.position_ids) if batch.cu_seqlens is not None else None
     x = ref.tok_embeddings(batch.tokens)
     if batch.image_embeds is not None:
         e = batch.image_embeds.float()
@@ -164,3 +154,15 @@ def test_reference_trains(built):
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in ref.parameters())
     assert math.isfinite(loss.item())
+
+
+def test_document_mask_is_causal_within_documents():
+    """A document starts where the position id restarts at 0; no attention across documents."""
+    pos = torch.tensor([[0, 1, 2, 0, 1]])
+    allowed = ~document_mask(pos)[0, 0]
+    want = torch.tensor([[1, 0, 0, 0, 0],
+                         [1, 1, 0, 0, 0],
+                         [1, 1, 1, 0, 0],
+                         [0, 0, 0, 1, 0],
+                         [0, 0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(allowed, want)

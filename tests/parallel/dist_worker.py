@@ -1,7 +1,15 @@
 """One process of a multi-process engine test (launched by tests/dist.py through torchrun).
 
 Reads a JSON spec: the raw run config, which stages to run, optional early stop / fault, and
-which steps' full gradients to record. Rank 0 writes {losses, grads, weights} with torch.save.
+which steps' full gradients to record. Rank 0 writes {grads, weights, log} with torch.save.
+
+Faults are injected here, on the test side, by patching two seams of the library (production
+code has no fault parameters):
+
+* ``exit_after_step:K`` — the process dies (``os._exit(17)``: no cleanup, no checkpoint) right
+  after step K's metrics line is written (``MetricsLog.write``);
+* ``exit_in_checkpoint:K`` — it dies after step K's checkpoint is fully written under
+  ``.tmp-step_…`` and before ``checkpoint.publish`` renames it into place.
 """
 
 from __future__ import annotations
@@ -11,6 +19,38 @@ import sys
 import warnings
 
 warnings.filterwarnings("ignore")
+
+
+FAULT_EXIT = 17
+
+
+def inject_fault(fault: str) -> None:
+    """Patch the seam named by ``fault`` (see the module docstring) to kill this process."""
+    import os
+
+    from megavlm.train import checkpoint, loop
+
+    kind, _, at = fault.partition(":")
+    k = int(at)
+    if kind == "exit_after_step":
+        write = loop.MetricsLog.write
+
+        def write_then_die(self, rec):
+            write(self, rec)
+            if rec["step"] == k:
+                os._exit(FAULT_EXIT)
+
+        loop.MetricsLog.write = write_then_die
+    elif kind == "exit_in_checkpoint":
+        def die_before_publish(tmp, path):
+            if path.name == f"step_{k:07d}":
+                os._exit(FAULT_EXIT)
+            return publish(tmp, path)
+
+        publish = checkpoint.publish
+        checkpoint.publish = die_before_publish
+    else:
+        raise ValueError(f"unknown fault {fault!r}")
 
 
 def main(spec_path: str) -> None:
@@ -32,9 +72,11 @@ def main(spec_path: str) -> None:
         if f"{stage}:{step}" in record:
             grads[f"{stage}:{step}"] = full_tensors(model, tp_group=par.tp_group, pp_group=par.pp_group, grads=True)
 
-    run_stages(run, par, loader_factory=synthetic.factory(run), log=lambda s: None,
-               only=spec.get("only"), stop_after=spec.get("stop_after"), fault=spec.get("fault"),
-               observer=observer)
+    if spec.get("fault"):
+        inject_fault(spec["fault"])
+    log: list[str] = []
+    run_stages(run, par, loader_factory=synthetic.factory(run), log=log.append,
+               only=spec.get("only"), stop_after=spec.get("stop_after"), observer=observer)
     weights = None
     if spec.get("weights_of"):
         from megavlm.train import checkpoint as ckpt
@@ -50,7 +92,7 @@ def main(spec_path: str) -> None:
         if isinstance(wanted, str):
             weights = weights[wanted]
     if par.rank == 0:
-        torch.save({"grads": grads, "weights": weights}, spec["out"])
+        torch.save({"grads": grads, "weights": weights, "log": log}, spec["out"])
     par.destroy()
 
 

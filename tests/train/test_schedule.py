@@ -83,3 +83,14 @@ def test_plan_cli_json():
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "unknown config key 'stages.1.tokenz'" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1  # one clear line, no traceback
+
+
+def test_num_microbatches_divides_exactly():
+    from megavlm.config import ConfigError, TrainConfig
+    from megavlm.train.schedule import num_microbatches
+
+    t = TrainConfig(micro_batch_size=2, global_batch_size=12)
+    assert num_microbatches(t) == 6 and num_microbatches(t, dp=3) == 2
+    with pytest.raises(ConfigError, match=r"global_batch_size=12 is not divisible by micro_batch_size\*dp = 2\*4"):
+        num_microbatches(t, dp=4)
+
