@@ -84,7 +84,8 @@ class MixturePlanner:
     """Plans rows (lists of pieces) from sample lengths; its state is a few integers."""
 
     def __init__(self, lengths: Sequence[Optional[np.ndarray]], fractions: Sequence[float], *,
-                 seq_length: int, seed: int, stage: str):
+                 seq_length: int, seed: int, stage: str, max_heads: Optional[int] = None):
+        self.max_heads = max_heads  # 1 = one example per row (batch_unit: examples)
         self.S = seq_length
         self.f = [float(x) for x in fractions]
         self.lengths = [None if l is None else np.asarray(l, dtype=np.int64) for l in lengths]
@@ -168,7 +169,7 @@ class MixturePlanner:
         out: list[Piece] = []
         total = sum(C)
         has_text = f[TEXT] > 0
-        while self.heads:
+        while self.heads and (self.max_heads is None or len(out) < self.max_heads):
             best = None
             for k in self.heads:
                 i, n = self._peek(k)
@@ -204,7 +205,8 @@ class StageLoader:
 
     def __init__(self, data: DataConfig, mixture: MixtureConfig, *, seq_length: int,
                  micro_batch_size: int, num_microbatches: int, dp_rank: int, dp_size: int,
-                 seed: int, stage: str, vision: VisionConfig, epochs: Optional[int] = None):
+                 seed: int, stage: str, vision: VisionConfig, epochs: Optional[int] = None,
+                 examples_per_row: Optional[int] = None):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
         self.seq_length = seq_length
@@ -234,10 +236,13 @@ class StageLoader:
         if len(dtypes) > 1:
             raise DataError(f"stage {stage}: embedding stores mix dtypes {sorted(map(str, dtypes))}")
         self.embed_dtype = dtypes.pop() if dtypes else torch.bfloat16
+        self.resize = check_resize(self.sources[1:], stage)
         self.truncated = {KINDS[k]: s.truncated for k, s in enumerate(self.sources) if s is not None}
         self._fractions = fr
+        self.examples_per_row = examples_per_row
         self.planner = MixturePlanner([None if s is None else s.lengths for s in self.sources], fr,
-                                      seq_length=seq_length, seed=seed, stage=stage)
+                                      seq_length=seq_length, seed=seed, stage=stage,
+                                      max_heads=examples_per_row)
         self.rows_per_step = dp_size * num_microbatches * micro_batch_size
         self.last_stats: dict[str, int] = {}
         self._tokens_per_epoch: Optional[int] = None
@@ -285,8 +290,7 @@ class StageLoader:
         """Positions (rows x seq_length, padding included) until every source in the mixture has
         been read once, with this stage's seed — what `epochs` multiplies."""
         if self._tokens_per_epoch is None:
-            p = MixturePlanner(self.planner.lengths, self._fractions, seq_length=self.seq_length,
-                               seed=self.seed, stage=self.stage)
+            p = self.fresh_planner()
             active = [k for k in range(3) if self._fractions[k] > 0]
             rows = 0
             while True:
@@ -304,6 +308,17 @@ class StageLoader:
                 rows += 1
             self._tokens_per_epoch = rows * self.seq_length
         return self._tokens_per_epoch
+
+    def fresh_planner(self) -> MixturePlanner:
+        """A planner at row 0 of this stage's plan (for sizing the stage without moving this one)."""
+        return MixturePlanner(self.planner.lengths, self._fractions, seq_length=self.seq_length,
+                              seed=self.seed, stage=self.stage, max_heads=self.examples_per_row)
+
+    @property
+    def num_examples(self) -> int:
+        """Conversations in the stage's instruction data (what an epoch in examples counts)."""
+        src = self.sources[INSTRUCTIONS]
+        return 0 if src is None else len(src)
 
     # ---- reading one row
     def _materialize(self, plan: list[Piece], stats: dict[str, int]) -> list[Sample]:
@@ -323,3 +338,61 @@ class StageLoader:
                     stats["image_sample_positions"] += n
                     stats["patch_positions"] += s.image.shape[0]
         return out
+
+
+@dataclass(frozen=True)
+class RealTokenSteps:
+    """How many steps deliver a stage's budget of real (non-padding) positions."""
+
+    steps: int
+    real_tokens: int
+    """Non-padding positions of those steps (>= the budget unless extrapolated)."""
+    rows: int
+    padding_fraction: float
+    """Padding share of the walked rows' positions."""
+    extrapolated: bool
+    """True when the walk stopped at ``max_rows`` and the rest was extrapolated at its density."""
+
+
+def steps_for_real_tokens(planner: MixturePlanner, budget: int, rows_per_step: int,
+                          max_rows: int = 2_000_000) -> RealTokenSteps:
+    """Walk the global row plan from ``planner``'s position (it is advanced) step by step until
+    the non-padding positions reach ``budget``; the step count is then fixed before training, and
+    a run of that many steps sees exactly the walked rows (same seed, same lengths). Past
+    ``max_rows`` rows the remaining steps are extrapolated from the density so far."""
+    if budget <= 0 or rows_per_step <= 0:
+        raise ValueError(f"budget ({budget}) and rows_per_step ({rows_per_step}) must be > 0")
+    S = planner.S
+    real = rows = steps = 0
+    while real < budget:
+        if rows >= max_rows:
+            per_step = real / steps
+            more = math.ceil((budget - real) / per_step)
+            pad = 1.0 - real / (rows * S)
+            return RealTokenSteps(steps + more, int(real + more * per_step), rows, pad, True)
+        for _ in range(rows_per_step):
+            real += sum(piece[3] for piece in planner.plan_row())
+        rows += rows_per_step
+        steps += 1
+    return RealTokenSteps(steps, real, rows, 1.0 - real / (rows * S), False)
+
+
+def check_resize(sources: Sequence[Any], stage: str) -> Optional[str]:
+    """The one image-resize setting (letterbox / square) of a stage's embedding stores; stores
+    written before the setting was recorded count as square. Mixing settings is an error: the
+    projector would see two different image geometries."""
+    seen: dict[str, str] = {}
+    for src in sources:
+        if src is None:
+            continue
+        for part in getattr(src, "parts", [src]):
+            store = getattr(part, "store", None)
+            if store is None:
+                continue
+            meta = getattr(store, "meta", {}) or {}
+            seen.setdefault(str(meta.get("resize", "square")), str(getattr(store, "path", part)))
+    if len(seen) > 1:
+        raise DataError(f"stage {stage}: embedding stores were resized differently "
+                        + ", ".join(f"{k} ({v})" for k, v in sorted(seen.items()))
+                        + "; re-encode them with one tools/encode_images.py --resize setting")
+    return next(iter(seen), None)
