@@ -389,8 +389,8 @@ def check_resize(sources: Sequence[Any], stage: str) -> Optional[str]:
             store = getattr(part, "store", None)
             if store is None:
                 continue
-            meta = getattr(store, "meta", {}) or {}
-            seen.setdefault(str(meta.get("resize", "square")), str(getattr(store, "path", part)))
+            setting = getattr(getattr(store, "meta", None), "resize", "square") or "square"
+            seen.setdefault(str(setting), str(getattr(store, "prefix", part)))
     if len(seen) > 1:
         raise DataError(f"stage {stage}: embedding stores were resized differently "
                         + ", ".join(f"{k} ({v})" for k, v in sorted(seen.items()))
