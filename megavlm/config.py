@@ -348,6 +348,10 @@ class StageConfig:
     """What train.global_batch_size counts in this stage: rows (packed sequences) or examples —
     one conversation per row, Prismatic/LLaVA semantics, so with ``epochs`` the stage takes
     ceil(epochs x examples / global_batch) steps (the paper: 4 epochs of 665k at 256)."""
+    pack_window: int = 1
+    """Packing of captions / conversations: 1 = strictly in order (a row ends when the next
+    sample does not fit); N > 1 = best fit among the next N samples of that source, which cuts
+    padding while keeping the exact ratios, every sample once per epoch, and resume."""
     epoch_examples: Optional[int] = None
     """Examples in one pass when the data is not at hand (plan estimates with it, e.g. 665000 for
     the LLaVA mix, paper Appendix D); training always counts the real data."""
@@ -379,6 +383,8 @@ class StageConfig:
             raise ConfigError(f"stage {self.name}: batch_unit=examples sizes the stage in epochs; set epochs")
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"stage {self.name}: epochs must be >= 1")
+        if self.pack_window < 1:
+            raise ConfigError(f"stage {self.name}: pack_window must be >= 1")
         if self.epoch_examples is not None and self.epoch_examples <= 0:
             raise ConfigError(f"stage {self.name}: epoch_examples must be > 0")
 

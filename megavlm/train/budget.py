@@ -118,7 +118,8 @@ def plan_loader(run: RunConfig, st: StageConfig):
         return StageLoader(run.data, st.mixture, seq_length=seq_of(run, st), micro_batch_size=1,
                            num_microbatches=1, dp_rank=0, dp_size=1, seed=run.seed, stage=st.name,
                            vision=run.model.vision,
-                           examples_per_row=1 if st.batch_unit == "examples" else None), ""
+                           examples_per_row=1 if st.batch_unit == "examples" else None,
+                           pack_window=st.pack_window), ""
     except (DataError, TokenizerError, FileNotFoundError, OSError) as e:
         return None, str(e).splitlines()[0][:200]
 

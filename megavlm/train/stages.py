@@ -28,7 +28,8 @@ def default_loader_factory(run: RunConfig) -> LoaderFactory:
                            num_microbatches=num_microbatches, dp_rank=parallel.dp_rank,
                            dp_size=parallel.dp, seed=run.seed, stage=stage.name,
                            vision=run.model.vision, epochs=stage.epochs,
-                           examples_per_row=1 if stage.batch_unit == "examples" else None)
+                           examples_per_row=1 if stage.batch_unit == "examples" else None,
+                           pack_window=stage.pack_window)
 
     return make
 

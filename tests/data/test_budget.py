@@ -3,6 +3,7 @@ epochs in examples, and the errors for data that cannot meet them."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -95,3 +96,41 @@ def test_sft_budget_is_the_same_in_training(corpus):
                          "mixture": {"text": 0.5, "captions": 0.5}}])
     parallel = type("P", (), {"dp_rank": 0, "dp": 1})()
     assert training_steps(run, run.stage("img"), default_loader_factory(run), parallel, 4) == plan(run)["stages"][0]["steps"]
+
+
+@pytest.mark.parametrize("fractions", [[0, 1, 0], [0, 0.5, 0.5], [0.3, 0.7, 0]])
+def test_best_fit_window_cuts_padding_keeps_ratios_and_resumes(fractions):
+    rng = np.random.default_rng(3)
+    lengths = [rng.integers(1, 300, 200), rng.integers(20, 200, 300), rng.integers(10, 250, 300)]
+    S = 256
+
+    def walk(window, rows=1200, p=None):
+        p = p or MixturePlanner(lengths, fractions, seq_length=S, seed=5, stage="s", window=window)
+        out = [p.plan_row() for _ in range(rows)]
+        return p, out
+
+    def stats(plans):
+        c = np.zeros(3)
+        for r in plans:
+            for k, _, _, n in r:
+                c[k] += n
+        return c
+
+    _, in_order = walk(1)
+    p8, best = walk(8)
+    pad1 = 1 - stats(in_order).sum() / (len(in_order) * S)
+    pad8 = 1 - stats(best).sum() / (len(best) * S)
+    assert pad8 < pad1 * 0.7, (pad1, pad8)  # padding drops
+    c = stats(best)
+    assert np.abs(c / c.sum() - np.array(fractions)).max() <= 0.005  # the ratio guarantee holds
+    # each head sample once per epoch: the first len(source) picks of a source are a permutation
+    for k in (1, 2):
+        if fractions[k] > 0:
+            picks = [i for r in best for kk, i, _, _ in r if kk == k][:len(lengths[k])]
+            assert len(set(picks)) == len(picks)
+    # resume from the state after 500 rows reproduces the rest
+    q, first = walk(8, rows=500)
+    state = json.loads(json.dumps(q.state_dict()))
+    r = MixturePlanner(lengths, fractions, seq_length=S, seed=5, stage="s", window=8)
+    r.load_state_dict(state)
+    assert [r.plan_row() for _ in range(700)] == best[500:]
