@@ -245,6 +245,43 @@ class InitConfig:
 
 
 @dataclass
+class ScheduleSource:
+    """The schedule an imported checkpoint was trained on and the fraction of it that it stands
+    at, so ``continue`` can finish that schedule (the paper resumes DCLM-1B's released 80 %
+    checkpoint and continues its LR; paper Sec. 3.1, Figure 3)."""
+
+    kind: Literal["cosine"] = "cosine"
+    """Shape of the source schedule (OpenLM / DCLM train with linear warmup then cosine)."""
+    peak: Optional[float] = None
+    """Peak LR of the source (DCLM-1B: 1e-2, paper Table 2)."""
+    final: Optional[float] = None
+    """Final LR of the source's cosine (DCLM: 1e-5)."""
+    warmup_steps: Optional[int] = None
+    """Warmup steps of the source (DCLM-1B: 5000, paper Table 2)."""
+    steps: Optional[int] = None
+    """Total optimizer steps of the source schedule (DCLM-1B: 4.3T / (256 x 2048))."""
+    fraction: Optional[float] = None
+    """Fraction of the source schedule the checkpoint stands at, in (0, 1) (the paper: 0.8)."""
+
+    def __post_init__(self):
+        missing = [k for k in ("peak", "final", "warmup_steps", "steps", "fraction") if getattr(self, k) is None]
+        if missing:
+            raise ConfigError(f"schedule.source needs {', '.join(missing)} (the schedule the checkpoint "
+                              "was trained on and the fraction it stands at)")
+        if self.fraction >= 1.0 and self.fraction <= 1.0 + 1e-12:
+            raise ConfigError("schedule.source.fraction=1.0: continuing a finished schedule stays at its "
+                              "final LR (the paper calls that too low); use schedule.kind=rewarm instead")
+        if not 0.0 < self.fraction < 1.0:
+            raise ConfigError(f"schedule.source.fraction={self.fraction} must be in (0, 1)")
+        if self.steps <= 0 or self.warmup_steps < 0 or self.peak < 0 or self.final < 0:
+            raise ConfigError("schedule.source: steps must be > 0, warmup_steps, peak and final >= 0")
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "peak": self.peak, "final": self.final,
+                "warmup_steps": self.warmup_steps, "steps": self.steps, "fraction": self.fraction}
+
+
+@dataclass
 class ScheduleConfig:
     """The learning-rate schedule of a stage (see megavlm.train.schedule)."""
 
@@ -259,6 +296,9 @@ class ScheduleConfig:
     """Warmup steps (cosine); None derives it from warmup_fraction."""
     warmup_fraction: float = 0.01
     """Warmup as a fraction of the stage's steps (rewarm: the paper's w; cosine if warmup_steps is None)."""
+    source: Optional[ScheduleSource] = None
+    """continue from ``init.path``: the schedule that checkpoint was trained on; None = read it
+    from the checkpoint's meta.json (checkpoints this trainer wrote record their schedule)."""
 
     def __post_init__(self):
         if not 0.0 <= self.warmup_fraction < 1.0:
@@ -317,6 +357,24 @@ class StageConfig:
     """Override of train.weight_decay for this stage."""
     adam_beta2: Optional[float] = None
     """Override of train.adam_beta2 for this stage."""
+    seq_length: Optional[int] = None
+    """Sequence length of this stage; None = model.seq_length (the paper's image-text stage: 1024)."""
+    budget: Literal["positions", "real"] = "positions"
+    """What ``tokens`` counts: positions = every sequence position, padding included (steps =
+    ceil(tokens / (global_batch x seq))); real = non-padding positions (image patches count), as
+    the paper holds 28B real tokens across caption ratios; the planner walks the data plan from
+    the known sample lengths to find the step count (megavlm.train.budget)."""
+    batch_unit: Literal["rows", "examples"] = "rows"
+    """What train.global_batch_size counts in this stage: rows (packed sequences) or examples —
+    one conversation per row, Prismatic/LLaVA semantics, so with ``epochs`` the stage takes
+    ceil(epochs x examples / global_batch) steps (the paper: 4 epochs of 665k at 256)."""
+    pack_window: int = 1
+    """Packing of captions / conversations: 1 = strictly in order (a row ends when the next
+    sample does not fit); N > 1 = best fit among the next N samples of that source, which cuts
+    padding while keeping the exact ratios, every sample once per epoch, and resume."""
+    epoch_examples: Optional[int] = None
+    """Examples in one pass when the data is not at hand (plan estimates with it, e.g. 665000 for
+    the LLaVA mix, paper Appendix D); training always counts the real data."""
 
     def optimizer(self, train: TrainConfig) -> "StageOptimizer":
         """The AdamW settings this stage trains with: its overrides over ``train``'s values (the
@@ -344,8 +402,27 @@ class StageConfig:
                 raise ConfigError(f"stage {self.name}: checkpoint fraction {f} not in (0, 1]")
         if self.save_every < 0:
             raise ConfigError(f"stage {self.name}: save_every must be >= 0")
-        if self.schedule.kind == "continue" and self.init.stage is None:
-            raise ConfigError(f"stage {self.name}: schedule 'continue' needs init.stage and init.fraction")
+        if self.schedule.kind == "continue" and self.init.stage is None and self.init.path is None:
+            raise ConfigError(f"stage {self.name}: schedule 'continue' needs init.stage and init.fraction "
+                              "(a source stage), or init.path with schedule.source stating the schedule the "
+                              "checkpoint was trained on (or a checkpoint of ours whose meta.json records it)")
+        if self.schedule.kind == "continue" and self.init.stage is not None and self.schedule.source:
+            raise ConfigError(f"stage {self.name}: schedule.source is for init.path; a stage source "
+                              "(init.stage) brings its own schedule")
+        if (self.schedule.kind == "continue" and self.init.fraction is not None
+                and self.init.fraction >= 1.0 - 1e-9):
+            raise ConfigError(f"stage {self.name}: 'continue' from fraction 1.0 stays at the source's "
+                              "final LR (the paper calls that too low); use schedule.kind=rewarm")
+        if self.seq_length is not None and self.seq_length <= 0:
+            raise ConfigError(f"stage {self.name}: seq_length must be > 0")
+        if self.batch_unit == "examples" and self.epochs is None:
+            raise ConfigError(f"stage {self.name}: batch_unit=examples sizes the stage in epochs; set epochs")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"stage {self.name}: epochs must be >= 1")
+        if self.pack_window < 1:
+            raise ConfigError(f"stage {self.name}: pack_window must be >= 1")
+        if self.epoch_examples is not None and self.epoch_examples <= 0:
+            raise ConfigError(f"stage {self.name}: epoch_examples must be > 0")
 
 
 @dataclass

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch-tokens", type=int, default=None,
                    help="token positions per fine-tuning epoch (default: one pass over the instruction data)")
     p.add_argument("--rewarm-peak", type=float, default=None,
-                   help="peak LR of the re-warmed image stage at fraction 1.0 (default: the text stage's peak)")
+                   help="peak LR of the re-warmed image stage at fraction 0.0 and 1.0 "
+                        "(default 3e-3, the paper's re-warm peak, line 149)")
     p.add_argument("--tag", default="", help="name of this grid's results (results-<tag>.csv, plots/<tag>/) "
                    "when several grids share one --out and its runs")
     p.add_argument("--dry-run", action="store_true", help="validate and print the jobs, run nothing")

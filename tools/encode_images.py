@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", default=None, help="tokenize captions with this tokenizer")
     ap.add_argument("--no-captions", action="store_true", help="images only (e.g. for conversations)")
     ap.add_argument("--decoder", choices=["auto", "dali", "pil"], default="auto")
+    ap.add_argument("--resize", choices=["letterbox", "square"], default="letterbox",
+                    help="letterbox: pad to a square with the encoder's mean colour, then resize (the "
+                         "paper's setting, as Prismatic; decoded with PIL); square: stretch. Recorded in "
+                         "the store's metadata; a stage refuses stores of different settings")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--shard-size", type=int, default=1024)
     ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
@@ -51,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         enc = make_encoder(a.encoder, a.image_size)
         st = encode_images(recs, a.output, enc, tokenizer=tok, decoder=a.decoder, batch_size=a.batch_size,
                            shard_size=a.shard_size, dtype=a.dtype, bad_images=a.bad_images,
-                           progress=not a.no_progress)
+                           progress=not a.no_progress, resize=a.resize)
     except (DataError, TokenizerError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -50,8 +50,35 @@ def _flatten(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def decode_pil(data: bytes, size: int, where: str = "") -> np.ndarray:
-    """Encoded image bytes -> [size, size, 3] uint8 (bicubic, alpha on white)."""
+RESIZE_MODES = ("letterbox", "square")
+"""How an image becomes the encoder's square input: letterbox = pad the shorter side to a square
+with a fill colour, then resize (aspect kept; the paper's "letterbox", Appendix D line 536, as
+Prismatic does); square = resize straight to size x size (aspect distorted)."""
+
+
+def letterbox(arr: np.ndarray, fill: Sequence[int]) -> np.ndarray:
+    """[H, W, 3] uint8 -> [M, M, 3] with M = max(H, W): the image centred, the border ``fill``
+    (the odd pixel of an uneven border goes to the bottom / right)."""
+    h, w = arr.shape[:2]
+    m = max(h, w)
+    if h == w:
+        return arr
+    out = np.empty((m, m, 3), dtype=np.uint8)
+    out[:] = np.asarray(fill, dtype=np.uint8)
+    top, left = (m - h) // 2, (m - w) // 2
+    out[top:top + h, left:left + w] = arr
+    return out
+
+
+def mean_fill(mean: Sequence[float]) -> tuple[int, int, int]:
+    """The encoder's normalisation mean as a uint8 colour: the border normalises to ~0."""
+    return tuple(int(round(255 * float(x))) for x in mean)  # type: ignore[return-value]
+
+
+def decode_pil(data: bytes, size: int, where: str = "", resize: str = "square",
+               fill: Sequence[int] = (127, 127, 127)) -> np.ndarray:
+    """Encoded image bytes -> [size, size, 3] uint8 (bicubic, alpha on white; ``resize``:
+    letterbox pads to a square with ``fill`` first, see :data:`RESIZE_MODES`)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -62,6 +89,8 @@ def decode_pil(data: bytes, size: int, where: str = "") -> np.ndarray:
     if img.mode not in ("RGB", "RGBA", "L", "LA"):
         img = img.convert("RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB")
     arr = _flatten(np.asarray(img))
+    if resize == "letterbox":
+        arr = letterbox(arr, fill)
     return np.asarray(Image.fromarray(arr).resize((size, size), Image.BICUBIC))
 
 
@@ -109,9 +138,18 @@ class DaliDecoder:
         return out
 
 
-def make_decoder(kind: Literal["auto", "dali", "pil"], size: int, batch_size: int
+def make_decoder(kind: Literal["auto", "dali", "pil"], size: int, batch_size: int, resize: str = "square",
+                 fill: Sequence[int] = (127, 127, 127)
                  ) -> tuple[str, Callable[[Sequence[bytes], Sequence[str]], list[np.ndarray]]]:
-    """(name, decode(blobs, where) -> list of [size, size, 3] uint8)."""
+    """(name, decode(blobs, where) -> list of [size, size, 3] uint8). The DALI pipeline resizes
+    square only: letterbox decodes with PIL (auto) or is refused (dali)."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    if resize == "letterbox":
+        if kind == "dali":
+            raise RuntimeError("--decoder dali resizes square only; use --decoder pil (or auto) with "
+                               "--resize letterbox")
+        return "pil", lambda blobs, where: [decode_pil(b, size, w, "letterbox", fill) for b, w in zip(blobs, where)]
     if kind == "dali" or (kind == "auto" and dali_available()):
         if not dali_available():
             raise RuntimeError("DALI decoding requested but nvidia-dali is not installed "
@@ -291,7 +329,7 @@ def encode_images(records: Sequence[ImageRecord], out_prefix: str | Path, encode
                   tokenizer: Optional[Tokenizer] = None, decoder: Literal["auto", "dali", "pil"] = "auto",
                   batch_size: int = 32, shard_size: int = 1024, dtype: str = "bfloat16",
                   bad_images: Literal["raise", "skip"] = "raise", progress: bool = True,
-                  keep_shards: bool = False) -> EncodeStats:
+                  keep_shards: bool = False, resize: str = "square") -> EncodeStats:
     """Encode ``records`` into ``<out>.embeds`` (+ caption tokens ``<out>.bin/.idx`` when a tokenizer
     is given). Finished shards under ``<out>.shards/`` are reused by a re-run."""
     from tqdm import tqdm
@@ -300,20 +338,20 @@ def encode_images(records: Sequence[ImageRecord], out_prefix: str | Path, encode
     captions = tokenizer is not None
     if not records:
         raise DataError(f"{out_prefix}: no images to encode")
-    done = _finished(out_prefix, encoder, dtype, records, captions)
+    done = _finished(out_prefix, encoder, dtype, records, captions, resize)
     if done is not None:
         return done
     shard_dir = Path(f"{out_prefix}.shards")
     shard_dir.mkdir(parents=True, exist_ok=True)
     cfg = {"encoder": encoder.name, "image_size": encoder.image_size, "dtype": dtype,
            "shard_size": shard_size, "count": len(records), "captions": captions,
-           "tokenizer": tokenizer.name if tokenizer else None}
+           "tokenizer": tokenizer.name if tokenizer else None, "resize": resize}
     cfg_path = shard_dir / "job.json"
     if cfg_path.is_file() and json.loads(cfg_path.read_text()) != cfg:
         raise DataError(f"{shard_dir}: left by a different job ({cfg_path.read_text()}); "
                         f"delete it to start over")
     cfg_path.write_text(json.dumps(cfg))
-    dec_name, decode = make_decoder(decoder, encoder.image_size, batch_size)
+    dec_name, decode = make_decoder(decoder, encoder.image_size, batch_size, resize, mean_fill(encoder.mean))
     stats = EncodeStats(decoder=dec_name, encoder=encoder.name)
     t0 = time.perf_counter()
     nshards = (len(records) + shard_size - 1) // shard_size
@@ -329,7 +367,7 @@ def encode_images(records: Sequence[ImageRecord], out_prefix: str | Path, encode
             continue
         with EmbeddingWriter(f"{sp}.embeds", encoder=encoder.name, num_patches=encoder.num_patches,
                              embed_dim=encoder.embed_dim, dtype=dtype,
-                             image_size=encoder.image_size) as ew, \
+                             image_size=encoder.image_size, resize=resize) as ew, \
                 _maybe(IndexedWriter(sp, token_dtype(tokenizer.vocab_size)) if captions else None) as tw:
             for lo in range(0, len(recs), batch_size):
                 chunk = recs[lo:lo + batch_size]
@@ -380,7 +418,8 @@ def encode_images(records: Sequence[ImageRecord], out_prefix: str | Path, encode
     bar.close()
     # merge shards into the final files (each written under a temp name, then renamed)
     with EmbeddingWriter(f"{out_prefix}.embeds", encoder=encoder.name, num_patches=encoder.num_patches,
-                         embed_dim=encoder.embed_dim, dtype=dtype, image_size=encoder.image_size) as ew:
+                         embed_dim=encoder.embed_dim, dtype=dtype, image_size=encoder.image_size,
+                         resize=resize) as ew:
         for sp in shard_prefixes:
             ew.add_store(f"{sp}.embeds")
     if captions:
@@ -395,7 +434,7 @@ def encode_images(records: Sequence[ImageRecord], out_prefix: str | Path, encode
 
 
 def _finished(out_prefix: Path, encoder: ImageEncoder, dtype: str, records: Sequence[ImageRecord],
-              captions: bool) -> Optional[EncodeStats]:
+              captions: bool, resize: str = "square") -> Optional[EncodeStats]:
     """Stats of an already complete output for exactly this job (same encoder, images), else None."""
     meta = Path(f"{out_prefix}.embeds.json")
     if not meta.is_file() or (captions and not Path(f"{out_prefix}.idx").is_file()):
@@ -405,7 +444,7 @@ def _finished(out_prefix: Path, encoder: ImageEncoder, dtype: str, records: Sequ
     except DataError:
         return None
     m = store.meta
-    if (m.encoder, m.image_size, m.dtype) != (encoder.name, encoder.image_size, dtype) \
+    if (m.encoder, m.image_size, m.dtype, m.resize) != (encoder.name, encoder.image_size, dtype, resize) \
             or m.keys != [r.key for r in records]:
         return None
     return EncodeStats(already_complete=True, decoder="none", encoder=encoder.name)

@@ -148,6 +148,9 @@ class EmbeddingMeta:
     count: int = 0
     keys: Optional[list[str]] = None
     """Per record, the image it came from (path or id), for conversations to refer to."""
+    resize: str = "square"
+    """How images were made square before encoding: letterbox (padded) or square (stretched);
+    stores written before this field existed are square."""
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, **self.__dict__}
@@ -157,11 +160,11 @@ class EmbeddingWriter:
     """Writes an embedding store ``<prefix>.{bin,idx,json}``, one [P, D] 16-bit array per image."""
 
     def __init__(self, prefix: str | Path, *, encoder: str, num_patches: int, embed_dim: int,
-                 dtype: str = "bfloat16", image_size: int = 0):
+                 dtype: str = "bfloat16", image_size: int = 0, resize: str = "square"):
         if dtype not in _DTYPES:
             raise DataError(f"{prefix}: embedding dtype must be one of {sorted(_DTYPES)}, got {dtype}")
         self.prefix = Path(prefix)
-        self.meta = EmbeddingMeta(encoder, num_patches, embed_dim, dtype, image_size, 0, [])
+        self.meta = EmbeddingMeta(encoder, num_patches, embed_dim, dtype, image_size, 0, [], resize)
         self._w = IndexedWriter(prefix, np.uint16)
 
     def add(self, emb: torch.Tensor | np.ndarray, key: str = "") -> None:
@@ -186,7 +189,7 @@ class EmbeddingWriter:
     def add_store(self, prefix: str | Path) -> None:
         """Append a finished store with identical metadata (shard merge)."""
         other = EmbeddingStore(prefix)
-        for f in ("encoder", "num_patches", "embed_dim", "dtype", "image_size"):
+        for f in ("encoder", "num_patches", "embed_dim", "dtype", "image_size", "resize"):
             if getattr(other.meta, f) != getattr(self.meta, f):
                 raise DataError(f"{prefix}: {f}={getattr(other.meta, f)} differs from "
                                 f"{getattr(self.meta, f)} of {self.prefix}")

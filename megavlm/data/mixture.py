@@ -84,7 +84,12 @@ class MixturePlanner:
     """Plans rows (lists of pieces) from sample lengths; its state is a few integers."""
 
     def __init__(self, lengths: Sequence[Optional[np.ndarray]], fractions: Sequence[float], *,
-                 seq_length: int, seed: int, stage: str):
+                 seq_length: int, seed: int, stage: str, max_heads: Optional[int] = None,
+                 window: int = 1):
+        self.max_heads = max_heads  # 1 = one example per row (batch_unit: examples)
+        if window < 1:
+            raise ValueError(f"pack window must be >= 1, got {window}")
+        self.window = window  # > 1: best fit among the next `window` head samples (see _best_fit)
         self.S = seq_length
         self.f = [float(x) for x in fractions]
         self.lengths = [None if l is None else np.asarray(l, dtype=np.int64) for l in lengths]
@@ -107,16 +112,22 @@ class MixturePlanner:
         self.row = 0
         self.counts = [0, 0, 0]
         self.cursors = [_Cursor(), _Cursor(), _Cursor()]
+        self.taken: list[set[int]] = [set(), set(), set()]
+        """Positions ahead of a head cursor already used by a best fit (skipped when reached)."""
         self._cache: dict[int, tuple[int, np.ndarray, Optional[np.ndarray]]] = {}
 
     def state_dict(self) -> dict:
-        return {"row": self.row, "counts": list(self.counts),
-                "cursors": [[c.epoch, c.pos] for c in self.cursors]}
+        d = {"row": self.row, "counts": list(self.counts),
+             "cursors": [[c.epoch, c.pos] for c in self.cursors]}
+        if self.window > 1:
+            d["taken"] = [sorted(t) for t in self.taken]
+        return d
 
     def load_state_dict(self, d: dict) -> None:
         self.row = int(d["row"])
         self.counts = [int(x) for x in d["counts"]]
         self.cursors = [_Cursor(int(e), int(p)) for e, p in d["cursors"]]
+        self.taken = [set(int(x) for x in t) for t in d.get("taken", [[], [], []])]
 
     # ---- per-source order
     def _perm(self, k: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -130,6 +141,9 @@ class MixturePlanner:
 
     def _peek(self, k: int) -> tuple[int, int]:
         c = self.cursors[k]
+        while c.pos in self.taken[k]:  # used earlier by a best fit
+            self.taken[k].discard(c.pos)
+            c.pos += 1
         if c.pos >= len(self.lengths[k]):
             c.epoch += 1
             c.pos = 0
@@ -161,6 +175,23 @@ class MixturePlanner:
             m -= end - c.pos
             c.pos = end
 
+    def _best_fit(self, k: int, space: int) -> Optional[tuple[int, int, int]]:
+        """(position, sample, length) of the longest of the next ``window - 1`` samples after the
+        cursor (same epoch, not yet taken) that fits in ``space``; None if none does. Taking a
+        sample a little early keeps every sample exactly once per epoch, and the taken positions
+        are part of the state, so resume reproduces the plan."""
+        c = self.cursors[k]
+        perm, _ = self._perm(k)
+        best = None
+        for pos in range(c.pos + 1, min(c.pos + self.window, len(perm))):
+            if pos in self.taken[k]:
+                continue
+            i = int(perm[pos])
+            n = int(self.lengths[k][i])
+            if n <= space and (best is None or n > best[2]):
+                best = (pos, i, n)
+        return best
+
     # ---- planning
     def plan_row(self) -> list[Piece]:
         S, f, C = self.S, self.f, self.counts
@@ -168,22 +199,29 @@ class MixturePlanner:
         out: list[Piece] = []
         total = sum(C)
         has_text = f[TEXT] > 0
-        while self.heads:
+        while self.heads and (self.max_heads is None or len(out) < self.max_heads):
             best = None
             for k in self.heads:
                 i, n = self._peek(k)
+                at = None  # None: the sample at the cursor; else a best-fit position ahead
                 if n > space:
-                    continue
+                    fit = self._best_fit(k, space) if self.window > 1 else None
+                    if fit is None:
+                        continue
+                    at, i, n = fit
                 e = C[k] - f[k] * total
                 if (out or has_text) and e + n * (1 - f[k]) / 2 > 0:  # without text, an empty
                     continue                                            # row always takes one
                 if best is None or e < best[0]:
-                    best = (e, k, i, n)
+                    best = (e, k, i, n, at)
             if best is None:
                 break
-            _, k, i, n = best
+            _, k, i, n, at = best
             out.append((k, i, 0, n))
-            self.cursors[k].pos += 1
+            if at is None:
+                self.cursors[k].pos += 1
+            else:
+                self.taken[k].add(at)
             C[k] += n
             total += n
             space -= n
@@ -204,7 +242,8 @@ class StageLoader:
 
     def __init__(self, data: DataConfig, mixture: MixtureConfig, *, seq_length: int,
                  micro_batch_size: int, num_microbatches: int, dp_rank: int, dp_size: int,
-                 seed: int, stage: str, vision: VisionConfig, epochs: Optional[int] = None):
+                 seed: int, stage: str, vision: VisionConfig, epochs: Optional[int] = None,
+                 examples_per_row: Optional[int] = None, pack_window: int = 1):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
         self.seq_length = seq_length
@@ -234,10 +273,13 @@ class StageLoader:
         if len(dtypes) > 1:
             raise DataError(f"stage {stage}: embedding stores mix dtypes {sorted(map(str, dtypes))}")
         self.embed_dtype = dtypes.pop() if dtypes else torch.bfloat16
+        self.resize = check_resize(self.sources[1:], stage)
         self.truncated = {KINDS[k]: s.truncated for k, s in enumerate(self.sources) if s is not None}
         self._fractions = fr
+        self.examples_per_row, self.pack_window = examples_per_row, pack_window
         self.planner = MixturePlanner([None if s is None else s.lengths for s in self.sources], fr,
-                                      seq_length=seq_length, seed=seed, stage=stage)
+                                      seq_length=seq_length, seed=seed, stage=stage,
+                                      max_heads=examples_per_row, window=pack_window)
         self.rows_per_step = dp_size * num_microbatches * micro_batch_size
         self.last_stats: dict[str, int] = {}
         self._tokens_per_epoch: Optional[int] = None
@@ -265,7 +307,8 @@ class StageLoader:
         return {"version": STATE_VERSION, "seed": self.seed, "stage": self.stage,
                 "seq_length": self.seq_length, "fractions": list(self._fractions),
                 "sizes": [0 if s is None else len(s) for s in self.sources],
-                "rows_per_step": self.rows_per_step, "planner": self.planner.state_dict()}
+                "rows_per_step": self.rows_per_step, "planner": self.planner.state_dict(),
+                **({"pack_window": self.pack_window} if self.pack_window > 1 else {})}
 
     def load_state_dict(self, d: dict) -> None:
         if d.get("version") != STATE_VERSION:
@@ -275,6 +318,9 @@ class StageLoader:
             if d[key] != mine[key]:
                 raise DataError(f"loader state was saved with {key}={d[key]}, this loader has "
                                 f"{mine[key]}: resuming would not continue the same data")
+        if d.get("pack_window", 1) != self.pack_window:
+            raise DataError(f"loader state was saved with pack_window={d.get('pack_window', 1)}, this "
+                            f"loader has {self.pack_window}: resuming would not continue the same data")
         if d["planner"]["row"] % self.rows_per_step:
             raise DataError(f"loader state is at global row {d['planner']['row']}, not a multiple of "
                             f"this layout's {self.rows_per_step} rows per step")
@@ -285,8 +331,7 @@ class StageLoader:
         """Positions (rows x seq_length, padding included) until every source in the mixture has
         been read once, with this stage's seed — what `epochs` multiplies."""
         if self._tokens_per_epoch is None:
-            p = MixturePlanner(self.planner.lengths, self._fractions, seq_length=self.seq_length,
-                               seed=self.seed, stage=self.stage)
+            p = self.fresh_planner()
             active = [k for k in range(3) if self._fractions[k] > 0]
             rows = 0
             while True:
@@ -304,6 +349,18 @@ class StageLoader:
                 rows += 1
             self._tokens_per_epoch = rows * self.seq_length
         return self._tokens_per_epoch
+
+    def fresh_planner(self) -> MixturePlanner:
+        """A planner at row 0 of this stage's plan (for sizing the stage without moving this one)."""
+        return MixturePlanner(self.planner.lengths, self._fractions, seq_length=self.seq_length,
+                              seed=self.seed, stage=self.stage, max_heads=self.examples_per_row,
+                              window=self.pack_window)
+
+    @property
+    def num_examples(self) -> int:
+        """Conversations in the stage's instruction data (what an epoch in examples counts)."""
+        src = self.sources[INSTRUCTIONS]
+        return 0 if src is None else len(src)
 
     # ---- reading one row
     def _materialize(self, plan: list[Piece], stats: dict[str, int]) -> list[Sample]:
@@ -323,3 +380,61 @@ class StageLoader:
                     stats["image_sample_positions"] += n
                     stats["patch_positions"] += s.image.shape[0]
         return out
+
+
+@dataclass(frozen=True)
+class RealTokenSteps:
+    """How many steps deliver a stage's budget of real (non-padding) positions."""
+
+    steps: int
+    real_tokens: int
+    """Non-padding positions of those steps (>= the budget unless extrapolated)."""
+    rows: int
+    padding_fraction: float
+    """Padding share of the walked rows' positions."""
+    extrapolated: bool
+    """True when the walk stopped at ``max_rows`` and the rest was extrapolated at its density."""
+
+
+def steps_for_real_tokens(planner: MixturePlanner, budget: int, rows_per_step: int,
+                          max_rows: int = 2_000_000) -> RealTokenSteps:
+    """Walk the global row plan from ``planner``'s position (it is advanced) step by step until
+    the non-padding positions reach ``budget``; the step count is then fixed before training, and
+    a run of that many steps sees exactly the walked rows (same seed, same lengths). Past
+    ``max_rows`` rows the remaining steps are extrapolated from the density so far."""
+    if budget <= 0 or rows_per_step <= 0:
+        raise ValueError(f"budget ({budget}) and rows_per_step ({rows_per_step}) must be > 0")
+    S = planner.S
+    real = rows = steps = 0
+    while real < budget:
+        if rows >= max_rows:
+            per_step = real / steps
+            more = math.ceil((budget - real) / per_step)
+            pad = 1.0 - real / (rows * S)
+            return RealTokenSteps(steps + more, int(real + more * per_step), rows, pad, True)
+        for _ in range(rows_per_step):
+            real += sum(piece[3] for piece in planner.plan_row())
+        rows += rows_per_step
+        steps += 1
+    return RealTokenSteps(steps, real, rows, 1.0 - real / (rows * S), False)
+
+
+def check_resize(sources: Sequence[Any], stage: str) -> Optional[str]:
+    """The one image-resize setting (letterbox / square) of a stage's embedding stores; stores
+    written before the setting was recorded count as square. Mixing settings is an error: the
+    projector would see two different image geometries."""
+    seen: dict[str, str] = {}
+    for src in sources:
+        if src is None:
+            continue
+        for part in getattr(src, "parts", [src]):
+            store = getattr(part, "store", None)
+            if store is None:
+                continue
+            setting = getattr(getattr(store, "meta", None), "resize", "square") or "square"
+            seen.setdefault(str(setting), str(getattr(store, "prefix", part)))
+    if len(seen) > 1:
+        raise DataError(f"stage {stage}: embedding stores were resized differently "
+                        + ", ".join(f"{k} ({v})" for k, v in sorted(seen.items()))
+                        + "; re-encode them with one tools/encode_images.py --resize setting")
+    return next(iter(seen), None)

@@ -44,6 +44,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", default="16", help="requests per forward pass")
     p.add_argument("--demo-root", default=None, help="demo corpus root (offline suites)")
     p.add_argument("--wordnet", default=None, help="WordNet data folder (default: the demo build's)")
+    from megavlm.eval.stable_score import DEFAULT_PRESET, PRESETS
+
+    p.add_argument("--chance", default=DEFAULT_PRESET, choices=list(PRESETS),
+                   help="chance levels of the stable score (megavlm.eval.stable_score.PRESETS); "
+                        "named in the report")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,7 +186,7 @@ def run(args) -> Optional[dict]:
         if not shards.is_main:
             return None
         _, acc = _text(args, model, Path(tmp))
-        rep = report.build_report(args.checkpoint, acc, vis)
+        rep = report.build_report(args.checkpoint, acc, vis, chance_preset=args.chance)
         j, m = report.write_report(rep, args.out_dir)
         rep["files"] = [str(j), str(m)]
         return rep

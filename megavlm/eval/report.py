@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megavlm.eval.stable_score import chance, stable_score
+from megavlm.eval.stable_score import DEFAULT_PRESET, chance, preset, stable_score
 from megavlm.eval.vision import TaskResult
 
 
@@ -22,19 +22,23 @@ def run_dir_of(checkpoint: str | Path) -> Path:
 
 
 def build_report(checkpoint: str | Path, text: dict[str, float], vision: Sequence[TaskResult],
-                 extra: Optional[dict] = None) -> dict:
-    """Per-task accuracy and chance, stable scores (text / vision), extra vision metrics."""
+                 extra: Optional[dict] = None, chance_preset: str = DEFAULT_PRESET) -> dict:
+    """Per-task accuracy and chance, stable scores (text / vision) under the named chance preset
+    (megavlm.eval.stable_score.PRESETS, recorded as ``chance_preset``), extra vision metrics."""
+    cp = chance_preset
+    preset(cp)  # an unknown name fails before anything is scored
     p = Path(checkpoint).resolve()
     meta = json.loads((p / "meta.json").read_text()) if (p / "meta.json").is_file() else {}
     vis_acc = {r.task: r.accuracy for r in vision if r.accuracy is not None}
     return {
         "checkpoint": str(p), "stage": meta.get("stage"), "step": meta.get("step"),
         "fraction": meta.get("fraction"), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "text": {t: {"accuracy": a, "chance": chance(t)} for t, a in text.items()},
-        "vision": {r.task: {"accuracy": r.accuracy, "chance": chance(r.task) if r.accuracy is not None else None,
+        "chance_preset": cp,
+        "text": {t: {"accuracy": a, "chance": chance(t, cp)} for t, a in text.items()},
+        "vision": {r.task: {"accuracy": r.accuracy, "chance": chance(r.task, cp) if r.accuracy is not None else None,
                             "n": r.n, "seconds": round(r.seconds, 3), **r.metrics} for r in vision},
-        "stable_score": {"text": stable_score(text) if text else None,
-                         "vision": stable_score(vis_acc) if vis_acc else None},
+        "stable_score": {"text": stable_score(text, cp) if text else None,
+                         "vision": stable_score(vis_acc, cp) if vis_acc else None},
         **(extra or {}),
     }
 
@@ -45,6 +49,7 @@ def markdown(report: dict) -> str:
 
     lines = [f"# Evaluation of {report['stage']} step {report['step']}", "",
              f"checkpoint `{report['checkpoint']}` — {report['time']}", "",
+             f"chance levels: preset `{report.get('chance_preset', DEFAULT_PRESET)}`", "",
              "| kind | task | accuracy | chance | accuracy − chance |", "|---|---|---|---|---|"]
     for kind in ("text", "vision"):
         for t, r in report[kind].items():

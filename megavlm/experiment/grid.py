@@ -30,12 +30,17 @@ import yaml
 from megavlm.config import ConfigError, RunConfig, load_config
 
 VARIABLES: dict[str, str] = {
-    "fraction": "text checkpoint the image stage starts from (1.0 = re-warmed baseline, < 1 = continued)",
+    "fraction": "text checkpoint the image stage starts from (1.0 = re-warmed baseline, < 1 = continued, "
+                "0.0 = random initialisation, re-warmed)",
     "image_ratio": "image-caption fraction of the image stage's token positions, in [0, 1]",
     "instruct_ratio": "instruction fraction of the image stage's token positions, in [0, 1]",
     "epochs": "instruction fine-tuning epochs (a positive integer)",
     "seed": "seed of weights and data order (an integer)",
 }
+REWARM_PEAK = 3e-3
+"""Peak LR of the re-warmed 0 % and 100 % branches: "for 0% and 100% the learning rate would be too
+low, thus we adopt a linear warmup-cosine decay with a maximum learning rate of 3x10^-3" (paper
+line 149). ``megavlm sweep --rewarm-peak`` changes it."""
 ORDER = ("seed", "fraction", "image_ratio", "instruct_ratio", "epochs")
 """Variables in the order they enter the chain (a job key is a prefix of this order)."""
 
@@ -95,7 +100,7 @@ def defaults(run: RunConfig) -> dict[str, list]:
     r = roles(run)
     img = run.stage(r.image)
     return {"seed": [run.seed], "fraction": [img.init.fraction], "image_ratio": [img.mixture.captions],
-            "instruct_ratio": [img.mixture.instructions], "epochs": [1]}
+            "instruct_ratio": [img.mixture.instructions], "epochs": [run.stage(r.sft).epochs or 1]}
 
 
 def parse_grid(specs: list[str]) -> dict[str, list]:
@@ -143,9 +148,9 @@ def validate(run: RunConfig, grid: dict[str, list]) -> dict[str, list]:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise GridError(f"{name}={v!r} is not a number: {VARIABLES[name]}")
             v = float(v)
-            if name == "fraction" and not any(abs(v - f) < 1e-9 for f in saved):
+            if name == "fraction" and v != 0.0 and not any(abs(v - f) < 1e-9 for f in saved):
                 raise GridError(f"fraction={v:g} is not a checkpoint of stage {r.text}; "
-                                f"valid: {', '.join(f'{f:g}' for f in saved)}")
+                                f"valid: {', '.join(f'{f:g}' for f in saved)}, or 0 (random initialisation)")
             if name in ("image_ratio", "instruct_ratio") and not 0.0 <= v <= 1.0:
                 raise GridError(f"{name}={v:g} is outside [0, 1]")
             checked.append(v)
@@ -178,16 +183,21 @@ def branch_overrides(run: RunConfig, fraction: float, rewarm_peak: Optional[floa
                      rewarm_warmup: float = 0.05) -> list[str]:
     """Overrides that start the image stage at ``fraction`` of the text stage.
 
-    ``< 1``: the text cosine continues from that point (the paper's recommendation). ``1.0``:
-    the paper's baseline, a re-warmed cosine (peak ``rewarm_peak``, default the text stage's
-    peak; warmup ``rewarm_warmup`` of the stage) down to the text stage's final LR."""
+    ``0 < f < 1``: the text cosine continues from that point (the paper's recommendation).
+    ``1.0``: the paper's baseline, a re-warmed cosine; ``0.0``: the image stage from random
+    initialisation (the paper's 0 %, Sec. 3.3), re-warmed the same way. Both re-warm to peak
+    ``rewarm_peak`` (default :data:`REWARM_PEAK` = 3e-3, paper line 149; warmup ``rewarm_warmup``
+    of the stage) down to the text stage's final LR."""
     r = roles(run)
     text = run.stage(r.text).schedule
     pre = f"stages.{r.image}"
-    out = [f"{pre}.init.fraction={fraction!r}"]
-    if fraction < 1.0 - 1e-9:
+    if fraction == 0.0:  # no text checkpoint: fresh weights (init: {})
+        out = [f"{pre}.init.stage=null", f"{pre}.init.fraction=null"]
+    else:
+        out = [f"{pre}.init.fraction={fraction!r}"]
+    if 0.0 < fraction < 1.0 - 1e-9:
         return out + [f"{pre}.schedule.kind=continue"]
-    peak = rewarm_peak if rewarm_peak is not None else text.peak
+    peak = rewarm_peak if rewarm_peak is not None else REWARM_PEAK
     return out + [f"{pre}.schedule.kind=rewarm", f"{pre}.schedule.peak={peak!r}",
                   f"{pre}.schedule.final={text.final!r}", f"{pre}.schedule.warmup_fraction={rewarm_warmup!r}"]
 

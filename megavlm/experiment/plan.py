@@ -63,9 +63,10 @@ def build_jobs(run: RunConfig, full: dict[str, list], sweep_dir: Path,
         tk, ik, ck = c.key("seed"), c.key("instruct_ratio"), c.key("epochs")
         text_dir, image_dir = sweep_dir / "text" / tk, sweep_dir / "image" / ik
         jobs.setdefault(f"text/{tk}", Job(f"text/{tk}", "text", str(text_dir), r.text, [f"seed={c.seed}"]))
+        from_text = c.fraction != 0.0  # fraction 0: the image stage starts from random weights
         jobs.setdefault(f"image/{ik}", Job(
             f"image/{ik}", "image", str(image_dir), r.image, cell_overrides(run, c, rewarm_peak=rewarm_peak),
-            links={r.text: str(text_dir)}, deps=[f"text/{tk}"]))
+            links={r.text: str(text_dir)} if from_text else {}, deps=[f"text/{tk}"] if from_text else []))
         jobs[f"cell/{ck}"] = Job(
             f"cell/{ck}", "cell", str(sweep_dir / "cells" / ck), r.sft,
             cell_overrides(run, c, rewarm_peak=rewarm_peak),
@@ -178,6 +179,8 @@ def job_config(plan: dict, job: Job) -> RunConfig:
     run = load_config(plan["config"], base)
     if job.kind == "cell":
         sft = run.stage(roles(run).sft)
+        if sft.batch_unit == "examples":  # epochs of examples: the stage sizes itself (train.budget)
+            return load_config(plan["config"], base + [f"stages.{sft.name}.epochs={int(job.cell['epochs'])}"])
         per_epoch = plan.get("epoch_tokens") or epoch_tokens(run, sft)
         tokens = int(job.cell["epochs"]) * int(per_epoch)
         run = load_config(plan["config"], base + [f"stages.{sft.name}.tokens={tokens}"])

@@ -25,7 +25,7 @@ from megavlm.data.batch import Batch
 from megavlm.model.build import build_model, model_dtype
 from megavlm.parallel.state import Parallel
 from megavlm.train import checkpoint as ckpt
-from megavlm.train.schedule import StageSchedule, checkpoint_steps, num_microbatches
+from megavlm.train.schedule import StageSchedule, checkpoint_steps, num_microbatches, recorded
 from megavlm.train.step import make_forward_step
 
 
@@ -227,7 +227,8 @@ class StageTrainer:
                    "tokens_per_s": step_tokens / dt,
                    # the stage's image-text ratio (positions of image samples) and pure patch share
                    "image_text_ratio": mix["image_sample_positions"] / step_tokens,
-                   "patch_fraction": mix["patch_positions"] / step_tokens}
+                   "patch_fraction": mix["patch_positions"] / step_tokens,
+                   "padding_fraction": mix["pad_positions"] / step_tokens}
             self.metrics.write(rec)
             if par.is_logging_rank and ((step + 1) % run.train.log_every == 0 or step + 1 == T):
                 self.log(f"[{stage.name}] step {step + 1}/{T} loss {loss:.4f} lr {lr:.3e} "
@@ -236,7 +237,7 @@ class StageTrainer:
             periodic = stage.save_every and k % stage.save_every == 0
             if k in fractions or periodic or k == T:
                 meta = {"stage": stage.name, "step": k, "steps": T, "fractions": fractions.get(k, []),
-                        "tokens": k * step_tokens, "seed": run.seed}
+                        "tokens": k * step_tokens, "seed": run.seed, "schedule": recorded(self.sched)}
                 path = ckpt.stage_dir(run.run_dir, stage.name) / f"step_{k:07d}"
                 ckpt.save(path, model, optimizer, meta, loader.state_dict(), par.dp_rank,
                           write_loader=par.tp_rank == 0 and par.pp_rank == 0,

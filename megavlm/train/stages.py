@@ -12,7 +12,8 @@ from typing import Callable, Optional
 from megavlm.config import RunConfig, StageConfig
 from megavlm.parallel.state import Parallel
 from megavlm.train.loop import LoaderFactory, StageOutcome, StageTrainer
-from megavlm.train.schedule import num_microbatches, resolve_schedules, stage_steps
+from megavlm.train.budget import training_steps
+from megavlm.train.schedule import num_microbatches, resolve_schedules
 
 
 def default_loader_factory(run: RunConfig) -> LoaderFactory:
@@ -26,7 +27,9 @@ def default_loader_factory(run: RunConfig) -> LoaderFactory:
                            micro_batch_size=run.train.micro_batch_size,
                            num_microbatches=num_microbatches, dp_rank=parallel.dp_rank,
                            dp_size=parallel.dp, seed=run.seed, stage=stage.name,
-                           vision=run.model.vision, epochs=stage.epochs)
+                           vision=run.model.vision, epochs=stage.epochs,
+                           examples_per_row=1 if stage.batch_unit == "examples" else None,
+                           pack_window=stage.pack_window)
 
     return make
 
@@ -40,12 +43,9 @@ def run_stages(run: RunConfig, parallel: Parallel, loader_factory: Optional[Load
     parallel.barrier()
     factory = loader_factory or default_loader_factory(run)
     steps = {}
-    for st in run.stages:
-        tokens = None
-        if st.epochs is not None:  # fine-tuning: the budget is passes over the stage's data
-            nmb = num_microbatches(run.train, parallel.dp)
-            tokens = st.epochs * factory(st, parallel, nmb).tokens_per_epoch
-        steps[st.name] = stage_steps(run, st, tokens)
+    nmb = num_microbatches(run.train, parallel.dp)
+    for st in run.stages:  # budgets: positions, real tokens or epochs (megavlm.train.budget)
+        steps[st.name] = training_steps(run, st, factory, parallel, nmb)
     scheds = resolve_schedules(run, steps)
     out = []
     for st in run.stages:
