@@ -9,12 +9,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from megavlm import demo
+from megavlm.demo import run as demo
 from megavlm.config import load_config
 from megavlm.experiment.plots import read_metrics, sweep_figures
 from megavlm.train.schedule import resolve_schedules, stage_steps
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "launch" / "configs" / "tiny.yaml"
 
 
@@ -122,7 +122,7 @@ def test_full_demo_run_and_rerun(tmp_path, capsys):
 
 
 def test_short_vqa_labels_and_records(tmp_path):
-    from megavlm.experiment.short_vqa import SUFFIX, conversations, label_of
+    from megavlm.demo.short_vqa import SUFFIX, conversations, label_of
 
     assert label_of("A photo of an ankle boot: a shoe that covers the ankle.") == "ankle boot"
     assert label_of("A wapiti.") == "wapiti"
