@@ -9,7 +9,7 @@ recipe's shapes (uint16 ids below 50k, web-like document lengths), built once in
 Tokens/s per core divides by the CPU time of this process (torch on one thread), so a shared,
 loaded machine stretches the wall-clock figure but much less the per-core one.
 
-``--quick`` runs small sizes in seconds (the test uses it); ``--only text images`` adds the
+``--quick`` runs small sizes in seconds (the test uses it; its report is ``…-cpu-data-quick.md``); ``--only text images`` adds the
 preparation benchmarks of megavlm.prep (preprocess_text and encode_images on the demo corpus,
 ``megavlm prepare demo`` first). The dated report is written by megavlm.bench.artifact.
 
@@ -255,7 +255,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if a.no_write:
         print(text)
         return 0
-    print(f"wrote {write_report(a.out_dir, 'cpu', 'data', text)}")
+    name = "data-quick" if a.quick else "data"  # a quick run never replaces a paper-size result
+    print(f"wrote {write_report(a.out_dir, 'cpu', name, text)}")
     return 0
 
 

@@ -15,8 +15,8 @@ def test_quick_run_writes_every_case(tmp_path, capsys):
     out = tmp_path / "out"
     assert cli_main(["bench", "data", "--quick", "--steps", "2", "--work", str(tmp_path / "work"),
                      "--out-dir", str(out)]) == 0
-    (path,) = out.glob("*-cpu-data.md")
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d-cpu-data\.md", path.name)
+    (path,) = out.glob("*-cpu-data*.md")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d-cpu-data-quick\.md", path.name)
     text = path.read_text()
     assert "Command: `megavlm bench data --quick --steps 2" in text
     assert f"- torch: {torch.__version__}" in text and "- CPU: " in text and "- megatron-core: " in text
