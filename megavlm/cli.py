@@ -2,8 +2,9 @@
 
     megavlm train --config C [key.path=value ...]     train a recipe (torchrun for several processes)
     megavlm plan  --config C [overrides] [--json]     steps, checkpoints and LR schedule, no training
+    megavlm prepare --config C | demo [--root D]      build a recipe's data (before training)
     megavlm demo  [--run-dir D]                       the offline three-stage demo
-    megavlm bench {train,masked-ce,throughput} [...]  benchmarks (markdown under benchmarks/)
+    megavlm bench {train,masked-ce,throughput,data}   benchmarks (markdown under benchmarks/)
     megavlm sweep --config C --grid name=v1,v2 [...]  the paper's experiment grid (megavlm.sweep)
     megavlm eval  {text,vision,all} --checkpoint D     lm-eval text tasks, vision tasks, stable score
     megavlm selftest [--size small|full] [--out-dir D] acceptance run on a new machine (megavlm.selftest)
@@ -53,9 +54,12 @@ def cmd_plan(args) -> int:
 
 def cmd_train(args) -> int:
     from megavlm.parallel.state import Parallel
+    from megavlm.prepare import prepare_recipe, require_prepared
     from megavlm.train.stages import run_stages
 
     run = _load(args)
+    prepare_recipe(run)  # `megavlm prepare --config C` first (data.build: demo); the trainer only reads
+    require_prepared(run, args.config, args.overrides)
     parallel = Parallel.initialize(run.parallel, run.seed)
     try:
         run_stages(run, parallel, only=args.stage or None)
@@ -65,7 +69,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from megavlm.demo import main as demo_main
+    from megavlm.demo.run import main as demo_main
 
     return demo_main(args)
 
@@ -73,6 +77,8 @@ def cmd_demo(args) -> int:
 def cmd_bench(args, rest: list[str]) -> int:
     if args.what == "train":
         from megavlm.bench.train import main as bench_main
+    elif args.what == "data":
+        from megavlm.bench.data import main as bench_main
     elif args.what == "throughput":
         from megavlm.bench.throughput import main as bench_main
     else:
@@ -105,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-limit", type=int, default=None, help="examples per evaluation task (default all)")
     d.add_argument("overrides", nargs="*")
     b = sub.add_parser("bench")
-    b.add_argument("what", choices=["train", "masked-ce", "throughput"])
+    b.add_argument("what", choices=["train", "masked-ce", "throughput", "data"])
+    sub.add_parser("prepare", add_help=False, help="build a recipe's data; its own options: megavlm prepare --help")
     sub.add_parser("sweep", add_help=False, help="experiment grid; its own options: megavlm sweep --help")
     sub.add_parser("selftest", add_help=False, help="acceptance run; its own options: megavlm selftest --help")
     sub.add_parser("eval", add_help=False, help="evaluation {text,vision,all}; its own options: megavlm eval --help")
@@ -133,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         from megavlm.selftest.run import main as selftest_main
 
         return selftest_main(argv[1:])
+    if argv[:1] == ["prepare"]:
+        from megavlm.prepare import main as prepare_main
+
+        return prepare_main(argv[1:])
     if argv[:1] == ["eval"]:
         from megavlm.eval.cli import main as eval_main
 

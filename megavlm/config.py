@@ -180,7 +180,8 @@ class DataConfig:
     root: str = "~/.cache/megavlm/demo"
     """Folder holding the prepared corpora; relative paths below are resolved against it."""
     build: Literal["none", "demo"] = "none"
-    """'demo' builds the small offline corpus into root on first use (cached); 'none' expects it there."""
+    """'demo': `megavlm prepare` (also run first by `megavlm train`, the demo and the sweep) builds the
+    small offline corpus into root, cached; 'none' expects prepared files there. The trainer only reads."""
     tokenizer: str = "tokenizer.model"
     """sentencepiece model (or tokenizer.json) path."""
     text: list[str] = field(default_factory=lambda: ["text"])

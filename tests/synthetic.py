@@ -1,72 +1,41 @@
 """Deterministic synthetic batches for engine tests (the data pipeline has its own tests).
 
 Every optimizer step has one *global* batch, a pure function of (seed, step): caption rows
-(image slots, SEP, caption), packed text rows (several documents), and plain text rows. Each
+(image slots, SEP, caption), packed text rows (two documents), and plain text rows. Each
 data-parallel rank takes its own contiguous slice, so layouts with different DP sizes train on
-exactly the same global batch.
+exactly the same global batch. The rows come from the one synthetic loader, megavlm.bench.synthetic.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from megavlm.bench.synthetic import IDS, SyntheticSteps
+from megavlm.data.batch import Sample
 
-from megavlm.data.batch import Sample, collate
+PAD = IDS.pad
+VOCAB = 100
+"""Token ids stay below this, so every test model (vocab >= 100) can embed them."""
 
-PAD, EOD, SEP, IMG = 0, 1, 2, 3
+
+def _rows(images: bool) -> tuple[str, ...]:
+    return ("caption", "packed", "text") if images else ("packed", "text")
 
 
 def global_rows(seed: int, step: int, rows: int, seq: int, patches: int, width: int,
                 images: bool) -> list[list[Sample]]:
-    g = np.random.default_rng([seed, step])
-    out = []
-    for r in range(rows):
-        kind = r % 3 if images else 1 + r % 2
-        if kind == 0:  # caption row: [IMG]*P [SEP] caption [EOD]
-            n = int(g.integers(3, seq - patches - 2))
-            cap = g.integers(4, 100, size=n)
-            tok = np.concatenate([np.full(patches, IMG), [SEP], cap, [EOD]])
-            tgt = np.concatenate([np.zeros(patches + 1, bool), np.ones(n + 1, bool)])
-            img = g.standard_normal((patches, width)).astype(np.float32)
-            out.append([Sample(tok, tgt, image=img, image_start=0, source="captions")])
-        elif kind == 1:  # packed text: two documents
-            a = int(g.integers(2, seq - 2))
-            docs = [g.integers(4, 100, size=a), g.integers(4, 100, size=seq - a)]
-            out.append([Sample(d, np.ones(len(d), bool)) for d in docs])
-        else:
-            d = g.integers(4, 100, size=seq)
-            out.append([Sample(d, np.ones(seq, bool))])
-    return out
+    """The first ``rows`` rows of step ``step``'s global batch: caption, packed and plain text rows."""
+    src = SyntheticSteps(seed=seed, seq=seq, vocab=VOCAB, micro_batch=1, num_microbatches=1,
+                         rows=_rows(images), patches=patches, width=width)
+    return [src.row(step, r) for r in range(rows)]
 
 
-class SyntheticLoader:
+class SyntheticLoader(SyntheticSteps):
     """StepLoader over synthetic global batches, sliced for one data-parallel rank."""
 
     def __init__(self, *, seed: int, seq: int, micro_batch: int, num_microbatches: int,
                  dp_rank: int, dp_size: int, patches: int, width: int, images: bool):
-        self.seed, self.seq, self.mb, self.nmb = seed, seq, micro_batch, num_microbatches
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.patches, self.width, self.images = patches, width, images
-        self.step = 0
-
-    def next_step(self):
-        per_rank = self.mb * self.nmb
-        rows = global_rows(self.seed, self.step, per_rank * self.dp_size, self.seq, self.patches,
-                           self.width, self.images)
-        mine = rows[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
-        self.step += 1
-        return [collate(mine[i * self.mb:(i + 1) * self.mb], self.seq, PAD, embed_dtype=None)
-                for i in range(self.nmb)]
-
-    @property
-    def tokens_per_epoch(self) -> int:
-        """A synthetic 'epoch' is four global batches."""
-        return 4 * self.mb * self.nmb * self.dp_size * self.seq
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
+        super().__init__(seed=seed, seq=seq, vocab=VOCAB, micro_batch=micro_batch,
+                         num_microbatches=num_microbatches, dp_rank=dp_rank, dp_size=dp_size,
+                         rows=_rows(images), patches=patches, width=width)
 
 
 def factory(run):

@@ -6,6 +6,7 @@
 Fetches sword-text-web, wordnet-base, dataset-fashion-mnist and tuxpaint-stamps-default with
 apt-get download (cached), writes the raw corpora in the standard input formats under ROOT/raw
 and prepares them with the same code as the other tools. A second run returns at once.
+The same as ``megavlm prepare demo`` (megavlm.prepare).
 """
 from __future__ import annotations
 
@@ -15,26 +16,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megavlm.config import DataConfig, VisionConfig  # noqa: E402
-from megavlm.data.demo import ensure_demo_corpus  # noqa: E402
 from megavlm.data.indexed import DataError  # noqa: E402
+from megavlm.prepare import demo_parser, prepare_demo  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default=DataConfig.root)
-    ap.add_argument("--num-patches", type=int, default=16, help="16 = 128 px, 49 = 224 px")
-    ap.add_argument("--full", action="store_true", help="all WordNet glosses and all Fashion-MNIST images")
-    ap.add_argument("--cache", default=None, help="where .deb files are kept (default ~/.cache/megavlm/debs)")
-    a = ap.parse_args(argv)
-    data = DataConfig(root=a.root, build="demo", instructions=["instructions"])
+    a = demo_parser("build_demo_corpora.py").parse_args(argv)
     try:
-        ensure_demo_corpus(data, VisionConfig(embed_dim=1280, num_patches=a.num_patches), full=a.full,
-                           cache=Path(a.cache) if a.cache else None, progress=True)
+        root = prepare_demo(a.root, a.num_patches, full=a.full, cache=Path(a.cache) if a.cache else None)
     except (DataError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"demo corpora in {Path(a.root).expanduser()}")
+    print(f"demo corpora in {root}")
     return 0
 
 

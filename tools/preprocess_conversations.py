@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megavlm.data.conversations import preprocess_conversations  # noqa: E402
+from megavlm.prep.conversations import preprocess_conversations  # noqa: E402
 from megavlm.data.indexed import DataError  # noqa: E402
 from megavlm.data.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
 

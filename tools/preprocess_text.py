@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megavlm.data.indexed import DataError  # noqa: E402
-from megavlm.data.textprep import preprocess_text  # noqa: E402
+from megavlm.prep.textprep import preprocess_text  # noqa: E402
 from megavlm.data.tokenizer import TokenizerError  # noqa: E402
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megavlm.data.indexed import DataError  # noqa: E402
-from megavlm.data.textprep import read_documents  # noqa: E402
+from megavlm.prep.textprep import read_documents  # noqa: E402
 from megavlm.data.tokenizer import TokenizerError, describe, train_sentencepiece  # noqa: E402
 
 

@@ -30,7 +30,6 @@ import datetime as _dt
 import gc
 import json
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -43,7 +42,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from megavlm.bench.artifact import cpu_model, load_average, write_report
+from megavlm.bench.artifact import machine_info, write_report
 import torch.nn.functional as F
 
 CPU_VARIANTS = ("naive", "masked_reference")
@@ -272,18 +271,6 @@ def run_gpu(shape: Shape, repeats: int, fused_tiles: Sequence[str] = ()
 
 # ------------------------------------------------------------------------------------ reporting
 
-def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"CPU": cpu_model(), "logical CPUs": os.cpu_count(),
-                            "load average at start (1/5/15 min)": load_average(),
-                            "python": platform.python_version(), "torch": torch.__version__}
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except Exception:
-        info["triton"] = "not installed"
-    return info
-
-
 def render(case: str, shape: Shape, results: list[Result], info: dict[str, Any], command: str,
            peak_method: str, baseline: str) -> str:
     today = _dt.date.today().isoformat()
@@ -358,7 +345,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     gpu = torch.cuda.is_available()
     if args.case == "gpu" and not gpu:
         p.error("--case gpu needs CUDA")
-    info = machine_info()  # before the runs: the load average is the machine's, not ours
+    info = machine_info(("triton",))  # before the runs: the load average is the machine's, not ours
     reports = []
     if args.case in ("cpu", "all"):
         shape = Shape(args.batch, args.seq, args.image, args.cpu_dim, args.cpu_vocab, "float32")

@@ -36,7 +36,6 @@ import dataclasses
 import datetime as _dt
 import gc
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -49,16 +48,15 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from megavlm.bench.artifact import cpu_model, load_average
+from megavlm.bench.artifact import load_average, machine_info, write_report
 
 from megavlm.config import RunConfig, load_config
-from megavlm.data.batch import Batch, Sample, collate
+from megavlm.bench.synthetic import SyntheticSteps
+from megavlm.data.batch import Batch
 from megavlm.model import flops
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "launch" / "configs" / "tiny.yaml"
-PAD, EOD, SEP, IMG = 0, 1, 2, 3
-FIRST_TEXT_TOKEN = 4
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's datasheets; None = not supported.
 # Order matters: the first key contained in the device name wins.
@@ -94,46 +92,20 @@ def measured_cpu_matmul_tflops(n: int = 1024, repeats: int = 5) -> float:
 
 # ------------------------------------------------------------------------------------- data
 
-class SyntheticRows:
+class SyntheticRows(SyntheticSteps):
     """A StepLoader of full rows, a pure function of (seed, step). ``text``: one document of S
     tokens per row; ``image-text``: one caption sample per row, P image positions, SEP, text."""
 
     IMAGE_BANK = 16
 
     def __init__(self, run: RunConfig, kind: str, num_microbatches: int, dp_rank: int):
-        self.kind, self.seed = kind, run.seed
-        self.S, self.V = run.model.seq_length, run.model.vocab_size
-        self.P, self.W = run.model.vision.num_patches, run.model.vision.embed_dim
-        self.mb, self.nmb, self.dp_rank = run.train.micro_batch_size, num_microbatches, dp_rank
-        self.step = 0
-        # a small bank of images drawn once: a 729 x 1152 draw per row would cost milliseconds
-        # each and show up as data waiting that no real loader has (it reads stored embeddings)
-        self.images = [] if kind == "text" else [
-            np.random.default_rng([self.seed, i]).standard_normal((self.P, self.W), dtype=np.float32)
-            .astype(np.float16).view(np.uint16) for i in range(self.IMAGE_BANK)]
-
-    def _row(self, g: np.random.Generator) -> Sample:
-        text = g.integers(FIRST_TEXT_TOKEN, self.V, size=self.S)
-        if self.kind == "text":
-            return Sample(text, np.ones(self.S, bool))
-        P = self.P
-        tokens = np.concatenate([np.full(P, IMG), [SEP], text[: self.S - P - 1]])
-        target = np.concatenate([np.zeros(P + 1, bool), np.ones(self.S - P - 1, bool)])
-        image = self.images[int(g.integers(len(self.images)))]
-        return Sample(tokens, target, image=image, image_start=0, source="captions")
-
-    def next_step(self) -> list[Batch]:
-        g = np.random.default_rng([self.seed, self.step, self.dp_rank])
-        self.step += 1
-        rows = [[self._row(g)] for _ in range(self.mb * self.nmb)]
-        return [collate(rows[i * self.mb:(i + 1) * self.mb], self.S, PAD, embed_dtype=torch.float16)
-                for i in range(self.nmb)]
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
+        self.kind = kind
+        v = run.model.vision
+        super().__init__(seed=run.seed, seq=run.model.seq_length, vocab=run.model.vocab_size,
+                         micro_batch=run.train.micro_batch_size, num_microbatches=num_microbatches,
+                         dp_rank=dp_rank, rows=("text",) if kind == "text" else ("full-caption",),
+                         patches=v.num_patches, width=v.embed_dim, image_bank=self.IMAGE_BANK,
+                         embed_dtype=torch.float16)
 
 
 class TimedLoader:
@@ -279,30 +251,18 @@ def run_case(base: RunConfig, case: Case, parallel, steps: int, warmup: int,
 # ---------------------------------------------------------------------------------- report
 
 def hardware(cuda: bool) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__}
-    try:
-        from importlib.metadata import version
-
-        info["megatron-core"] = version("megatron-core")
-    except Exception:
-        info["megatron-core"] = "unknown"
-    try:
-        from importlib.metadata import version
-
-        info["transformer-engine"] = version("transformer-engine")
-    except Exception:
-        info["transformer-engine"] = "not installed"
+    m = machine_info(("megatron-core", "transformer-engine"))
+    info = {k: m[k] for k in ("python", "torch", "megatron-core", "transformer-engine")}
     if cuda:
         name = torch.cuda.get_device_name()
         key, peaks = gpu_peak(name)
         info.update(device=name, slug=re.sub(r"[^a-z0-9]+", "-", (key or name).lower()).strip("-"),
                     peak_key=key, peaks=peaks, cuda=torch.version.cuda)
     else:
-        cpu = cpu_model("unknown CPU")
         rate = measured_cpu_matmul_tflops()
-        info.update(device=f"{cpu} ({os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads)",
+        info.update(device=f"{m['CPU']} ({m['logical CPUs']} logical CPUs, {m['torch threads']} torch threads)",
                     slug="cpu", peak_key="measured fp32 matmul", peaks={"fp32": rate},
-                    load=load_average())
+                    load=m["load average at start (1/5/15 min)"])
     return info
 
 
@@ -452,15 +412,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if info["slug"] == "cpu":  # a shared CPU's numbers mean little without its load
-        info["load"] += " at start, " + " / ".join(f"{v:.2f}" for v in os.getloadavg()) + " at end"
+        info["load"] += " at start, " + load_average() + " at end"
     command = "megavlm bench throughput " + " ".join(shlex.quote(a) for a in argv)
     md = render(results, base, info, command, world, args.steps, args.warmup, args.attention)
     if args.no_write:
         print(md)
         return 0
-    out = Path(args.out_dir) / f"{_dt.date.today().isoformat()}-{info['slug']}-throughput.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(md)
+    out = write_report(args.out_dir, info["slug"], "throughput", md)
     print(f"wrote {out}")
     return 0
 

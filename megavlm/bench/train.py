@@ -27,7 +27,6 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -41,7 +40,8 @@ import torch
 
 from torch import Tensor, nn
 
-from megavlm.bench.artifact import cpu_model, load_average, write_report
+from megavlm.bench.artifact import load_average, machine_info, write_report
+from megavlm.bench.synthetic import SyntheticSteps
 from megavlm.config import RunConfig, load_config
 from megavlm.data.batch import Batch, Sample, collate
 from megavlm.model.reference import ReferenceDCLM, document_mask, to_openlm_names
@@ -49,42 +49,22 @@ from megavlm.ops.masked_ce import masked_cross_entropy_reference
 from megavlm.train.schedule import num_microbatches
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "launch" / "configs" / "tiny.yaml"
-PAD = 0
-FIRST_TOKEN = 4  # ids below are the recipe's special tokens
 
 
 # ------------------------------------------------------------------------------------ data
 
-class SyntheticTextLoader:
+class SyntheticTextLoader(SyntheticSteps):
     """A StepLoader of random text rows (even rows: two packed documents; odd rows: one), a pure
     function of (seed, step). It records when each step's data is requested: the step clock."""
 
     def __init__(self, *, seed: int, vocab: int, seq: int, micro_batch: int, num_microbatches: int):
-        self.seed, self.vocab, self.seq = seed, vocab, seq
-        self.mb, self.nmb = micro_batch, num_microbatches
-        self.step = 0
+        super().__init__(seed=seed, seq=seq, vocab=vocab, micro_batch=micro_batch,
+                         num_microbatches=num_microbatches, rows=("packed", "text"))
         self.marks: list[tuple[float, float]] = []  # (wall clock, this process's CPU time)
 
     def next_step(self) -> list[Batch]:
         self.marks.append((time.perf_counter(), time.process_time()))
-        g = np.random.default_rng([self.seed, self.step])
-        self.step += 1
-        rows = []
-        for r in range(self.mb * self.nmb):
-            if r % 2 == 0:
-                a = int(g.integers(2, self.seq - 2))
-                docs = [g.integers(FIRST_TOKEN, self.vocab, size=n) for n in (a, self.seq - a)]
-            else:
-                docs = [g.integers(FIRST_TOKEN, self.vocab, size=self.seq)]
-            rows.append([Sample(d, np.ones(len(d), bool)) for d in docs])
-        return [collate(rows[i * self.mb:(i + 1) * self.mb], self.seq, PAD, embed_dtype=None)
-                for i in range(self.nmb)]
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
+        return super().next_step()
 
     def step_seconds(self) -> list[tuple[float, float]]:
         """(wall, CPU) seconds of every step that was followed by another data request."""
@@ -232,21 +212,6 @@ class Measured:
 
     def cpu_median(self) -> float:
         return statistics.median(self.cpu)
-
-
-def machine_info() -> dict[str, str]:
-    cpu = cpu_model()
-    try:
-        from importlib.metadata import version
-
-        mcore = version("megatron-core")
-    except Exception:
-        import megatron.core
-
-        mcore = getattr(megatron.core, "__version__", "unknown")
-    return {"CPU": cpu, "logical CPUs": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()),
-            "load average at start (1/5/15 min)": load_average(),
-            "python": platform.python_version(), "torch": torch.__version__, "megatron-core": mcore}
 
 
 def render(run: RunConfig, results: dict[str, Measured], info: dict[str, str], command: str,

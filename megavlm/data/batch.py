@@ -18,6 +18,17 @@ import numpy as np
 import torch
 
 
+def image_head(ids, num_patches: int) -> np.ndarray:
+    """The head of every image sample, ``[P x IMAGE][SEP]`` (int64, P + 1 ids): the one definition
+    used by the sources, the evaluation's prompts, the benchmarks and the synthetic test data.
+    ``ids`` is a Tokenizer or a SpecialIds (anything with ``image`` and ``sep``). Never a target."""
+    if num_patches < 1:
+        raise ValueError(f"an image takes at least one position, not num_patches={num_patches}")
+    head = np.full(num_patches + 1, ids.image, dtype=np.int64)
+    head[-1] = ids.sep
+    return head
+
+
 @dataclass(frozen=True)
 class Sample:
     """One document before collation (length L = positions + 1 for the shifted label)."""

@@ -26,7 +26,7 @@ from typing import Literal, Optional, Sequence
 
 import numpy as np
 
-from megavlm.data.batch import Sample
+from megavlm.data.batch import Sample, image_head
 from megavlm.data.indexed import DataError, EmbeddingStore, TokenData
 from megavlm.data.tokenizer import Tokenizer
 
@@ -96,7 +96,7 @@ class CaptionSource:
             raise DataError(f"{prefix}.bin: record {int(empty[0])} has an empty caption")
         full = self.captions.lengths + self.P + 2
         self.lengths, self.truncated = _too_long(full, seq_length, too_long, f"{prefix}.bin")
-        self._head = np.array([tok.image] * self.P + [tok.sep], dtype=np.int64)
+        self._head = image_head(tok, self.P)
         self._eod = np.array([tok.eod], dtype=np.int64)
         self._target = np.concatenate([np.zeros(self.P + 1, bool), np.ones(seq_length, bool)])
 
@@ -149,7 +149,7 @@ class ConversationSource:
                                 f"{int(self.images[bad[0]])}, store {store} has {len(self.store)}")
         full = self.tokens.lengths + np.where(self.images >= 0, self.P + 1, 0)
         self.lengths, self.truncated = _too_long(full, seq_length, too_long, f"{prefix}.bin")
-        self._head = np.array([tok.image] * self.P + [tok.sep], dtype=np.int64)
+        self._head = image_head(tok, self.P)
         self._no = np.zeros(self.P + 1, dtype=bool)
 
     def __len__(self) -> int:

@@ -55,6 +55,14 @@ class SpecialIds:
     assistant: int
 
 
+SENTENCEPIECE_IDS = SpecialIds(pad=0, eod=2, sep=3, image=4, system=5, user=6, assistant=7)
+"""The ids ``train_sentencepiece`` gives the special tokens: PAD 0, (unk 1), then the control
+symbols in ``SPECIAL_TOKENS`` order. Synthetic data that has no tokenizer (engine tests,
+benchmarks) uses these ids too, so its rows look like the demo's."""
+FIRST_ORDINARY_ID = 8
+"""The first id of a sentencepiece model trained here that is neither special nor unk."""
+
+
 class Tokenizer:
     """Text <-> ids plus the special ids. Subclasses implement ``_encode_batch``/``_decode``."""
 

@@ -93,7 +93,9 @@ class CheckpointModel:
 
     def image_prefix(self) -> list[int]:
         """Token ids in front of the text of an image row: P placeholders, then SEP."""
-        return [self.tok.image] * self.num_patches + [self.tok.sep]
+        from megavlm.data.batch import image_head
+
+        return image_head(self.tok, self.num_patches).tolist()
 
     def _fit(self, ids: list[int], keep_from: int, has_image: bool,
              limit: Optional[int] = None) -> tuple[list[int], int]:

@@ -70,7 +70,7 @@ class Sources:
         """The demo corpus root (default: DataConfig.root) and WordNet as the demo build extracted
         it (``<cache>/extract/wordnet-base``) unless given."""
         from megavlm.config import DataConfig
-        from megavlm.data.demo import default_cache
+        from megavlm.demo.debian import default_cache
 
         root = Path(demo_root or DataConfig.root).expanduser()
         wn = Path(wordnet) if wordnet else default_cache() / "extract" / "wordnet-base" / "usr/share/wordnet"
@@ -80,7 +80,7 @@ class Sources:
         p = self.demo_root / rel
         if not p.exists() and not Path(f"{p}.json").exists():  # a file, or a store prefix
             raise EvalError(f"offline suite needs {p}: build the demo corpus first "
-                            f"(python tools/build_demo_corpora.py --root {self.demo_root})")
+                            f"(megavlm prepare demo --root {self.demo_root})")
         return p
 
 
@@ -182,7 +182,7 @@ def write_text_suite(out_dir: str | Path, sources: Sources, n: int = 200) -> Pat
     out.mkdir(parents=True, exist_ok=True)
     if sources.wordnet is None:
         raise EvalError("offline text suite needs WordNet (Debian package wordnet-base); build the "
-                        "demo corpus first (python tools/build_demo_corpora.py)")
+                        "demo corpus first (megavlm prepare demo)")
     tasks = {
         "megavlm_wordnet_mc": (build_wordnet_mc(sources.wordnet, n),
                                "Definition: {{definition}}\\nWord:"),

@@ -7,7 +7,7 @@ and questions refer to images by path or id. Before any forward pass every quest
 looked up and the store is checked against the checkpoint (width, patches, encoder), so a wrong
 file fails at once with its name instead of producing a score.
 
-Prompting follows the instruction-tuning layout of megavlm.data.conversations —
+Prompting follows the instruction-tuning layout of megavlm.prep.conversations —
 ``[image][SEP][USER] \\n{question}\\nAnswer the question using a single word or phrase. [SEP][ASSISTANT]``
 — and the answer is greedy (at most 128 new tokens, stopped at SEP/EOD). POPE compares
 log P("Yes") with log P("No") after the same prompt. Referring expressions ask for the box with

@@ -136,11 +136,13 @@ def plan_jobs(plan: dict) -> list[Job]:
 
 
 def epoch_tokens(run: RunConfig, stage: StageConfig) -> int:
-    """Token positions of one pass over the stage's data (what ``epochs`` multiplies)."""
+    """Token positions of one pass over the stage's data (what ``epochs`` multiplies); the data
+    must be prepared (the sweep's ``ensure_data`` ran)."""
     from megavlm.data.mixture import StageLoader
     from megavlm.train.schedule import num_microbatches
+    from megavlm.prepare import require_prepared
 
-    ensure_data(run)
+    require_prepared(run)
     t = run.train
     loader = StageLoader(run.data, stage.mixture, seq_length=run.model.seq_length,
                          micro_batch_size=t.micro_batch_size,
@@ -150,12 +152,18 @@ def epoch_tokens(run: RunConfig, stage: StageConfig) -> int:
 
 
 def ensure_data(run: RunConfig, progress: bool = False) -> None:
-    """The demo corpus (cached) and, if the recipe lists it, the short-answer VQA instructions."""
-    from megavlm.data.demo import ensure_demo_corpus
-    from megavlm.experiment.short_vqa import ensure_short_vqa
+    """The sweep's preparation step, once before any job starts: build what the recipe's
+    ``data.build`` says (megavlm.prepare). Jobs themselves only check that it is there."""
+    from megavlm.prepare import prepare_recipe
 
-    ensure_demo_corpus(run.data, run.model.vision, progress=progress)
-    ensure_short_vqa(run.data)
+    prepare_recipe(run, progress=progress)
+
+
+def _require_data(plan: dict, run: RunConfig) -> None:
+    """A job (perhaps on another node) reads the data the sweep prepared; it never builds it."""
+    from megavlm.prepare import require_prepared
+
+    require_prepared(run, plan["config"], plan["base_overrides"])
 
 
 def link_stages(run_dir: Path, links: dict[str, str]) -> None:
@@ -207,7 +215,7 @@ def run_job(sweep_dir: Path, job_id: str, log: Callable[[str], None] = print) ->
     run_dir = Path(job.run_dir)
     link_stages(run_dir, job.links)
     run = job_config(plan, job)
-    ensure_data(run)
+    _require_data(plan, run)
     t0 = time.perf_counter()
     parallel = Parallel.initialize(run.parallel, run.seed)
     try:

@@ -17,12 +17,10 @@ from megavlm.train.schedule import num_microbatches, resolve_schedules
 
 
 def default_loader_factory(run: RunConfig) -> LoaderFactory:
-    """Loaders over the prepared data of ``run.data`` (built on first use for the demo)."""
-    from megavlm.data.demo import ensure_demo_corpus
+    """Loaders over the prepared data of ``run.data`` (built before training: megavlm.prepare)."""
     from megavlm.data.mixture import StageLoader
 
     def make(stage: StageConfig, parallel: Parallel, num_microbatches: int):
-        ensure_demo_corpus(run.data, run.model.vision)
         return StageLoader(run.data, stage.mixture, seq_length=run.model.seq_length,
                            micro_batch_size=run.train.micro_batch_size,
                            num_microbatches=num_microbatches, dp_rank=parallel.dp_rank,

@@ -70,7 +70,7 @@ def write_caption_dataset(prefix: Path, tok, n: int, P: int, D: int, seed: int =
 
 
 def write_conversations(prefix: Path, tok, n: int, embeds: str | None, n_images: int, seed: int = 0) -> None:
-    from megavlm.data.conversations import preprocess_conversations
+    from megavlm.prep.conversations import preprocess_conversations
 
     rng = np.random.default_rng(seed)
     recs = []

@@ -7,17 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from megavlm.data.batch import Batch, Sample, collate
+from megavlm.data.batch import Batch, Sample, collate, image_head
+from megavlm.data.tokenizer import SENTENCEPIECE_IDS as IDS
 from megavlm.ops.masked_ce import masked_cross_entropy_reference
 
-PAD, EOD, SEP, IMG = 0, 1, 2, 3
+PAD, EOD, SEP, IMG = IDS.pad, IDS.eod, IDS.sep, IDS.image
 P, W = 4, 6
 
 
 def caption(n: int, seed: int) -> Sample:
     g = np.random.default_rng(seed)
     cap = g.integers(10, 50, size=n)
-    tok = np.concatenate([np.full(P, IMG), [SEP], cap, [EOD]])
+    tok = np.concatenate([image_head(IDS, P), cap, [EOD]])
     tgt = np.concatenate([np.zeros(P + 1, bool), np.ones(n + 1, bool)])
     img = g.standard_normal((P, W)).astype(np.float32).astype(np.float16).view(np.uint16)
     return Sample(tok, tgt, image=img, image_start=0, source="captions")
@@ -25,6 +26,14 @@ def caption(n: int, seed: int) -> Sample:
 
 def text(n: int, seed: int) -> Sample:
     return Sample(np.random.default_rng(seed).integers(10, 50, size=n), np.ones(n, bool))
+
+
+def test_image_head_is_placeholders_then_sep(tok):
+    head = image_head(IDS, 3)
+    assert head.dtype == np.int64 and head.tolist() == [IMG, IMG, IMG, SEP]
+    assert image_head(tok, 2).tolist() == [tok.image, tok.image, tok.sep]  # a Tokenizer works too
+    with pytest.raises(ValueError, match="num_patches=0"):
+        image_head(IDS, 0)
 
 
 def test_caption_row_layout_and_masks():

@@ -8,8 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from megavlm.data.tokenizer import (SPECIAL_TOKENS, HFTokenizer, TokenizerError, from_bpe_files,
-                                    load_tokenizer)
+from megavlm.data.tokenizer import (FIRST_ORDINARY_ID, SENTENCEPIECE_IDS, SPECIAL_TOKENS, HFTokenizer,
+                                    TokenizerError, from_bpe_files, load_tokenizer)
+
+
+def test_trained_models_give_the_documented_special_ids(tok):
+    """Synthetic data without a tokenizer uses SENTENCEPIECE_IDS: they must be what training gives."""
+    assert tok.special == SENTENCEPIECE_IDS
+    ordinary = tok.encode("the cat")
+    assert min(ordinary) >= FIRST_ORDINARY_ID
+    assert max(vars(SENTENCEPIECE_IDS).values()) == FIRST_ORDINARY_ID - 1
 
 
 def test_sentencepiece_specials_and_round_trip(tok):

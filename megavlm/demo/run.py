@@ -1,7 +1,8 @@
 """``megavlm demo``: the offline main job, the paper's comparison in miniature.
 
 On real data (World English Bible + WordNet text, Fashion-MNIST / Tux Paint images encoded once
-by EfficientNet-Lite0; all built and cached by megavlm.data.demo), one process trains:
+by EfficientNet-Lite0; built and cached by megavlm.demo.corpus before training starts),
+one process trains:
 
 1. text pre-training, checkpoints at 20/40/60/80/100 % (``<run_dir>/pretrain``);
 2. two branches of image-text pre-training + instruction tuning, side by side in the table:
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "launch" / "configs" / "demo.yaml"
 BRANCHES: tuple[tuple[str, float], ...] = (("continue-80", 0.8), ("rewarm-100", 1.0))
 """(branch name, text checkpoint fraction the image stage starts from)."""
@@ -176,8 +177,8 @@ def write_outputs(run_dir: Path, base, branches: dict[str, Path], scores: dict[s
 def main(args) -> int:
     from megavlm.config import load_config
     from megavlm.experiment.grid import roles
-    from megavlm.experiment.plan import ensure_data
     from megavlm.parallel.state import Parallel
+    from megavlm.prepare import prepare_recipe
 
     t0 = time.perf_counter()
     config = Path(args.config or DEFAULT_CONFIG)
@@ -185,7 +186,7 @@ def main(args) -> int:
     run_dir = Path(args.run_dir).resolve()
     base = load_config(config, overrides + [f"run_dir={run_dir}"])
     r = roles(base)
-    ensure_data(base, progress=True)
+    prepare_recipe(base, progress=True)  # the data first; training only reads it
     parallel = Parallel.initialize(base.parallel, base.seed)
     try:
         branches = train_chain(config, overrides, run_dir, parallel)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from megavlm.config import DataConfig, MixtureConfig, VisionConfig
-from megavlm.data import demo
+from megavlm.demo import corpus, debian
 from megavlm.data.indexed import DataError
 
 
@@ -31,7 +31,7 @@ def test_bible_parser(tmp_path):
             bzz += c
         (base / f"{part}.bzs").write_bytes(bzs)
         (base / f"{part}.bzz").write_bytes(bzz)
-    ch = list(demo.bible_chapters(tmp_path))
+    ch = list(debian.bible_chapters(tmp_path))
     assert [c for c, _ in ch] == ["Gen.1", "Gen.2"] * 2
     text = ch[0][1]
     assert text.startswith("In the beginning, God created the heavens.")
@@ -50,34 +50,34 @@ def test_wordnet_parsers(tmp_path):
     for pos in ("verb", "adj", "adv"):
         (wn / f"data.{pos}").write_text(head)
     (wn / "index.noun").write_text(f"tee_shirt n 1 1 @ 1 0 {off2:08d}\n")
-    g = list(demo.wordnet_glosses(tmp_path))
+    g = list(debian.wordnet_glosses(tmp_path))
     assert g[1] == ("tee shirt", 'tee shirt (noun): a close-fitting pullover shirt; "he wore a tee"')
-    assert demo.wordnet_definition(tmp_path, ["t-shirt", "tee_shirt"]) == "a close-fitting pullover shirt"
+    assert debian.wordnet_definition(tmp_path, ["t-shirt", "tee_shirt"]) == "a close-fitting pullover shirt"
     with pytest.raises(DataError, match="none of"):
-        demo.wordnet_definition(tmp_path, ["zebra"])
+        debian.wordnet_definition(tmp_path, ["zebra"])
 
 
 def test_idx_files(tmp_path):
     imgs = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
     (tmp_path / "i.gz").write_bytes(gzip.compress(struct.pack(">IIII", 2051, 2, 3, 3) + imgs.tobytes()))
     (tmp_path / "l.gz").write_bytes(gzip.compress(struct.pack(">II", 2049, 2) + bytes([4, 9])))
-    assert np.array_equal(demo._idx_images(tmp_path / "i.gz"), imgs)
-    assert demo._idx_labels(tmp_path / "l.gz").tolist() == [4, 9]
+    assert np.array_equal(debian.idx_images(tmp_path / "i.gz"), imgs)
+    assert debian.idx_labels(tmp_path / "l.gz").tolist() == [4, 9]
     with pytest.raises(DataError, match="not an IDX image"):
-        demo._idx_images(tmp_path / "l.gz")
+        debian.idx_images(tmp_path / "l.gz")
 
 
 def test_demo_refuses_a_vision_config_it_cannot_build(tmp_path):
     with pytest.raises(DataError, match="embed_dim=1280"):
-        demo.ensure_demo_corpus(DataConfig(root=str(tmp_path), build="demo"), VisionConfig(embed_dim=1152, num_patches=16))
-    demo.ensure_demo_corpus(DataConfig(root=str(tmp_path), build="none"), VisionConfig())  # no-op
+        corpus.ensure_demo_corpus(DataConfig(root=str(tmp_path), build="demo"), VisionConfig(embed_dim=1152, num_patches=16))
+    corpus.ensure_demo_corpus(DataConfig(root=str(tmp_path), build="none"), VisionConfig())  # no-op
     assert list(tmp_path.iterdir()) == []
 
 
 def _have_assets() -> bool:
-    cache = demo.default_cache()
+    cache = debian.default_cache()
     cached = all(list(cache.glob(f"{p}_*.deb")) or (cache / "extract" / p / ".complete").is_file()
-                 for p in demo.PACKAGES)
+                 for p in debian.PACKAGES)
     return cached or shutil.which("apt-get") is not None
 
 
@@ -88,9 +88,9 @@ def test_real_demo_corpus_builds_once_and_loads(tmp_path):
 
     data = DataConfig(root=str(tmp_path / "demo"), build="demo", instructions=["instructions"])
     vision = VisionConfig(embed_dim=1280, num_patches=16)
-    demo.ensure_demo_corpus(data, vision)
+    corpus.ensure_demo_corpus(data, vision)
     t = time.perf_counter()
-    demo.ensure_demo_corpus(data, vision)
+    corpus.ensure_demo_corpus(data, vision)
     assert time.perf_counter() - t < 1.0
     for name in ("text_heldout.idx", "captions_heldout.embeds.json", "instructions_heldout.meta.json"):
         assert (tmp_path / "demo" / name).is_file()

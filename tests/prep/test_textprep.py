@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from megavlm.data.indexed import DataError, TokenData
-from megavlm.data.textprep import preprocess_text, read_documents
+from megavlm.prep.textprep import preprocess_text, read_documents
 
 
 def test_jsonl_and_plain_text_with_eod(tmp_path, sp_model, tok, make_text):

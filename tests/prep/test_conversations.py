@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from megavlm.data.conversations import format_conversation, preprocess_conversations
+from megavlm.prep.conversations import format_conversation, preprocess_conversations
 from megavlm.data.indexed import DataError
 from megavlm.data.sources import ConversationSource
 

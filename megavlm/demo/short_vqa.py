@@ -10,7 +10,7 @@ labels (held-out images are never used): per image one "what is shown" question 
 its label and one balanced yes/no presence question.
 
 The dataset is written next to the demo corpus as ``instructions_vqa`` (tokens, masks, image
-indices into the training caption store) by megavlm.data.conversations, once, under a file lock.
+indices into the training caption store) by megavlm.prep.conversations, once, under a file lock.
 A recipe uses it by listing it in ``data.instructions`` (launch/configs/demo.yaml does).
 """
 
@@ -72,11 +72,17 @@ def conversations(captions_jsonl: Path, seed: int = 0) -> list[dict]:
     return out
 
 
+def is_built(data: DataConfig) -> bool:
+    """Whether ``<root>/instructions_vqa`` is built at this version (reads only)."""
+    marker = Path(f"{data.resolve(NAME)}.built.json")
+    return marker.is_file() and json.loads(marker.read_text()).get("version") == VERSION
+
+
 def ensure_short_vqa(data: DataConfig) -> Optional[Path]:
     """Build ``<root>/instructions_vqa`` if the recipe lists it and it is not built yet; returns its prefix."""
     if NAME not in data.instructions:
         return None
-    from megavlm.data.conversations import preprocess_conversations
+    from megavlm.prep.conversations import preprocess_conversations
     from megavlm.data.tokenizer import load_tokenizer
 
     root = Path(data.root).expanduser()
@@ -84,7 +90,7 @@ def ensure_short_vqa(data: DataConfig) -> Optional[Path]:
     marker = Path(f"{prefix}.built.json")
     with open(root / ".short_vqa.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if marker.is_file() and json.loads(marker.read_text()).get("version") == VERSION:
+        if is_built(data):
             return prefix
         convs = conversations(root / "raw" / "captions.jsonl")
         src = root / "raw" / f"{NAME}.json"
@@ -92,5 +98,7 @@ def ensure_short_vqa(data: DataConfig) -> Optional[Path]:
         cap = data.resolve(data.captions[0] if data.captions else "captions")
         st = preprocess_conversations([src], prefix, load_tokenizer(data.resolve(data.tokenizer)),
                                       embeds=f"{cap}.embeds")
-        marker.write_text(json.dumps({"version": VERSION, "conversations": st.conversations}))
+        tmp = marker.with_name(marker.name + ".tmp")
+        tmp.write_text(json.dumps({"version": VERSION, "conversations": st.conversations}))
+        tmp.replace(marker)
     return prefix

@@ -1,6 +1,6 @@
 """Evaluation throughput on the offline suites (questions/s), written as a dated benchmark artifact.
 
-    python -m megavlm.eval.bench --checkpoint C [--demo-root R] [--batch-size 16] [--out benchmarks/]
+    python -m megavlm.bench.eval --checkpoint C [--demo-root R] [--batch-size 16] [--out benchmarks/]
 
 Loads the checkpoint once and times, in the same process: the offline text suite through lm-eval
 (questions = documents; each is 4 batched log-likelihood requests), the same WordNet task at batch
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ def _text_rate(model, tasks, include, limit) -> tuple[int, float, dict]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from megavlm.bench.artifact import load_average, machine_info, write_report
     from megavlm.eval import suites
     from megavlm.eval.runner import CheckpointModel
 
@@ -43,8 +43,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", default="benchmarks")
     a = ap.parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import torch
-
+    info = machine_info(("lm-eval",))  # before the runs: the load average is the machine's
     model = CheckpointModel.load(a.checkpoint, batch_size=a.batch_size)
     src = suites.Sources.default(a.demo_root, a.wordnet)
     rows = []
@@ -60,19 +59,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     for r in suites.run_vision_suite(model, src, a.limit):
         extra = {"accuracy": r.accuracy} if r.accuracy is not None else {"perplexity": r.metrics["perplexity"]}
         rows.append((r.task, a.batch_size, r.n, r.seconds, extra))
-    load = os.getloadavg()[0]  # shared machines: a high load stretches every timing below
     m = model.run.model
     date = time.strftime("%Y-%m-%d", time.gmtime())
-    cmd = "python -m megavlm.eval.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = "python -m megavlm.bench.eval " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [f"# Offline evaluation throughput on CPU ({date})", "",
              f"Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} {cmd}`", "",
-             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-             f"torch {torch.__version__} with {torch.get_num_threads()} threads. Checkpoint "
-             f"`{Path(a.checkpoint).name}` of stage {model.path.parents[1].name}: {m.num_layers} layers, "
-             f"d_model {m.hidden_size}, vocab {m.vocab_size}, seq {m.seq_length}, "
-             f"{m.vision.num_patches} patches x {m.vision.embed_dim}. Load average at the end: "
-             f"{load:.1f} on {os.cpu_count()} cores (other jobs shared the machine; ratios within "
-             f"this run are the comparable figures).", "",
+             f"Checkpoint `{Path(a.checkpoint).name}` of stage {model.path.parents[1].name}: "
+             f"{m.num_layers} layers, d_model {m.hidden_size}, vocab {m.vocab_size}, seq {m.seq_length}, "
+             f"{m.vision.num_patches} patches x {m.vision.embed_dim}.", ""]
+    lines += [f"- {k}: {v}" for k, v in info.items()]
+    lines += [f"- load average at the end (1/5/15 min): {load_average()} (other jobs shared the machine; "
+              "ratios within this run are the comparable figures)", "",
              "| workload | batch | questions | seconds | questions/s | result |", "|---|---|---|---|---|---|"]
     for name, bs, n, dt, res in rows:
         shown = ", ".join(f"{k} {v:.3f}" for k, v in res.items())
@@ -82,10 +79,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"forward on the same task (lm-eval overhead included).",
               "Generation (fashion_vqa) has no KV cache: each new token re-runs the batch's whole "
               "prefix, and an undertrained model often talks until the sequence is full.", ""]
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    f = out / f"{date}-cpu-eval.md"
-    f.write_text("\n".join(lines))
+    f = write_report(a.out, "cpu", "eval", "\n".join(lines))
     print(f.read_text())
     return 0
 
