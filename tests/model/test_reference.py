@@ -4,7 +4,8 @@ The megavlm model is built on one process (the session's shared parallel context
 gain and projector bias is perturbed away from its init value so layout mistakes in gains can
 show, its full tensors are converted to OpenLM names and loaded into
 megavlm.model.reference.ReferenceDCLM. Logits are compared for plain causal rows, packed rows
-(two documents, restarting positions, block-diagonal causal mask) and rows with images spliced
+(two documents, restarting positions; megatron on the document-boundary path, the reference
+with a block-diagonal causal mask) and rows with images spliced
 (the reference receives input embeddings with the images projected by a plain-PyTorch MLP).
 A per-head qk-norm in the reference must break the equality: the test can fail.
 """
@@ -52,13 +53,15 @@ def _batch(run, images: bool, step: int):
 
 
 def _megatron_logits(chunk, batch):
-    from megavlm.train.step import packed_attention_mask
+    """Logits [B, S, V] through the training path: packed rows flattened to one sequence with
+    their document boundaries (megavlm.train.step.model_inputs), no mask."""
+    from megavlm.train.step import model_inputs
 
     B, S = batch.tokens.shape
-    mask = packed_attention_mask(batch.cu_seqlens, B, S, torch.device("cpu"))
+    x = model_inputs(batch, "cpu")
     with torch.no_grad():
-        hidden = chunk(batch.tokens, batch.position_ids, mask, batch.image_embeds, batch.image_slots)
-        return chunk.logits(hidden)
+        hidden = chunk(x.tokens, x.position_ids, x.packed_seq_params, x.image_embeds, x.image_slots)
+        return chunk.logits(hidden).reshape(B, S, -1)
 
 
 def _documents_mask(position_ids):
