@@ -62,6 +62,18 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+def document_mask(cu_seqlens: Tensor, batch: int, seq: int) -> Tensor:
+    """[B, 1, S, S] bool, True where attention is *forbidden* (megatron's convention): causal and
+    within one document, for documents ``cu_seqlens`` over the flattened B·S positions.
+
+    The dense specification of packed attention: the tests and the old path of ``megavlm bench
+    attention`` use it. Training never builds it (megavlm.model.attention attends per document)."""
+    flat = torch.arange(batch * seq, device=cu_seqlens.device)
+    doc = torch.searchsorted(cu_seqlens[1:].to(torch.int64), flat, right=True).view(batch, seq)
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=cu_seqlens.device).triu(1)
+    return ((doc[:, :, None] != doc[:, None, :]) | causal).unsqueeze(1)
+
+
 class Attention(nn.Module):
     """Causal multi-head self-attention with full-width qk-norm and RoPE, no biases."""
 
@@ -135,7 +147,7 @@ class ReferenceDCLM(nn.Module):
             tokens: [B, S] ids (or give ``inputs_embeds`` [B, S, d] instead, e.g. with images spliced).
             position_ids: [B, S] RoPE positions; None = 0..S-1 in every row.
             attention_mask: [B, 1, S, S] bool, True where attention is *forbidden* (megatron's
-                convention, as megavlm.train.step.packed_attention_mask builds it); None = causal.
+                convention, as :func:`document_mask` builds it); None = causal.
         """
         x = self.tok_embeddings(tokens) if inputs_embeds is None else inputs_embeds
         B, S = x.shape[:2]
