@@ -3,7 +3,7 @@
     megavlm train --config C [key.path=value ...]     train a recipe (torchrun for several processes)
     megavlm plan  --config C [overrides] [--json]     steps, checkpoints and LR schedule, no training
     megavlm demo  [--run-dir D]                       the offline three-stage demo
-    megavlm bench {train,masked-ce,throughput} [...]  benchmarks (markdown under benchmarks/)
+    megavlm bench {train,masked-ce,throughput,attention} [...]  benchmarks (markdown under benchmarks/)
     megavlm sweep --config C --grid name=v1,v2 [...]  the paper's experiment grid (megavlm.sweep)
     megavlm eval  {text,vision,all} --checkpoint D     lm-eval text tasks, vision tasks, stable score
 """
@@ -78,6 +78,8 @@ def cmd_bench(args, rest: list[str]) -> int:
         from megavlm.bench.train import main as bench_main
     elif args.what == "throughput":
         from megavlm.bench.throughput import main as bench_main
+    elif args.what == "attention":
+        from megavlm.bench.attention import main as bench_main
     else:
         from megavlm.bench.masked_ce import main as bench_main
     return bench_main(rest) or 0
@@ -101,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-limit", type=int, default=None, help="examples per evaluation task (default all)")
     d.add_argument("overrides", nargs="*")
     b = sub.add_parser("bench")
-    b.add_argument("what", choices=["train", "masked-ce", "throughput"])
+    b.add_argument("what", choices=["train", "masked-ce", "throughput", "attention"])
     sub.add_parser("sweep", add_help=False, help="experiment grid; its own options: megavlm sweep --help")
     sub.add_parser("eval", add_help=False, help="evaluation {text,vision,all}; its own options: megavlm eval --help")
     return p
