@@ -359,7 +359,8 @@ class StageConfig:
     adam_beta2: Optional[float] = None
     """Override of train.adam_beta2 for this stage."""
     seq_length: Optional[int] = None
-    """Sequence length of this stage; None = model.seq_length (the paper's image-text stage: 1024)."""
+    """Positions per row in this stage (e.g. text at 2048, image-text at 1024, as the paper);
+    None = model.seq_length. Steps follow from it (tokens / (global_batch * seq_length))."""
     budget: Literal["positions", "real"] = "positions"
     """What ``tokens`` counts: positions = every sequence position, padding included (steps =
     ceil(tokens / (global_batch x seq))); real = non-padding positions (image patches count), as
@@ -415,7 +416,7 @@ class StageConfig:
             raise ConfigError(f"stage {self.name}: 'continue' from fraction 1.0 stays at the source's "
                               "final LR (the paper calls that too low); use schedule.kind=rewarm")
         if self.seq_length is not None and self.seq_length <= 0:
-            raise ConfigError(f"stage {self.name}: seq_length must be > 0")
+            raise ConfigError(f"stage {self.name}: seq_length={self.seq_length} must be > 0")
         if self.batch_unit == "examples" and self.epochs is None:
             raise ConfigError(f"stage {self.name}: batch_unit=examples sizes the stage in epochs; set epochs")
         if self.epochs is not None and self.epochs < 1:
@@ -471,10 +472,21 @@ class RunConfig:
         if self.train.fp8 != "none" and self.model.backend == "local":
             raise ConfigError(f"train.fp8={self.train.fp8} needs model.backend te or auto "
                               "(FP8 runs through Transformer Engine layers)")
+        if self.parallel.sequence_parallel:
+            for s in self.stages:
+                if self.stage_seq_length(s) % self.parallel.tp:
+                    where = (f"stages.{s.name}.seq_length" if s.seq_length is not None
+                             else "model.seq_length")
+                    raise ConfigError(f"{where}={self.stage_seq_length(s)} must be a multiple of "
+                                      f"parallel.tp={self.parallel.tp} under sequence parallel")
         stages_per_rank = self.parallel.pp * (self.parallel.vpp or 1)
         if self.model.num_layers % stages_per_rank:
             raise ConfigError(f"model.num_layers={self.model.num_layers} must be divisible by "
                               f"pp*vpp={stages_per_rank}")
+
+    def stage_seq_length(self, stage: StageConfig) -> int:
+        """Positions per row in ``stage``: its own seq_length, else model.seq_length."""
+        return self.model.seq_length if stage.seq_length is None else stage.seq_length
 
     def stage(self, name: str) -> StageConfig:
         for s in self.stages:

@@ -40,7 +40,7 @@ class SyntheticLoader(SyntheticSteps):
 
 def factory(run):
     def make(stage, parallel, nmb):
-        return SyntheticLoader(seed=run.seed, seq=run.model.seq_length,
+        return SyntheticLoader(seed=run.seed, seq=run.stage_seq_length(stage),
                                micro_batch=run.train.micro_batch_size, num_microbatches=nmb,
                                dp_rank=parallel.dp_rank, dp_size=parallel.dp,
                                patches=run.model.vision.num_patches, width=run.model.vision.embed_dim,

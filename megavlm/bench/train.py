@@ -44,7 +44,7 @@ from megavlm.bench.artifact import load_average, machine_info, write_report
 from megavlm.bench.synthetic import SyntheticSteps
 from megavlm.config import RunConfig, load_config
 from megavlm.data.batch import Batch, Sample, collate
-from megavlm.model.reference import ReferenceDCLM, document_mask, to_openlm_names
+from megavlm.model.reference import ReferenceDCLM, document_bounds, document_mask, to_openlm_names
 from megavlm.ops.masked_ce import masked_cross_entropy_reference
 from megavlm.train.schedule import num_microbatches
 
@@ -183,7 +183,7 @@ def run_plain(run: RunConfig, full: dict[str, Tensor],
         count = sum(b.loss_mask.sum() for b in batches)
         total = torch.zeros(())
         for b in batches:
-            mask = document_mask(b.position_ids) if b.cu_seqlens is not None else None
+            mask = document_mask(document_bounds(b.position_ids), *b.position_ids.shape) if b.cu_seqlens is not None else None
             hidden = model.lm.hidden(b.tokens, b.position_ids, mask)
             loss_sum, _ = masked_cross_entropy_reference(
                 hidden.reshape(-1, hidden.shape[-1]), model.lm.output.weight, b.labels.reshape(-1),

@@ -63,6 +63,18 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+def document_mask(cu_seqlens: Tensor, batch: int, seq: int) -> Tensor:
+    """[B, 1, S, S] bool, True where attention is *forbidden* (megatron's convention): causal and
+    within one document, for documents ``cu_seqlens`` over the flattened B·S positions.
+
+    The dense specification of packed attention: the tests and the old path of ``megavlm bench
+    attention`` use it. Training never builds it (megavlm.model.attention attends per document)."""
+    flat = torch.arange(batch * seq, device=cu_seqlens.device)
+    doc = torch.searchsorted(cu_seqlens[1:].to(torch.int64), flat, right=True).view(batch, seq)
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=cu_seqlens.device).triu(1)
+    return ((doc[:, :, None] != doc[:, None, :]) | causal).unsqueeze(1)
+
+
 class Attention(nn.Module):
     """Causal multi-head self-attention with full-width qk-norm and RoPE, no biases."""
 
@@ -117,17 +129,16 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-def document_mask(position_ids: Tensor) -> Tensor:
-    """[B, 1, S, S] bool, True where attention is forbidden: causal within each packed document.
-
-    The reference's own statement of packed attention, derived from the position ids alone (a
-    document starts wherever the position restarts at 0) and independent of the trainer's
-    ``cu_seqlens``-based attention path, so comparing the two checks the trainer. Dense S x S:
-    for the reference and the plain-PyTorch benchmark baseline, never for training."""
-    doc = (position_ids == 0).long().cumsum(-1)
-    S = position_ids.shape[1]
-    causal = torch.ones(S, S, dtype=torch.bool, device=position_ids.device).tril()
-    return (~((doc[:, :, None] == doc[:, None, :]) & causal))[:, None]
+def document_bounds(position_ids: Tensor) -> Tensor:
+    """``cu_seqlens`` over the flattened B·S positions, derived from the position ids alone: a
+    document starts wherever its position restarts at 0, and at every row start. Independent of
+    the trainer's own boundaries, so ``document_mask(document_bounds(pos), B, S)`` checks them."""
+    B, S = position_ids.shape
+    starts = (position_ids == 0)
+    starts[:, 0] = True
+    flat = starts.reshape(-1).nonzero().flatten()
+    end = torch.tensor([B * S], device=flat.device)
+    return torch.cat([flat, end]).to(torch.int32)
 
 
 class ReferenceDCLM(nn.Module):

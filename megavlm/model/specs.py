@@ -9,26 +9,20 @@ chosen by :func:`select_backend`, so model code never branches on TE.
 from __future__ import annotations
 
 import importlib.util
-from functools import partial
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
-from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
-
-from megatron.core.transformer.identity_op import IdentityOp
 
 from megavlm.config import ModelConfig, ParallelConfig
-from megavlm.model.norms import FullWidthQKNorm, GainLayerNorm
+from megavlm.model.attention import SDPAttention
+from megavlm.model.block import dclm_block
+from megavlm.model.norms import GainLayerNorm
+from megavlm.model.te_spec import dclm_te_layer_spec
 
 Backend = Literal["local", "te"]
 
@@ -57,46 +51,11 @@ def select_backend(requested: str = "auto") -> Backend:
     return "te" if te_usable() else "local"
 
 
-def dclm_block(*, norm, column_linear, row_linear, core_attention, qk_norm: bool) -> ModuleSpec:
-    """The DCLM block's seats — pre-norm, full-width qk-norm, SwiGLU, no biases — filled with the
-    given implementations. The local and the TE spec differ only in what fills them."""
-    norm_q = FullWidthQKNorm if qk_norm else IdentityOp
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=norm,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.causal},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=column_linear,
-                    core_attention=core_attention,
-                    linear_proj=row_linear,
-                    q_layernorm=norm_q,
-                    k_layernorm=norm_q,
-                ),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=norm,
-            mlp=partial(MLP.as_mlp_submodule,
-                        submodules=MLPSubmodules(linear_fc1=column_linear, linear_fc2=row_linear)),
-            mlp_bda=get_bias_dropout_add,
-        ),
-    )
-
-
 def dclm_local_layer_spec(qk_norm: bool = True) -> ModuleSpec:
-    """The DCLM block from megatron-core modules (runs anywhere, CPU included)."""
+    """The DCLM block from megatron-core modules and our SDPA core attention (runs anywhere, CPU
+    included; packed rows attend per document, see megavlm.model.attention)."""
     return dclm_block(norm=GainLayerNorm, column_linear=ColumnParallelLinear,
-                      row_linear=RowParallelLinear, core_attention=DotProductAttention, qk_norm=qk_norm)
-
-
-def dclm_te_layer_spec(qk_norm: bool = True) -> ModuleSpec:
-    """The Transformer Engine spec (BF16/FP8 GEMMs, fused attention): megavlm.model.te_spec,
-    imported only here so that nothing TE-related loads on the CPU path."""
-    from megavlm.model.te_spec import dclm_te_layer_spec as te_spec
-
-    return te_spec(qk_norm)
+                      row_linear=RowParallelLinear, core_attention=SDPAttention, qk_norm=qk_norm)
 
 
 def block_spec(num_layers_here: int, qk_norm: bool, backend: Backend) -> TransformerBlockSubmodules:

@@ -3,7 +3,8 @@
 Why a separate module: megatron-core's ``extensions/transformer_engine.py`` imports TE at module
 level, and TE without a driver raises OSError on import. Nothing here runs at import time;
 :func:`dclm_te_layer_spec` imports TE when it is called, which megavlm.model.specs only does after
-``select_backend`` has found TE and a CUDA device.
+``select_backend`` has found TE and a CUDA device. The seat layout comes from
+megavlm.model.block, which the local spec uses too.
 
 Which TE module fills which seat, and why:
 
@@ -18,12 +19,13 @@ Which TE module fills which seat, and why:
   and the checkpoints carry that OpenLM does not have, so the fused LN+GEMM is given up here.
 * qk-norm stays :class:`~megavlm.model.norms.FullWidthQKNorm` (one LayerNorm over heads×head_dim,
   statistics summed over the TP group): TE and megatron only offer a per-head qk-norm.
-* Core attention → ``TEDotProductAttention`` (flash / cuDNN fused attention) for causal rows. Rows
-  packed with several documents arrive with an explicit block-causal mask (see
-  megavlm.train.step.packed_attention_mask); TE ignores masks under the ``causal`` mask type, so
-  :func:`_mask_aware_te_attention` switches such calls to TE's ``arbitrary`` mask type, which is
-  exact but may fall back to TE's unfused attention. (The fast path for packed rows — THD layout
-  with cu_seqlens — is a later change; the benchmark reports which rows it feeds.)
+* Core attention → ``TEDotProductAttention`` (flash / cuDNN fused attention): causal rows in
+  the ``sbhd`` layout with TE's causal mask type; packed rows in the ``thd`` layout with
+  ``cu_seqlens`` (megavlm.model.attention.document_boundaries; megatron turns the causal mask
+  type into ``padding_causal`` for thd, which is causal within each document), so packed rows
+  stay on the fused kernels and no mask is ever built. :func:`_document_te_attention` only drops
+  the host copy of the offsets that megatron's THD rotary reads (TE wants every offset tensor on
+  the device) and refuses a dense mask.
 
 FP8 is not a spec matter: megatron's TransformerBlock enters TE's ``fp8_autocast`` with the
 recipe from ``TransformerConfig.fp8 / fp8_recipe`` (megatron/core/transformer/transformer_block.py
@@ -34,9 +36,9 @@ those fields from ``train.fp8``.
 from __future__ import annotations
 
 import torch.nn.functional as F
-from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megavlm.model.block import dclm_block
 from megavlm.model.norms import GainLayerNorm
 
 
@@ -51,29 +53,33 @@ class NativeGainLayerNorm(GainLayerNorm):
         return F.layer_norm(x, (self.hidden_size,), self.weight.to(x.dtype), None, self.eps)
 
 
-def _mask_aware_te_attention():
-    """A TEDotProductAttention that honours an explicit (packed-document) mask.
-
-    Built on call because its base class exists only where TE imports."""
+def _document_te_attention():
+    """A TEDotProductAttention that takes our document boundaries (built on call because its base
+    class exists only where TE imports)."""
     from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
-    class MaskAwareTEDotProductAttention(TEDotProductAttention):
-        """causal rows → TE's causal kernels; a given [B,1,S,S] mask (True = blocked) → arbitrary."""
+    from megavlm.model.attention import for_device_kernels
 
-        def forward(self, query, key, value, attention_mask, attn_mask_type, *args, **kwargs):
-            if attention_mask is not None and attn_mask_type == AttnMaskType.causal:
-                attn_mask_type = AttnMaskType.arbitrary
-            return super().forward(query, key, value, attention_mask, attn_mask_type, *args, **kwargs)
+    class DocumentTEDotProductAttention(TEDotProductAttention):
+        """causal rows → TE's causal kernels; packed rows (thd + cu_seqlens) → padding_causal."""
 
-    return MaskAwareTEDotProductAttention
+        def forward(self, query, key, value, attention_mask, attn_mask_type, attention_bias=None,
+                    packed_seq_params=None, **kwargs):
+            if attention_mask is not None:
+                raise ValueError("the TE seat takes document boundaries (packed_seq_params), not a "
+                                 f"dense attention mask (got {tuple(attention_mask.shape)})")
+            if packed_seq_params is not None:
+                packed_seq_params = for_device_kernels(packed_seq_params)
+            return super().forward(query, key, value, None, attn_mask_type, attention_bias,
+                                   packed_seq_params, **kwargs)
+
+    return DocumentTEDotProductAttention
 
 
 def dclm_te_layer_spec(qk_norm: bool = True) -> ModuleSpec:
     """The DCLM block with TE GEMMs and attention (see the module docstring for each seat)."""
     from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
 
-    from megavlm.model.specs import dclm_block
-
     return dclm_block(norm=NativeGainLayerNorm, column_linear=TEColumnParallelLinear,
-                      row_linear=TERowParallelLinear, core_attention=_mask_aware_te_attention(),
+                      row_linear=TERowParallelLinear, core_attention=_document_te_attention(),
                       qk_norm=qk_norm)

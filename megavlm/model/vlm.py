@@ -15,6 +15,7 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.enums import ModelType
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock, get_num_layers_to_build
@@ -28,7 +29,12 @@ from megavlm.model.specs import Backend, block_spec
 
 def rotary_embedding(position_ids: Tensor, head_dim: int, base: float) -> Tensor:
     """Rotary angles for explicit positions: [B, S] → [S, B, 1, head_dim] (megatron's non-interleaved
-    layout: the angle vector repeated twice). Positions restart per packed document."""
+    layout: the angle vector repeated twice). Positions restart per packed document.
+
+    Packed rows come flattened to [1, T]: the angles are then [T, 1, 1, head_dim], one per
+    position of the whole packed sequence, and megatron's THD rotary (rope_utils, "freqs for the
+    whole packed batch") takes each document's slice at its offset — exactly these explicit
+    positions, as for unpacked rows."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
                                             device=position_ids.device) / head_dim))
     freqs = position_ids.t().float().unsqueeze(-1) * inv_freq  # [S, B, head_dim/2]
@@ -78,10 +84,20 @@ class VLM(MegatronModule):
             input_tensor = input_tensor[0]
         self.decoder.set_input_tensor(input_tensor)
 
-    def forward(self, tokens: Tensor, position_ids: Tensor, attention_mask: Optional[Tensor],
+    def forward(self, tokens: Tensor, position_ids: Tensor,
+                packed_seq_params: Optional[PackedSeqParams] = None,
                 image_embeds: Optional[Tensor] = None, image_slots: Optional[Tensor] = None) -> Tensor:
         """Returns hidden states [S, B, d] (sequence-parallel split when enabled); on the last
-        chunk they are final-normed."""
+        chunk they are final-normed.
+
+        Unpacked rows: ``tokens``/``position_ids`` [B, S], causal attention, no packed params.
+        Packed rows: flattened to [1, T] with ``packed_seq_params`` their document boundaries
+        (megavlm.model.attention.document_boundaries; megavlm.train.step builds both) —
+        attention stays inside each document and no mask exists. Image slots address
+        (row, start) of the layout given."""
+        if packed_seq_params is not None and tokens.shape[0] != 1:
+            raise ValueError(f"packed rows come flattened to one sequence [1, T] (thd); got tokens "
+                             f"of shape {tuple(tokens.shape)} with packed_seq_params")
         hidden = None
         if self.pre_process:
             hidden = self.embedding(input_ids=tokens, position_ids=None)  # [S, B, d]
@@ -90,7 +106,8 @@ class VLM(MegatronModule):
             if self.config.sequence_parallel:
                 hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
         rope = rotary_embedding(position_ids, self.model_cfg.head_dim, self.model_cfg.rope_base)
-        return self.decoder(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rope)
+        return self.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope,
+                            packed_seq_params=packed_seq_params)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Full logits [B, S, V] from final hidden states, for inference on one process

@@ -55,10 +55,6 @@ class StageBudget:
         return d
 
 
-def seq_of(run: RunConfig, st: StageConfig) -> int:
-    return st.seq_length or run.model.seq_length
-
-
 def positions_steps(run: RunConfig, st: StageConfig, tokens: Optional[int] = None) -> int:
     from megavlm.train.schedule import stage_steps
 
@@ -115,7 +111,7 @@ def plan_loader(run: RunConfig, st: StageConfig):
     from megavlm.data.tokenizer import TokenizerError
 
     try:
-        return StageLoader(run.data, st.mixture, seq_length=seq_of(run, st), micro_batch_size=1,
+        return StageLoader(run.data, st.mixture, seq_length=run.stage_seq_length(st), micro_batch_size=1,
                            num_microbatches=1, dp_rank=0, dp_size=1, seed=run.seed, stage=st.name,
                            vision=run.model.vision,
                            examples_per_row=1 if st.batch_unit == "examples" else None,

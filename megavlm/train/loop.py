@@ -26,7 +26,7 @@ from megavlm.model.build import build_model, model_dtype
 from megavlm.parallel.state import Parallel
 from megavlm.train import checkpoint as ckpt
 from megavlm.train.schedule import StageSchedule, checkpoint_steps, num_microbatches, recorded
-from megavlm.train.step import make_forward_step
+from megavlm.train.step import StepLayout, make_forward_step
 
 
 class StepLoader(Protocol):
@@ -194,8 +194,11 @@ class StageTrainer:
             self.log(f"[{stage.name}] starting from {src}")
 
         fwd_bwd = get_forward_backward_func()
-        forward_step = make_forward_step(z_loss=run.model.z_loss, tp_group=par.tp_group, device=par.device)
-        S, mb = run.model.seq_length, run.train.micro_batch_size
+        S = run.stage_seq_length(stage)
+        layout = StepLayout(S, run.train.micro_batch_size, pipelined=par.pp > 1)
+        forward_step = make_forward_step(z_loss=run.model.z_loss, tp_group=par.tp_group,
+                                         device=par.device, layout=layout)
+        p2p_seq, p2p_mb = layout.p2p_shape  # packed rows travel flattened: [B·S, 1, d]
         step_tokens = run.train.global_batch_size * S
         last_loss = None
         end = T if stop_after is None else min(T, start + stop_after)
@@ -213,7 +216,7 @@ class StageTrainer:
                 m.zero_grad_buffer()
             losses = fwd_bwd(forward_step_func=forward_step,
                              data_iterator=iters if len(iters) > 1 else iters[0], model=model,
-                             num_microbatches=nmb, seq_length=S, micro_batch_size=mb,
+                             num_microbatches=nmb, seq_length=p2p_seq, micro_batch_size=p2p_mb,
                              forward_only=False)
             if observer is not None:
                 observer(stage.name, step + 1, model)

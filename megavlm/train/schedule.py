@@ -49,9 +49,15 @@ def num_microbatches(train: TrainConfig, dp: int = 1) -> int:
     return train.global_batch_size // per
 
 
+def tokens_per_step(run: RunConfig, stage: StageConfig) -> int:
+    """Positions one optimizer step of ``stage`` trains on: global batch x the stage's seq_length."""
+    return run.train.global_batch_size * run.stage_seq_length(stage)
+
+
 def stage_steps(run: RunConfig, stage: StageConfig, tokens: Optional[int] = None) -> int:
-    """Optimizer steps of a stage: ceil(tokens / (global_batch · seq_length)), at least 1."""
-    per_step = run.train.global_batch_size * (stage.seq_length or run.model.seq_length)
+    """Optimizer steps of a stage: ceil(tokens / (global_batch · seq_length)), at least 1, with the
+    stage's own seq_length (``stages.<i>.seq_length``, default model.seq_length)."""
+    per_step = tokens_per_step(run, stage)
     return max(1, math.ceil((tokens if tokens is not None else stage.tokens) / per_step))
 
 
@@ -110,7 +116,7 @@ def resolve_schedules(run: RunConfig, steps: dict[str, int]) -> dict[str, StageS
 
 
 def plan(run: RunConfig, steps: Optional[dict[str, int]] = None, points: int = 101) -> dict:
-    """The run's plan without training: per stage its tokens, steps, checkpoint steps, schedule
+    """The run's plan without training: per stage its tokens, seq_length, steps, checkpoint steps, schedule
     and ``points`` evenly spaced (step, lr) samples from the first to the last step."""
     budgets = None
     if steps is None:
@@ -127,7 +133,8 @@ def plan(run: RunConfig, steps: Optional[dict[str, int]] = None, points: int = 1
         stages.append({
             "name": st.name,
             "tokens": st.tokens,
-            "tokens_per_step": run.train.global_batch_size * (st.seq_length or run.model.seq_length),
+            "seq_length": run.stage_seq_length(st),
+            "tokens_per_step": tokens_per_step(run, st),
             "steps": T,
             "checkpoints": [[f, k] for f, k in checkpoint_steps(st, T)],
             "lr": [[x, s.lr(x)] for x in xs],

@@ -21,7 +21,7 @@ def default_loader_factory(run: RunConfig) -> LoaderFactory:
     from megavlm.data.mixture import StageLoader
 
     def make(stage: StageConfig, parallel: Parallel, num_microbatches: int):
-        return StageLoader(run.data, stage.mixture, seq_length=run.model.seq_length,
+        return StageLoader(run.data, stage.mixture, seq_length=run.stage_seq_length(stage),
                            micro_batch_size=run.train.micro_batch_size,
                            num_microbatches=num_microbatches, dp_rank=parallel.dp_rank,
                            dp_size=parallel.dp, seed=run.seed, stage=stage.name,

@@ -4,7 +4,8 @@ The megavlm model is built on one process (the session's shared parallel context
 gain and projector bias is perturbed away from its init value so layout mistakes in gains can
 show, its full tensors are converted to OpenLM names and loaded into
 megavlm.model.reference.ReferenceDCLM. Logits are compared for plain causal rows, packed rows
-(two documents, restarting positions, block-diagonal causal mask) and rows with images spliced
+(two documents, restarting positions; megatron on the document-boundary path, the reference
+with a block-diagonal causal mask) and rows with images spliced
 (the reference receives input embeddings with the images projected by a plain-PyTorch MLP).
 A per-head qk-norm in the reference must break the equality: the test can fail.
 """
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from megavlm.config import load_config
-from megavlm.model.reference import (ReferenceDCLM, document_mask, from_openlm_names, qkv_megatron_to_openlm,
+from megavlm.model.reference import (ReferenceDCLM, document_bounds, document_mask, from_openlm_names, qkv_megatron_to_openlm,
                                      reference_from_megatron, to_openlm_names)
 from tests import synthetic
 
@@ -52,17 +53,19 @@ def _batch(run, images: bool, step: int):
 
 
 def _megatron_logits(chunk, batch):
-    from megavlm.train.step import packed_attention_mask
+    """Logits [B, S, V] through the training path: packed rows flattened to one sequence with
+    their document boundaries (megavlm.train.step.model_inputs), no mask."""
+    from megavlm.train.step import model_inputs
 
     B, S = batch.tokens.shape
-    mask = packed_attention_mask(batch.cu_seqlens, B, S, torch.device("cpu"))
+    x = model_inputs(batch, "cpu")
     with torch.no_grad():
-        hidden = chunk(batch.tokens, batch.position_ids, mask, batch.image_embeds, batch.image_slots)
-        return chunk.logits(hidden)
+        hidden = chunk(x.tokens, x.position_ids, x.packed_seq_params, x.image_embeds, x.image_slots)
+        return chunk.logits(hidden).reshape(B, S, -1)
 
 
 def _reference_logits(ref, full, batch, run):
-    mask = document_mask(batch.position_ids) if batch.cu_seqlens is not None else None
+    mask = document_mask(document_bounds(batch.position_ids), *batch.position_ids.shape) if batch.cu_seqlens is not None else None
     x = ref.tok_embeddings(batch.tokens)
     if batch.image_embeds is not None:
         e = batch.image_embeds.float()
@@ -159,7 +162,7 @@ def test_reference_trains(built):
 def test_document_mask_is_causal_within_documents():
     """A document starts where the position id restarts at 0; no attention across documents."""
     pos = torch.tensor([[0, 1, 2, 0, 1]])
-    allowed = ~document_mask(pos)[0, 0]
+    allowed = ~document_mask(document_bounds(pos), *pos.shape)[0, 0]
     want = torch.tensor([[1, 0, 0, 0, 0],
                          [1, 1, 0, 0, 0],
                          [1, 1, 1, 0, 0],

@@ -4,7 +4,8 @@ CPU part: backend selection never picks TE without a GPU, nothing TE-related is 
 CPU path, train.fp8 maps onto megatron's TransformerConfig fp8 fields and is refused where it
 cannot run. GPU part (``gpu`` marker, skipped without TE + CUDA): the TE model and the local model
 built from the same seed (megavlm.model.init is spec-independent) give the same hidden states on
-causal, packed and image rows in bf16, and FP8 (delayed and current scaling) trains a step and
+causal rows (TE's causal sbhd path) and on packed and image rows at micro-batch 4 (TE's THD path
+with cu_seqlens over the flattened rows) in bf16, and FP8 (delayed and current scaling) trains a step and
 stays close to bf16.
 """
 
@@ -43,6 +44,7 @@ def test_cpu_path_imports_nothing_from_te(parallel1):
     assert not [m for m in sys.modules if m.split(".")[0] == "transformer_engine"]
     assert tc.fp8 is None
     assert type(chunk.decoder.layers[0].self_attention.linear_qkv).__name__ == "ColumnParallelLinear"
+    assert type(chunk.decoder.layers[0].self_attention.core_attention).__name__ == "SDPAttention"
 
 
 def test_fp8_fields_map_recipes():
@@ -95,13 +97,13 @@ def _gpu_run(fp8: str = "none"):
 
 
 def _hidden(chunk, batch):
-    from megavlm.train.step import packed_attention_mask
+    """Hidden states through the training layout: packed rows flattened to one thd sequence with
+    their document boundaries (TE's cu_seqlens path), unpacked rows [S, B] causal."""
+    from megavlm.train.step import model_inputs
 
     dev = next(chunk.parameters()).device
-    b = batch.to(dev)
-    B, S = b.tokens.shape
-    mask = packed_attention_mask(b.cu_seqlens, B, S, dev)
-    return chunk(b.tokens, b.position_ids, mask, b.image_embeds, b.image_slots).float()
+    x = model_inputs(batch, dev)
+    return chunk(x.tokens, x.position_ids, x.packed_seq_params, x.image_embeds, x.image_slots).float()
 
 
 @pytest.mark.parametrize("images", [False, True])
@@ -120,13 +122,20 @@ def test_te_equals_local_on_same_weights(parallel1, images):
     for k in ft:
         assert torch.equal(ft[k], fl[k]), k
     assert "TEColumnParallelLinear" in type(te.decoder.layers[0].self_attention.linear_qkv).__name__
+    core = type(te.decoder.layers[0].self_attention.core_attention).__name__
+    assert core == "DocumentTEDotProductAttention"
     S, P, W = run.model.seq_length, run.model.vision.num_patches, run.model.vision.embed_dim
-    batch = collate(synthetic.global_rows(5, 0, 4, S, P, W, images), S, synthetic.PAD, embed_dtype=None)
-    assert batch.cu_seqlens is not None  # packed rows are in the batch: the mask path is exercised
-    with torch.no_grad():
-        a, b = _hidden(te, batch), _hidden(local, batch)
-    rel = (a - b).norm() / b.norm()
-    assert rel < 2e-2, f"TE vs local relative difference {rel:.3e}"
+    rows = synthetic.global_rows(5, 0, 4, S, P, W, images)
+    batch = collate(rows, S, synthetic.PAD, embed_dtype=None)
+    assert batch.cu_seqlens is not None  # packed rows, micro-batch 4: TE's THD path, flattened
+    causal = collate([r for r in synthetic.global_rows(9, 0, 8, S, P, W, False) if len(r) == 1][:3],
+                     S, synthetic.PAD, embed_dtype=None)
+    assert causal.cu_seqlens is None  # unpacked rows: TE's causal sbhd path
+    for b_ in (batch, causal):
+        with torch.no_grad():
+            a, b = _hidden(te, b_), _hidden(local, b_)
+        rel = (a - b).norm() / b.norm()
+        assert rel < 2e-2, f"TE vs local relative difference {rel:.3e}"
 
 
 @pytest.mark.parametrize("fp8", ["delayed", "current"])
@@ -171,3 +180,23 @@ def test_native_gain_layernorm_is_the_same_function(parallel1):
     assert ya.dtype == yb.dtype == torch.bfloat16
     assert ((ya.float() - yb.float()).abs() <= 2 ** -7 * ya.float().abs() + 1e-2).all()
     assert [n for n, _ in b.named_parameters()] == ["weight"]
+
+
+def test_specs_and_te_spec_do_not_import_each_other():
+    """The local and TE specs both take the seats from megavlm.model.block; te_spec never imports
+    specs (not even inside a function), so there is no cycle, and one name per spec function."""
+    import ast
+    import inspect
+
+    import megavlm.model.specs as specs
+    import megavlm.model.te_spec as te_spec
+
+    def imported(mod):
+        tree = ast.parse(inspect.getsource(mod))
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    assert "megavlm.model.specs" not in imported(te_spec)
+    assert "megavlm.model.block" in imported(te_spec) and "megavlm.model.block" in imported(specs)
+    assert specs.dclm_te_layer_spec is te_spec.dclm_te_layer_spec
+    assert not hasattr(te_spec, "dclm_block") or te_spec.dclm_block.__module__ == "megavlm.model.block"

@@ -94,3 +94,31 @@ def test_num_microbatches_divides_exactly():
     with pytest.raises(ConfigError, match=r"global_batch_size=12 is not divisible by micro_batch_size\*dp = 2\*4"):
         num_microbatches(t, dp=4)
 
+
+def test_stage_seq_length_sets_steps_and_plan():
+    """stages.<i>.seq_length (default model.seq_length) sets the stage's tokens per step."""
+    run = load_config(ROOT / "launch" / "configs" / "tiny.yaml",
+                      overrides=["stages.image.seq_length=64", "stages.1.tokens=409600"])
+    text, image, sft = plan(run)["stages"]
+    S, gbs = run.model.seq_length, run.train.global_batch_size
+    assert text["seq_length"] == sft["seq_length"] == S != 64
+    assert image["seq_length"] == 64
+    assert image["tokens_per_step"] == gbs * 64 and text["tokens_per_step"] == gbs * S
+    assert image["steps"] == math.ceil(409600 / (gbs * 64))
+    same = load_config(ROOT / "launch" / "configs" / "tiny.yaml", overrides=["stages.1.tokens=409600"])
+    assert plan(same)["stages"][1]["steps"] == 200 != image["steps"]
+
+
+def test_stage_seq_length_bad_values_name_the_value():
+    from megavlm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"seq_length=0 must be > 0"):
+        load_config(ROOT / "launch" / "configs" / "tiny.yaml", overrides=["stages.image.seq_length=0"])
+    sp = ["parallel.tp=2", "parallel.sequence_parallel=true"]
+    with pytest.raises(ConfigError, match=r"stages\.image\.seq_length=127 must be a multiple of "
+                                          r"parallel\.tp=2 under sequence parallel"):
+        load_config(ROOT / "launch" / "configs" / "tiny.yaml", overrides=sp + ["stages.image.seq_length=127"])
+    with pytest.raises(ConfigError, match=r"model\.seq_length=255 must be a multiple of parallel\.tp=2"):
+        load_config(ROOT / "launch" / "configs" / "tiny.yaml", overrides=sp + ["model.seq_length=255"])
+    assert load_config(ROOT / "launch" / "configs" / "tiny.yaml",
+                       overrides=sp + ["stages.image.seq_length=128"]).stages[1].seq_length == 128

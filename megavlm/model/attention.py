@@ -1,0 +1,226 @@
+"""Core attention of the local layer spec, and the document boundaries it and TE's attention read.
+
+Why it exists: every training row is packed with several documents. megatron-core's own
+``DotProductAttention`` only knows dense masks, so packed rows would cost a [B, H, S, S] score
+tensor per layer (2 GiB of fp32 at the DCLM-1B recipe, kept for backward). Here packed rows
+reach attention as **document boundaries** — megatron's ``PackedSeqParams`` in the ``thd``
+layout, the same object Transformer Engine's fused attention takes — and :class:`SDPAttention`
+attends causally inside each document with PyTorch's ``scaled_dot_product_attention`` (the
+fused CPU kernel on CPU, flash / memory-efficient kernels on CUDA, PyTorch's varlen flash
+attention on CUDA for 16-bit inputs), never building an S×S mask.
+
+The layout contract (megavlm.train.step builds it):
+
+* unpacked rows: query/key/value ``[S, B, heads, head_dim]``, causal, no ``packed_seq_params``;
+* packed rows: the B rows flattened into one sequence of T = B·S positions, query/key/value
+  ``[T, heads, head_dim]`` (megatron squeezes the batch dim of 1 for ``thd``), and
+  :func:`document_boundaries` giving ``cu_seqlens`` over all documents of all rows (a row's end
+  padding is a document of its own that nothing else attends to).
+
+``cu_seqlens_q/kv`` live on the model's device (TE reads them there); the same values are kept
+on the host in ``cu_seqlens_q/kv_padded`` (no padding sits between our documents, so the padded
+offsets equal the plain ones). megatron's THD rotary (rope_utils._apply_rotary_pos_emb_thd)
+reads the ``*_padded`` offsets first and calls ``.item()`` on them once per document, and this
+module needs the document lengths as Python ints: both read the host copy, so no step
+synchronises with the GPU. The TE seat (megavlm.model.te_spec) hands TE the params without the
+host copy (:func:`for_device_kernels`).
+
+Tensor and sequence parallel need nothing here: under TP the query/key/value hold this rank's
+heads; under SP megatron's column-parallel QKV projection all-gathers the sequence first, so
+attention always sees whole documents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+
+class BoundaryError(ValueError):
+    """Document boundaries that do not describe the sequence they come with."""
+
+
+def check_boundaries(cu_seqlens: Tensor, total: int, row_length: Optional[int] = None) -> list[int]:
+    """The boundaries as Python ints, after checking them: 1-D, from 0 to ``total`` (the
+    flattened positions), strictly increasing, and — given ``row_length`` — with every row end a
+    boundary (no document crosses rows, so none is longer than a row)."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise BoundaryError(f"cu_seqlens must be 1-D with at least 2 entries, got shape "
+                            f"{tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype.is_floating_point:
+        raise BoundaryError(f"cu_seqlens must be integers, got {cu_seqlens.dtype}")
+    b = cu_seqlens.tolist()
+    if b[0] != 0:
+        raise BoundaryError(f"cu_seqlens must start at 0, got {b[0]}")
+    if b[-1] != total:
+        raise BoundaryError(f"cu_seqlens ends at {b[-1]}, but the rows hold {total} positions "
+                            f"(cu_seqlens must end at the row length)")
+    for i, (a, c) in enumerate(zip(b, b[1:])):
+        if c <= a:
+            raise BoundaryError(f"cu_seqlens must increase strictly: entry {i + 1} is {c} after {a}")
+    if row_length is not None:
+        missing = sorted(set(range(row_length, total, row_length)) - set(b))
+        if missing:
+            r = missing[0] // row_length
+            raise BoundaryError(f"cu_seqlens has no boundary at the end of row {r - 1} (position "
+                                f"{missing[0]}): a document would run across rows of "
+                                f"seq_length {row_length}")
+    return b
+
+
+def document_boundaries(cu_seqlens: Tensor, total: int, device: torch.device | str,
+                        row_length: Optional[int] = None) -> PackedSeqParams:
+    """megatron ``PackedSeqParams`` (``thd``) for documents ``cu_seqlens`` over ``total`` flattened
+    positions: int32 offsets on ``device`` plus their host copy in the ``*_padded`` fields (see the
+    module docstring), and the longest document. Checked as :func:`check_boundaries` says."""
+    host = cu_seqlens.detach().to("cpu", torch.int32)
+    b = check_boundaries(host, total, row_length)
+    longest = max(c - a for a, c in zip(b, b[1:]))
+    on_device = host.to(device)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=on_device, cu_seqlens_kv=on_device,
+                           cu_seqlens_q_padded=host, cu_seqlens_kv_padded=host,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def host_boundaries(params: PackedSeqParams) -> list[int]:
+    """The document offsets as Python ints, from the host copy when there is one (no device sync)."""
+    for t in (params.cu_seqlens_q_padded, params.cu_seqlens_q):
+        if t is not None and t.device.type == "cpu":
+            return t.tolist()
+    return params.cu_seqlens_q.tolist()
+
+
+def for_device_kernels(params: PackedSeqParams) -> PackedSeqParams:
+    """The params without their host copy, for kernels that read every offset tensor on the device
+    (TE's fused attention): with no padding between documents, absent ``*_padded`` offsets mean
+    the same as the plain ones."""
+    return dataclasses.replace(params, cu_seqlens_q_padded=None, cu_seqlens_kv_padded=None)
+
+
+def _varlen_attention():
+    """torch's varlen flash attention, where this torch has it (CUDA builds, torch >= 2.9)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+class SDPAttention(MegatronModule):
+    """The core-attention seat on torch SDPA: causal rows batched, packed rows per document.
+
+    Same constructor and forward signature as megatron-core's ``DotProductAttention``
+    (megatron/core/transformer/dot_product_attention.py), so it fills that seat of a
+    ``SelfAttention`` spec. Returns ``[S, B, heads·head_dim]`` for unpacked rows and
+    ``[T, heads·head_dim]`` for packed ones (megatron reshapes the latter to ``[T, 1, ·]``).
+    """
+
+    use_varlen: bool = True
+    """On CUDA with 16-bit inputs, packed rows go through torch's varlen flash attention when this
+    torch has it; otherwise (and always on CPU) SDPA runs per group of equal-length documents."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str = "self", attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
+                 pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPAttention does not implement context parallelism "
+                             f"(context_parallel_size={config.context_parallel_size})")
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError(f"SDPAttention has no attention dropout (DCLM uses none); got "
+                             f"attention_dropout={dropout}")
+        if attention_type != "self":
+            raise ValueError(f"SDPAttention is self-attention only, got attention_type={attention_type!r}")
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.softmax_scale = (1.0 / math.sqrt(config.kv_channels) if softmax_scale is None
+                              else softmax_scale)
+
+    # ------------------------------------------------------------------------------------ seams
+
+    def keys_values(self, key: Tensor, value: Tensor,
+                    packed_seq_params: Optional[PackedSeqParams]) -> tuple[Tensor, Tensor]:
+        """The keys and values this call attends over — in training, those of the call itself.
+
+        The seam for a KV cache (its own issue): a cache appends this call's keys/values here and
+        returns cached + new ones; causal attention is then aligned bottom-right (queries are the
+        last positions of their documents)."""
+        return key, value
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+        """[N, heads, L, D] attention; SDPA picks its fused kernel for the device."""
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self.softmax_scale,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+
+    # ----------------------------------------------------------------------------------- forward
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
+                packed_seq_params: Optional[PackedSeqParams] = None) -> Tensor:
+        if attention_mask is not None:
+            raise ValueError("SDPAttention takes document boundaries (packed_seq_params), not a "
+                             f"dense attention mask (got one of shape {tuple(attention_mask.shape)})")
+        if attention_bias is not None:
+            raise ValueError("SDPAttention does not take an attention bias")
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        if mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal, AttnMaskType.no_mask):
+            raise ValueError(f"SDPAttention supports causal and unmasked attention, not {mask_type}")
+        causal = mask_type != AttnMaskType.no_mask
+        key, value = self.keys_values(key, value, packed_seq_params)
+        if packed_seq_params is None:
+            S, B = query.shape[:2]
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [B, heads, S, D]
+            out = self._sdpa(q, k, v, causal)
+            return out.permute(2, 0, 1, 3).reshape(S, B, -1)
+        if packed_seq_params.qkv_format != "thd":
+            raise ValueError(f"SDPAttention reads packed rows in the thd layout, got "
+                             f"qkv_format={packed_seq_params.qkv_format!r}")
+        if query.dim() != 3:
+            raise ValueError(f"packed (thd) query must be [T, heads, head_dim], got {tuple(query.shape)}")
+        return self._documents(query, key, value, packed_seq_params, causal).flatten(1)
+
+    def _documents(self, query: Tensor, key: Tensor, value: Tensor, params: PackedSeqParams,
+                   causal: bool) -> Tensor:
+        """Attention inside each document of a [T, heads, D] sequence, exactly, no S×S mask."""
+        T = query.shape[0]
+        if (self.use_varlen and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+                and key.shape[1] == query.shape[1] and _varlen_attention() is not None):
+            cu = params.cu_seqlens_q.to(device=query.device, dtype=torch.int32)
+            return _varlen_attention()(query, key, value, cu, cu, params.max_seqlen_q,
+                                       params.max_seqlen_kv, scale=self.softmax_scale,
+                                       window_size=(-1, 0) if causal else (-1, -1))
+        bounds = host_boundaries(params)
+        if bounds[-1] != T:
+            raise BoundaryError(f"cu_seqlens ends at {bounds[-1]} but the sequence has {T} positions")
+        # documents of equal length run as one SDPA call: the loop is over distinct lengths
+        groups: dict[int, list[int]] = {}
+        for d, (a, b) in enumerate(zip(bounds, bounds[1:])):
+            groups.setdefault(b - a, []).append(d)
+        pieces: list[Optional[Tensor]] = [None] * (len(bounds) - 1)
+        for L, docs in groups.items():
+            n, s0 = len(docs), bounds[docs[0]]
+            consecutive = docs[-1] - docs[0] == n - 1  # one contiguous stretch: views, no copy
+
+            def take(t: Tensor) -> Tensor:  # [n, L, heads, D]
+                if consecutive:
+                    return t.narrow(0, s0, n * L).unflatten(0, (n, L))
+                return torch.stack([t.narrow(0, bounds[d], L) for d in docs])
+
+            q, k, v = (take(t).transpose(1, 2) for t in (query, key, value))
+            out = self._sdpa(q, k, v, causal).transpose(1, 2)  # [n, L, heads, D]
+            if len(groups) == 1 and consecutive:
+                return out.reshape(T, *out.shape[2:])
+            for i, d in enumerate(docs):
+                pieces[d] = out[i]
+        return torch.cat(pieces, dim=0)
