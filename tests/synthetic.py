@@ -50,7 +50,7 @@ def factory(run):
 
 def tiny_run(run_dir: str, tp: int = 1, pp: int = 1, vpp=None, sp: bool = False, steps: int = 3,
              layers: int = 4, **extra) -> dict:
-    """A raw config dict for a small two-stage run (text, then image-text continued)."""
+    """A raw config dict for a small two-stage run (text, then image-text from its final checkpoint)."""
     tokens_per_step = 8 * 32
     raw = {
         "run_dir": run_dir, "seed": 7,
@@ -63,8 +63,11 @@ def tiny_run(run_dir: str, tp: int = 1, pp: int = 1, vpp=None, sp: bool = False,
             {"name": "text", "tokens": steps * tokens_per_step, "mixture": {"text": 1.0},
              "schedule": {"kind": "cosine", "peak": 1e-3, "final": 1e-5, "warmup_steps": 1},
              "checkpoint_fractions": [0.5, 1.0]},
-            {"name": "image", "tokens": steps * tokens_per_step, "init": {"stage": "text", "fraction": 0.5},
-             "mixture": {"text": 0.5, "captions": 0.5}, "schedule": {"kind": "continue"},
+            {"name": "image", "tokens": steps * tokens_per_step, "init": {"stage": "text", "fraction": 1.0},
+             # the final LR held (what `continue` from 1.0 gave before the paper's rule refused it):
+             # a small LR keeps Adam's sign-sensitive updates of near-zero gradients comparable
+             "mixture": {"text": 0.5, "captions": 0.5},
+             "schedule": {"kind": "rewarm", "peak": 1e-5, "final": 1e-5, "warmup_fraction": 0.0},
              "checkpoint_fractions": [1.0]},
         ],
     }

@@ -147,6 +147,11 @@ class SDPAttention(MegatronModule):
         self.softmax_scale = (1.0 / math.sqrt(config.kv_channels) if softmax_scale is None
                               else softmax_scale)
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        """Nothing to checkpoint: no parameters, and (like megatron's DotProductAttention,
+        dot_product_attention.py:253, and TE's core attention) no extra state in the sharded dict."""
+        return {}
+
     # ------------------------------------------------------------------------------------ seams
 
     def keys_values(self, key: Tensor, value: Tensor,

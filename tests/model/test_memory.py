@@ -105,7 +105,7 @@ def _measured_activations(parallel1, run, micro: int, seq: int) -> int:
 def test_activation_bytes_match_saved_tensors(parallel1, recompute, micro, seq):
     run = _run(recompute=recompute, micro_batch_size=micro, global_batch_size=micro * 2)
     run = dataclasses.replace(run, model=dataclasses.replace(run.model, seq_length=seq))
-    layout = memory.layout_of(run, dp=1, attention="dense", loss="reference", precision="fp32")
+    layout = memory.layout_of(run, dp=1, attention="flash", loss="reference", precision="fp32")
     stored, _, _ = memory.activation_bytes(run.model, layout, stage=0)
     got = _measured_activations(parallel1, run, micro, seq)
     assert abs(got - stored) <= 0.01 * got, (got, stored)

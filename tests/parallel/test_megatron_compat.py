@@ -149,6 +149,9 @@ def test_rng_fork_warning_is_dropped(parallel1, monkeypatch):
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())
     logger = logging.getLogger("megatron.core.tensor_parallel.random")
+    # other tests may have quietened megatron's loggers (megavlm.console): this one needs warnings
+    monkeypatch.setattr(logging.getLogger("megatron"), "level", logging.WARNING)
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
     logger.addHandler(handler)
     try:
         with get_cuda_rng_tracker().fork():

@@ -2,7 +2,7 @@
 
 This is the local-spec → Transformer Engine move (TE's core attention carries FP8 metadata as
 extra state; megatron's local attention has none). Reproduced on CPU by giving the local
-DotProductAttention an extra state for the duration of the test: the load must succeed with
+core attention (megavlm's SDPAttention) an extra state for the duration of the test: the load must succeed with
 the weights intact, and a checkpoint missing a real *parameter* must still be refused.
 """
 
@@ -24,9 +24,9 @@ def _build(parallel1):
 
 
 def test_missing_extra_state_loads_parameters_stay_strict(parallel1, tmp_path, monkeypatch):
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-
     src = _build(parallel1)
+    # whatever fills the core-attention seat (TE's attention carries extra state there)
+    CoreAttention = type(src[0].decoder.layers[0].self_attention.core_attention)
     with torch.no_grad():
         for p in src[0].parameters():
             p.add_(0.01)
@@ -34,8 +34,8 @@ def test_missing_extra_state_loads_parameters_stay_strict(parallel1, tmp_path, m
     ckpt.save(path, src, None, {"stage": "x", "step": 0, "steps": 0}, {}, 0, write_loader=False)
 
     calls = []
-    monkeypatch.setattr(DotProductAttention, "get_extra_state", lambda self: torch.tensor([3.0]), raising=False)
-    monkeypatch.setattr(DotProductAttention, "set_extra_state", lambda self, s: calls.append(s), raising=False)
+    monkeypatch.setattr(CoreAttention, "get_extra_state", lambda self: torch.tensor([3.0]), raising=False)
+    monkeypatch.setattr(CoreAttention, "set_extra_state", lambda self, s: calls.append(s), raising=False)
     dst = _build(parallel1)
     assert any(k.endswith("core_attention._extra_state") for k in dst[0].state_dict())
     ckpt.load(path, dst, None)
