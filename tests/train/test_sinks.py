@@ -131,3 +131,20 @@ def test_absent_package_is_a_one_line_error_before_training(tmp_path, monkeypatc
 def test_wandb_config_is_typed():
     with pytest.raises(ConfigError, match=r"train.wandb.mode: 'cloud' is not one of"):
         load_config(raw={"train": {"wandb": {"mode": "cloud"}}, "stages": [{"name": "t", "tokens": 10}]})
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    import io
+
+    from megavlm.progress import bars_enabled
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("MEGAVLM_PROGRESS", raising=False)
+    assert bars_enabled(Tty()) and not bars_enabled(io.StringIO())  # a log file gets no bars
+    monkeypatch.setenv("MEGAVLM_PROGRESS", "0")
+    assert not bars_enabled(Tty())
+    monkeypatch.setenv("MEGAVLM_PROGRESS", "1")
+    assert bars_enabled(io.StringIO())
