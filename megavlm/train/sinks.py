@@ -131,6 +131,15 @@ def log_eval_report(report: dict) -> bool:
     if run.train.tensorboard_dir is None and (run.train.wandb is None or run.train.wandb.mode == "disabled"):
         return False
     import json
+    import warnings
+
+    try:  # the report is written already: a missing package costs the sink, not the evaluation
+        check_available(run)
+    except ConfigError as e:
+        warnings.warn(f"evaluation scores not logged: {e}")
+        return False
+    if ck.parent.name == "checkpoints":  # the run folder where it is now, wherever it was trained
+        run.run_dir = str(ck.parents[2])
 
     meta = json.loads((ck / "meta.json").read_text()) if (ck / "meta.json").is_file() else {}
     sinks = Sinks(run, enabled=True)
