@@ -101,7 +101,7 @@ def _start_and_signal(cmd, env, started: Path, sig) -> subprocess.CompletedProce
     import signal
     import time
 
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, env=env, cwd=started.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for _ in range(200):
         if started.exists():
             break
