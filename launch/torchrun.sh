@@ -19,10 +19,13 @@
 #                  MEGAVLM_ENTRY=megavlm.bench.throughput MEGAVLM_CMD= for a multi-GPU benchmark)
 #   OMP_NUM_THREADS  per process (default 1 when unset, as torchrun would)
 # Rendezvous is torchrun --standalone (a free local port), so two jobs on one node never collide.
+# SIGTERM / SIGUSR1 to this script reach every worker (through the torchrun agent, which waits
+# MEGAVLM_STOP_GRACE s, default 240, before SIGKILL): the run saves a checkpoint at the current
+# step and this script exits 75 (re-run it to resume); see README "Long runs on a cluster".
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
-    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 CONFIG=$1
@@ -45,6 +48,30 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
+STOP_GRACE=${MEGAVLM_STOP_GRACE:-240}
+OWN_EXIT_FILE=
+if [[ -z "${MEGAVLM_EXIT_FILE:-}" ]]; then
+    OWN_EXIT_FILE=$(mktemp -t megavlm-exit.XXXXXX)
+    export MEGAVLM_EXIT_FILE=$OWN_EXIT_FILE
+fi
+: > "$MEGAVLM_EXIT_FILE"
+
+set -m  # torchrun in its own process group: Ctrl-C reaches this script, which asks for a clean stop
 set -x
-exec "$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node="$NPROC" \
-    -m "$ENTRY" $CMD --config "$CONFIG" "$@"
+"$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node="$NPROC" \
+    --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="$STOP_GRACE" \
+    -m "$ENTRY" $CMD --config "$CONFIG" "$@" &
+{ set +x; } 2>/dev/null
+PID=$!
+trap 'kill -s USR1 "$PID" 2>/dev/null || true' USR1
+trap 'kill -s TERM "$PID" 2>/dev/null || true' TERM
+trap 'kill -s TERM "$PID" 2>/dev/null || true' INT
+rc=0
+while :; do  # a trapped signal ends `wait` early: wait again until torchrun is gone
+    wait "$PID" && rc=0 || rc=$?
+    kill -0 "$PID" 2>/dev/null || break
+done
+code=$(cat "$MEGAVLM_EXIT_FILE" 2>/dev/null || true)
+[[ -n "$OWN_EXIT_FILE" ]] && rm -f "$OWN_EXIT_FILE"
+[[ "$code" == 75 ]] && exit 75
+exit "$rc"

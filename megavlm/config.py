@@ -127,6 +127,20 @@ class ParallelConfig:
 
 
 @dataclass
+class WandbConfig:
+    """A Weights & Biases run of the logging rank."""
+
+    project: str = "megavlm"
+    """W&B project."""
+    name: Optional[str] = None
+    """Run name (default: the run folder's name)."""
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    """offline writes files under dir for `wandb sync`; online needs a login; disabled logs nothing."""
+    dir: Optional[str] = None
+    """Where W&B writes its files (default: run_dir)."""
+
+
+@dataclass
 class TrainConfig:
     """Batching, precision and optimizer settings shared by all stages (a stage may override some)."""
 
@@ -160,8 +174,42 @@ class TrainConfig:
     fp8_amax_history_len: int = 1024
     """Delayed scaling: amax history length (the scale uses the max over it)."""
 
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that ask the run to stop cleanly: every rank finishes the current step, the run saves
+    a complete checkpoint at it and exits with megavlm.train.preemption.EXIT_PREEMPTED (75).
+    SLURM sends them ahead of a time limit or preemption (launch/slurm.sbatch). [] = none."""
+    max_wall_minutes: Optional[float] = None
+    """Stop the same way once this process has trained for this many minutes (None = no budget)."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/Inf loss or gradient norm: stop (exit non-zero, nothing saved, the last good checkpoint
+    stays the newest) or skip (drop the step's update on every rank; the step still counts)."""
+    spike_factor: Optional[float] = None
+    """A loss above spike_factor x the running median of the last spike_window steps is a spike
+    (None = no spike rule)."""
+    spike_window: int = 50
+    """Steps in the running median of the spike rule (it starts judging once the window is full)."""
+    on_spike: Literal["skip", "stop", "warn"] = "skip"
+    """What a spike does: skip its update, stop as for a non-finite loss, or only warn and log it."""
+    tensorboard_dir: Optional[str] = None
+    """Also log every step (and evaluation scores) as TensorBoard events here; relative to run_dir.
+    Needs the tensorboard package (pip install 'megavlm[logging]')."""
+    wandb: Optional[WandbConfig] = None
+    """Also log to Weights & Biases (needs the wandb package)."""
+
     def __post_init__(self):
-        _positive(self, "micro_batch_size", "global_batch_size", "log_every", "fp8_amax_history_len")
+        _positive(self, "micro_batch_size", "global_batch_size", "log_every", "fp8_amax_history_len",
+                  "spike_window")
+        import signal as _signal
+
+        for s in self.stop_signals:
+            if not s.startswith("SIG") or not isinstance(getattr(_signal, s, None), _signal.Signals):
+                raise ConfigError(f"train.stop_signals: {s!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
+            if s in ("SIGKILL", "SIGSTOP"):
+                raise ConfigError(f"train.stop_signals: {s} cannot be caught")
+        if self.max_wall_minutes is not None and self.max_wall_minutes <= 0:
+            raise ConfigError(f"train.max_wall_minutes={self.max_wall_minutes} must be > 0 (or null)")
+        if self.spike_factor is not None and self.spike_factor <= 1:
+            raise ConfigError(f"train.spike_factor={self.spike_factor} must be > 1 (or null)")
         if self.fp8 != "none" and self.precision == "fp32":
             raise ConfigError("train.fp8 needs train.precision bf16 or auto (fp8 recipes train "
                               "bf16 master-precision layers), not fp32")

@@ -99,9 +99,11 @@ def run_sweep(args) -> int:
         print(f"submitted {len(ids)} SLURM jobs (ids in {sweep_dir / 'slurm' / 'submitted.json'})")
         return 0
     from tqdm.auto import tqdm
+    from megavlm.progress import bars_enabled
 
     t0 = time.perf_counter()
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="sweep jobs", unit="job")
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="sweep jobs", unit="job",
+               disable=not bars_enabled())
 
     def event(what, job):
         if what == "start":

@@ -189,6 +189,9 @@ def run(args) -> Optional[dict]:
         rep = report.build_report(args.checkpoint, acc, vis, chance_preset=args.chance)
         j, m = report.write_report(rep, args.out_dir)
         rep["files"] = [str(j), str(m)]
+        from megavlm.train.sinks import log_eval_report
+
+        log_eval_report(rep)  # to the TensorBoard / W&B sinks the checkpoint's run config enables
         return rep
 
 

@@ -333,6 +333,7 @@ def encode_images(records: Sequence[ImageRecord], out_prefix: str | Path, encode
     """Encode ``records`` into ``<out>.embeds`` (+ caption tokens ``<out>.bin/.idx`` when a tokenizer
     is given). Finished shards under ``<out>.shards/`` are reused by a re-run."""
     from tqdm import tqdm
+    from megavlm.progress import bars_enabled
 
     out_prefix = Path(out_prefix)
     captions = tokenizer is not None
@@ -355,7 +356,7 @@ def encode_images(records: Sequence[ImageRecord], out_prefix: str | Path, encode
     stats = EncodeStats(decoder=dec_name, encoder=encoder.name)
     t0 = time.perf_counter()
     nshards = (len(records) + shard_size - 1) // shard_size
-    bar = tqdm(total=len(records), unit="img", disable=not progress, desc=f"encode {out_prefix.name}")
+    bar = tqdm(total=len(records), unit="img", disable=not (progress and bars_enabled()), desc=f"encode {out_prefix.name}")
     shard_prefixes = []
     for s in range(nshards):
         sp = shard_dir / f"{s:05d}"

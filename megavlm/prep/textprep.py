@@ -116,6 +116,7 @@ def preprocess_text(inputs: Sequence[str | Path], out_prefix: str | Path, tokeni
                     progress: bool = True) -> TextStats:
     """Tokenize every document of ``inputs`` into ``<out_prefix>.{bin,idx}`` (EOD appended)."""
     from tqdm import tqdm
+    from megavlm.progress import bars_enabled
 
     from megavlm.data.indexed import _megatron
 
@@ -128,7 +129,7 @@ def preprocess_text(inputs: Sequence[str | Path], out_prefix: str | Path, tokeni
         for p in inputs:
             yield from read_documents(p, field)
 
-    bar = tqdm(unit="tok", unit_scale=True, disable=not progress, desc=f"tokenize {Path(out_prefix).name}")
+    bar = tqdm(unit="tok", unit_scale=True, disable=not (progress and bars_enabled()), desc=f"tokenize {Path(out_prefix).name}")
     with IndexedWriter(out_prefix, token_dtype(tok.vocab_size)) as w:
         if workers <= 1:
             results: Iterator[tuple[np.ndarray, np.ndarray]] = (

@@ -6,7 +6,12 @@ stage then resumes from its own newest complete checkpoint (model, optimizer, st
 position) or, on a first start, loads the weights of the checkpoint it names
 (``init: {stage, fraction}``) with a fresh optimizer. Each step sets the LR from the pure
 schedule, runs megatron's forward-backward over the microbatches, steps the optimizer, appends
-one line to ``metrics.jsonl`` and checkpoints at the stage's fractions (and every N steps).
+one line to ``metrics.jsonl`` (and the TensorBoard / W&B sinks, megavlm.train.sinks) and
+checkpoints at the stage's fractions (and every N steps).
+
+Long runs: the step's loss reduction also agrees on a stop request across ranks (a signal or the
+time budget, megavlm.train.preemption: save at that step, exit 75), and the guard
+(megavlm.train.guard) skips or stops on a non-finite loss / gradient norm or a loss spike.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from megavlm.data.batch import Batch
 from megavlm.model.build import build_model, model_dtype
 from megavlm.parallel.state import Parallel
 from megavlm.train import checkpoint as ckpt
+from megavlm.train.guard import LossGuard, NonFiniteGradNorm, guard_grad_norm
+from megavlm.train.preemption import REASONS, Preempted, StopRequests, report_exit_code, EXIT_PREEMPTED
+from megavlm.train.sinks import Sinks, check_available
 from megavlm.train.schedule import StageSchedule, checkpoint_steps, num_microbatches, recorded
 from megavlm.train.step import StepLayout, make_forward_step
 
@@ -60,7 +68,9 @@ def wrap_ddp(chunks, tc):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                            use_distributed_optimizer=True, check_for_nan_in_grad=True)
+                                            use_distributed_optimizer=True,
+                                            # the guard decides on NaN/Inf (megavlm.train.guard)
+                                            check_for_nan_in_grad=False)
     return [DistributedDataParallel(config=tc, ddp_config=ddp_cfg, module=c, disable_bucketing=i > 0)
             for i, c in enumerate(chunks)]
 
@@ -114,9 +124,11 @@ class MetricsLog:
 _MIX_KEYS = ("image_sample_positions", "patch_positions", "pad_positions")
 
 
-def _reduce_losses(losses: list[dict], parallel: Parallel, mix: dict) -> tuple[float, int, dict]:
-    """Global (mean loss, loss-token count, mixture position counts) of one step: losses come
-    from the last pipeline stage's microbatch reports, mixture counts from each DP rank's loader.
+def _reduce_losses(losses: list[dict], parallel: Parallel, mix: dict,
+                   stop: int = 0) -> tuple[float, int, dict, int]:
+    """Global (mean loss, loss-token count, mixture position counts, agreed stop request) of one
+    step: losses come from the last pipeline stage's microbatch reports, mixture counts from each
+    DP rank's loader, the stop request (megavlm.train.preemption) is the MAX over all ranks.
 
     Every collective's tensor lives on ``parallel.device`` (NCCL takes no host tensors); float64
     keeps the token and position counts exact far past 2**24. The one host copy is at the end."""
@@ -132,8 +144,11 @@ def _reduce_losses(losses: list[dict], parallel: Parallel, mix: dict) -> tuple[f
     # share with the other pipeline stages so every rank can log / stop consistently
     src = ps.get_pipeline_model_parallel_last_rank()
     dist.broadcast(total, src=src, group=parallel.pp_group)
-    loss_sum, count, *counts = total.tolist()  # the step's one device-to-host copy
-    return loss_sum / max(count, 1.0), int(count), {k: int(v) for k, v in zip(_MIX_KEYS, counts)}
+    flag = torch.tensor([float(stop)], dtype=torch.float64, device=dev)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a signal may have reached only some ranks
+    loss_sum, count, *counts, agreed = torch.cat([total, flag]).tolist()  # the one host copy
+    return (loss_sum / max(count, 1.0), int(count), {k: int(v) for k, v in zip(_MIX_KEYS, counts)},
+            int(agreed))
 
 
 class StageTrainer:
@@ -145,6 +160,7 @@ class StageTrainer:
         self.loader_factory, self.log = loader_factory, log
         self.run_dir = Path(run.run_dir)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", parallel.is_logging_rank)
+        check_available(run)  # an asked-for sink that is not installed fails before any training
 
     def train(self, stop_after: Optional[int] = None,
               observer: Optional[Callable[[str, int, list], None]] = None) -> StageOutcome:
@@ -152,7 +168,15 @@ class StageTrainer:
 
         ``stop_after`` ends early after that many steps. ``observer(stage, step, model)`` is
         called when the step's gradients are final, before the optimizer uses them (the demo's
-        progress bars advance there; parity tests read the gradients there)."""
+        progress bars advance there; parity tests read the gradients there).
+
+        Raises :class:`~megavlm.train.preemption.Preempted` (exit 75) after saving the stop
+        checkpoint and :class:`~megavlm.train.guard.TrainingDiverged` (exit 1) on a guard stop."""
+        with StopRequests(self.run.train.stop_signals, self.run.train.max_wall_minutes) as stops, \
+                Sinks(self.run, self.parallel.is_logging_rank) as sinks:
+            return self._train(stop_after, observer, stops, sinks)
+
+    def _train(self, stop_after, observer, stops: StopRequests, sinks: Sinks) -> StageOutcome:
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -179,7 +203,9 @@ class StageTrainer:
         nmb = num_microbatches(run.train, par.dp)
         loader = self.loader_factory(stage, par, nmb)
         start = 0
+        guard_window = None
         if done is not None:
+            guard_window = json.loads((done.path / ckpt.META).read_text()).get("guard_window")
             ckpt.load(done.path, model, optimizer)
             loader.load_state_dict(ckpt.read_loader_state(done.path, par.dp_rank))
             start = done.step
@@ -203,6 +229,8 @@ class StageTrainer:
         last_loss = None
         end = T if stop_after is None else min(T, start + stop_after)
         wd = stage.optimizer(run.train).weight_decay
+        guard = LossGuard(run.train, stage.name, guard_window)
+        guard_grad_norm(optimizer)
         for step in range(start, end):
             t0 = time.perf_counter()
             lr = self.sched.lr(step)
@@ -220,8 +248,19 @@ class StageTrainer:
                              forward_only=False)
             if observer is not None:
                 observer(stage.name, step + 1, model)
-            ok, grad_norm, _ = optimizer.step()
-            loss, n_loss, mix = _reduce_losses(losses, par, getattr(loader, "last_stats", {}))
+            k = step + 1
+            loss, n_loss, mix, stop = _reduce_losses(losses, par, getattr(loader, "last_stats", {}),
+                                                     stops.local())
+            skip, warn = guard.judge_loss(k, loss)  # raises TrainingDiverged on a stop: nothing saved
+            grad_norm = None
+            if skip is None:
+                try:
+                    ok, grad_norm, _ = optimizer.step()
+                    skip = None if ok else "optimizer skipped the update (found inf)"
+                except NonFiniteGradNorm as e:  # raised before clipping / updating
+                    skip = guard.nonfinite(k, "grad_norm", e.value)
+            if skip is None:
+                guard.accepted(loss)
             dt = time.perf_counter() - t0
             last_loss = loss
             rec = {"stage": stage.name, "step": step + 1, "loss": loss, "lr": lr,
@@ -232,18 +271,29 @@ class StageTrainer:
                    "image_text_ratio": mix["image_sample_positions"] / step_tokens,
                    "patch_fraction": mix["patch_positions"] / step_tokens,
                    "padding_fraction": mix["pad_positions"] / step_tokens}
+            if skip is not None:
+                rec.update(skipped=True, skip_reason=skip)
             self.metrics.write(rec)
+            sinks.step(rec, k)
+            for note in (warn, skip and f"[{stage.name}] step {k}: skipped the update: {skip}"):
+                if note:
+                    self.log(note)
             if par.is_logging_rank and ((step + 1) % run.train.log_every == 0 or step + 1 == T):
                 self.log(f"[{stage.name}] step {step + 1}/{T} loss {loss:.4f} lr {lr:.3e} "
                          f"grad {rec['grad_norm'] or 0:.3f} tok/s {rec['tokens_per_s']:.0f}")
-            k = step + 1
             periodic = stage.save_every and k % stage.save_every == 0
-            if k in fractions or periodic or k == T:
+            if k in fractions or periodic or k == T or stop:
                 meta = {"stage": stage.name, "step": k, "steps": T, "fractions": fractions.get(k, []),
-                        "tokens": k * step_tokens, "seed": run.seed, "schedule": recorded(self.sched)}
+                        "tokens": k * step_tokens, "seed": run.seed, "schedule": recorded(self.sched),
+                        "guard_window": guard.state()}
                 path = ckpt.stage_dir(run.run_dir, stage.name) / f"step_{k:07d}"
                 ckpt.save(path, model, optimizer, meta, loader.state_dict(), par.dp_rank,
                           write_loader=par.tp_rank == 0 and par.pp_rank == 0,
                           run_config=run, tokenizer=run.data.resolve(run.data.tokenizer))
                 ckpt.prune(run.run_dir, stage.name, set(fractions))
+            if stop:
+                stopped = Preempted(stage.name, k, REASONS[stop])
+                self.log(str(stopped))
+                report_exit_code(EXIT_PREEMPTED, par.rank)
+                raise stopped
         return StageOutcome(stage.name, end, last_loss)

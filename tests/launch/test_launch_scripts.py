@@ -80,3 +80,87 @@ def test_slurm_sbatch_one_node_with_stub_srun(tmp_path):
     assert p.returncode == 0, out[-4000:]
     assert "rendezvous 127.0.0.1:" in out
     _check_run(run_dir, out)
+
+
+# --- stopping and requeueing: the launchers' signal path and exit codes, with a stand-in for the
+# python that runs torchrun (it behaves as a preempted run does: on the forwarded signal it writes
+# 75 to $MEGAVLM_EXIT_FILE, as rank 0 does, and exits 1, as torchrun does when a worker fails)
+
+FAKE_TORCHRUN = """
+echo "$@" > "$ARGS_FILE"
+stop() { echo "got $1" > "$SIG_FILE"; echo 75 > "$MEGAVLM_EXIT_FILE"; exit 1; }
+trap 'stop USR1' USR1
+trap 'stop TERM' TERM
+echo started > "$STARTED_FILE"
+for i in $(seq 600); do sleep 0.1; done
+exit 0
+"""
+
+
+def _start_and_signal(cmd, env, started: Path, sig) -> subprocess.CompletedProcess:
+    import signal
+    import time
+
+    p = subprocess.Popen(cmd, env=env, cwd=started.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(200):
+        if started.exists():
+            break
+        time.sleep(0.05)
+    assert started.exists(), p.communicate(timeout=30)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=60)
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def _fake_env(tmp_path, **extra):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    _stub(bin_dir / "fakepython", FAKE_TORCHRUN)
+    return bin_dir, _env(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "fakepython"),
+                         ARGS_FILE=str(tmp_path / "args"), SIG_FILE=str(tmp_path / "sig"),
+                         STARTED_FILE=str(tmp_path / "started"), **extra)
+
+
+def test_torchrun_forwards_sigterm_and_exits_75(tmp_path):
+    import signal
+
+    _, env = _fake_env(tmp_path, NPROC="2")
+    p = _start_and_signal([str(ROOT / "launch" / "torchrun.sh"), str(TINY)], env, tmp_path / "started", signal.SIGTERM)
+    assert p.returncode == 75, p.stderr[-2000:]
+    assert (tmp_path / "sig").read_text().strip() == "got TERM"  # the stand-in torchrun got it
+    args = (tmp_path / "args").read_text()
+    assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in args and "--shutdown-timeout=240" in args
+
+
+def test_slurm_sbatch_requeues_a_preempted_run(tmp_path):
+    import signal
+
+    bin_dir, env = _fake_env(tmp_path, SLURM_JOB_NODELIST="node-a", SLURM_NNODES="1", SLURM_JOB_ID="4242",
+                             SLURM_SUBMIT_DIR=str(ROOT), GPUS_PER_NODE="2",
+                             MEGAVLM_EXIT_FILE=str(tmp_path / "exit-code"))
+    calls = tmp_path / "scontrol-calls"
+    _stub(bin_dir / "scontrol", f'echo "$@" >> {calls}\n[[ "$1" == show ]] && echo 127.0.0.1\nexit 0\n')
+    # srun forwards signals to its tasks: the stand-in runs the task as its own child and relays them
+    _stub(bin_dir / "srun", 'while [[ "$1" == --* ]]; do shift; done\n"$@" &\nchild=$!\n'
+                            'trap \'kill -s USR1 $child\' USR1\ntrap \'kill -s TERM $child\' TERM\n'
+                            'while :; do wait $child && rc=0 || rc=$?; kill -0 $child 2>/dev/null || break; done\nexit $rc\n')
+    script = (ROOT / "launch" / "slurm.sbatch").read_text()
+    assert "#SBATCH --signal=B:USR1@300" in script and "#SBATCH --requeue" in script
+    p = _start_and_signal(["bash", str(ROOT / "launch" / "slurm.sbatch"), str(TINY)], env, tmp_path / "started",
+                          signal.SIGUSR1)  # SLURM's notice ahead of the time limit, to the batch shell
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "requeueing job 4242" in p.stderr
+    assert "requeue 4242" in calls.read_text().splitlines()
+    assert (tmp_path / "sig").read_text().strip() == "got USR1"  # batch shell -> srun -> torchrun
+    assert not (tmp_path / "exit-code").exists()  # consumed, so a later failure is never taken for a stop
+
+
+def test_slurm_sbatch_does_not_requeue_a_failed_run(tmp_path):
+    bin_dir, env = _fake_env(tmp_path, SLURM_JOB_NODELIST="node-a", SLURM_NNODES="1", SLURM_JOB_ID="4243",
+                             SLURM_SUBMIT_DIR=str(ROOT), MEGAVLM_EXIT_FILE=str(tmp_path / "exit-code"))
+    calls = tmp_path / "scontrol-calls"
+    _stub(bin_dir / "scontrol", f'echo "$@" >> {calls}\necho 127.0.0.1\n')
+    _stub(bin_dir / "srun", 'exit 3\n')
+    p = subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch"), str(TINY)], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 3 and "requeue" not in calls.read_text()

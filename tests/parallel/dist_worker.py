@@ -10,6 +10,8 @@ code has no fault parameters):
   after step K's metrics line is written (``MetricsLog.write``);
 * ``exit_in_checkpoint:K`` — it dies after step K's checkpoint is fully written under
   ``.tmp-step_…`` and before ``checkpoint.publish`` renames it into place.
+* ``sigterm_after_step:K@R`` — rank R alone sends itself SIGTERM right after step K's metrics
+  line (a preemption notice that reached one rank); the run itself must stop cleanly.
 """
 
 from __future__ import annotations
@@ -31,8 +33,22 @@ def inject_fault(fault: str) -> None:
     from megavlm.train import checkpoint, loop
 
     kind, _, at = fault.partition(":")
+    at, _, only_rank = at.partition("@")
     k = int(at)
-    if kind == "exit_after_step":
+    if kind == "sigterm_after_step":
+        import signal
+
+        import torch.distributed as dist
+
+        write = loop.MetricsLog.write
+
+        def write_then_signal(self, rec):
+            write(self, rec)
+            if rec["step"] == k and dist.get_rank() == int(only_rank or 0):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        loop.MetricsLog.write = write_then_signal
+    elif kind == "exit_after_step":
         write = loop.MetricsLog.write
 
         def write_then_die(self, rec):
