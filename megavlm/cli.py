@@ -1,6 +1,7 @@
 """The ``megavlm`` command: a small, closed set of subcommands.
 
     megavlm train --config C [key.path=value ...]     train a recipe (torchrun for several processes)
+    megavlm train --config C --check                  check every stage's data/checkpoints/disk, train nothing
     megavlm plan  --config C [overrides] [--json]     steps, checkpoints and LR schedule, no training
     megavlm prepare --config C | demo [--root D]      build a recipe's data (before training)
     megavlm demo  [--run-dir D]                       the offline three-stage demo
@@ -57,12 +58,23 @@ def cmd_train(args) -> int:
     from megavlm.prepare import prepare_recipe, require_prepared
     from megavlm.train.stages import run_stages
 
+    from megavlm.preflight import require_ready, require_same_run
+
     run = _load(args)
+    if args.check:  # only the checks: nothing is built or written
+        hint = (f"run `megavlm prepare --config {args.config}` to build the demo data"
+                if run.data.build == "demo" else None)
+        require_ready(run, hint=hint)
+        if not args.force_config:
+            require_same_run(run)
+        print(f"{args.config}: ready to train ({len(run.stages)} stages checked)")
+        return 0
     prepare_recipe(run)  # `megavlm prepare --config C` first (data.build: demo); the trainer only reads
     require_prepared(run, args.config, args.overrides)
+    require_ready(run)  # every stage's data, init checkpoints, run folder, disk: before anything is written
     parallel = Parallel.initialize(run.parallel, run.seed)
     try:
-        run_stages(run, parallel, only=args.stage or None)
+        run_stages(run, parallel, only=args.stage or None, force_config=args.force_config, check=False)
     finally:
         parallel.destroy()
     return 0
@@ -105,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="GPU memory for --memory's verdict (an '80 GB' H100: 79.6 GiB)")
         else:
             s.add_argument("--stage", action="append", help="run only these stages (repeatable)")
+            s.add_argument("--check", action="store_true",
+                           help="only check what every stage needs (data, init checkpoints, run folder, "
+                                "disk) and list every problem; trains and writes nothing")
+            s.add_argument("--force-config", action="store_true",
+                           help="continue a run folder made with another config or other data "
+                                "(megavlm.preflight.IGNORED_KEYS never count as a change)")
     d = sub.add_parser("demo")
     d.add_argument("--run-dir", default="runs/demo")
     d.add_argument("--config", default=None, help="recipe (default launch/configs/demo.yaml)")
