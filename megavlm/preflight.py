@@ -221,7 +221,6 @@ IGNORED_KEYS = ("run_dir", "data.root", "train.log_every", "train.tensorboard_di
                 "train.max_wall_minutes", "train.on_signal", "train.signals", "stages.*.save_every")
 """Keys a re-run may change without refusing to skip or resume: where things are written or
 logged, how often, and where the data lies (its content is compared separately, by fingerprint)."""
-_HASH_BYTES = 64 << 20
 
 
 class RunFolderError(DataError):
@@ -264,7 +263,7 @@ def config_differences(recorded: dict, current: dict) -> list[str]:
 def data_fingerprint(run: RunConfig) -> dict[str, dict]:
     """What every data set of the recipe holds: per file its size, and for the small files (index,
     metadata, image references) a content hash; a moved copy has the same fingerprint."""
-    import hashlib
+    from megavlm.data.indexed import file_record
 
     d = run.data
     files = [d.resolve(d.tokenizer)]
@@ -277,9 +276,7 @@ def data_fingerprint(run: RunConfig) -> dict[str, dict]:
     for f in files:
         if not f.is_file() or f.name.endswith((".tmp", ".lock")) or f.suffix == ".shards":
             continue
-        rec: dict = {"size": f.stat().st_size}
-        if f.suffix in (".idx", ".json", ".npy", ".model") and rec["size"] <= _HASH_BYTES:
-            rec["sha256"] = hashlib.sha256(f.read_bytes()).hexdigest()
+        rec = file_record(f)
         try:
             key = str(f.relative_to(root))
         except ValueError:

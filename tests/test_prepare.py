@@ -24,6 +24,7 @@ from tests.synthetic import tiny_run
 def _recipe(tmp_path, root, build="none", **data) -> str:
     raw = tiny_run(str(tmp_path / "run"))
     raw["model"]["vision"] = {"embed_dim": 8, "num_patches": 4}
+    raw["stages"][1]["init"]["fraction"] = 0.5  # 'continue' from 1.0 is refused by the config
     raw["data"] = {"root": str(root), "build": build, "tokenizer": "tokenizer.model", **data}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
