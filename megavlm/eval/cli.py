@@ -156,9 +156,6 @@ def _vision(args, model, shards=None) -> list:
         if absent and (shards is None or shards.is_main):
             print(f"megavlm eval: skipped (not under {args.data_root}): {'; '.join(absent)}", file=sys.stderr)
         return results
-    if not args.task and (getattr(args, "questions", None) or getattr(args, "embeds", None)):
-        raise EvalError("--questions/--embeds need --task (generic for own question files); "
-                        "without --task the offline suite runs and they would be ignored")
     if not args.task:
         return suites.run_vision_suite(model, suites.Sources.default(args.demo_root, args.wordnet), _limit(args),
                                        args.max_new_tokens, shards=shards)
@@ -213,6 +210,9 @@ def run(args) -> Optional[dict]:
     from megavlm.eval.distributed import EvalShards
 
     extras = extra_tasks(args.extra_task) if args.what == "all" else []  # bad specs fail before loading
+    if args.what == "vision" and not args.task and (args.questions or args.embeds):
+        raise EvalError("--questions/--embeds need --task (generic for own question files); "
+                        "without --task the offline suite runs and they would be ignored")
     model = _load(args)
     if args.prompt is not None:
         if "{question}" not in args.prompt:
