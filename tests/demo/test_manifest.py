@@ -120,3 +120,17 @@ def test_tiny_recipe_trains_all_three_stages_on_the_demo_cache(built, tmp_path):
     assert rc == 0
     for st in ("text", "image", "sft"):
         assert list((tmp_path / "run" / st / "checkpoints").glob("step_*/meta.json")), st
+
+
+def test_short_vqa_set_records_its_files_and_store(built):
+    from megavlm.demo import short_vqa
+
+    root, _, _ = built
+    data = DataConfig(root=str(root), build="demo", instructions=["instructions", short_vqa.NAME])
+    assert short_vqa.ensure_short_vqa(data) is not None and short_vqa.is_built(data)
+    meta = root / f"{short_vqa.NAME}.meta.json"
+    good = meta.read_bytes()
+    meta.write_bytes(good + b" ")
+    assert not short_vqa.is_built(data)  # a changed file is not trusted
+    meta.write_bytes(good)
+    assert short_vqa.is_built(data)
