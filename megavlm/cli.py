@@ -55,7 +55,7 @@ def cmd_plan(args) -> int:
 
 def cmd_train(args) -> int:
     from megavlm.parallel.state import Parallel
-    from megavlm.prepare import prepare_recipe, require_prepared
+    from megavlm.prepare import own_data_hint, prepare_recipe, require_prepared
     from megavlm.train.stages import run_stages
 
     from megavlm.preflight import require_ready, require_same_run
@@ -63,15 +63,17 @@ def cmd_train(args) -> int:
     run = _load(args)
     if args.check:  # only the checks: nothing is built or written
         hint = (f"run `megavlm prepare --config {args.config}` to build the demo data"
-                if run.data.build == "demo" else None)
+                if run.data.build == "demo" else "to prepare own data: " + own_data_hint(run))
         require_ready(run, hint=hint)
         if not args.force_config:
             require_same_run(run)
         print(f"{args.config}: ready to train ({len(run.stages)} stages checked)")
         return 0
     prepare_recipe(run)  # `megavlm prepare --config C` first (data.build: demo); the trainer only reads
-    require_prepared(run, args.config, args.overrides)
-    require_ready(run)  # every stage's data, init checkpoints, run folder, disk: before anything is written
+    if run.data.build == "demo":
+        require_prepared(run, args.config, args.overrides)
+    # every stage's data, init checkpoints, run folder, disk: all problems at once, before anything is written
+    require_ready(run, hint=None if run.data.build == "demo" else "to prepare own data: " + own_data_hint(run))
     parallel = Parallel.initialize(run.parallel, run.seed)
     try:
         run_stages(run, parallel, only=args.stage or None, force_config=args.force_config, check=False)

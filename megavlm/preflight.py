@@ -327,13 +327,16 @@ def require_same_run(run: RunConfig) -> None:
             f"--force-config to continue with the new settings")
 
 
-def record_run(run: RunConfig) -> None:
-    """Write ``config.yaml`` and the data fingerprint into the run folder (temp name, rename)."""
+def record_run(run: RunConfig, data: bool = True) -> None:
+    """Write ``config.yaml`` and (``data``: the run reads ``run.data``, not test loaders) the data
+    fingerprint into the run folder (temp name, rename)."""
     import json
 
     rd = Path(run.run_dir).expanduser()
     rd.mkdir(parents=True, exist_ok=True)
     run.dump(rd / "config.yaml")
+    if not data:
+        return
     tmp = rd / (RECORDED_DATA + ".tmp")
     tmp.write_text(json.dumps(data_fingerprint(run), indent=1, sort_keys=True))
     tmp.replace(rd / RECORDED_DATA)

@@ -66,6 +66,8 @@ def test_every_problem_of_every_stage_at_once(tmp_path, corpus, capsys):  # noqa
     assert cli_main(["train", "--config", cfg, "--check"]) == 2
     err = capsys.readouterr().err
     assert "problem(s) before training" in err and err.count("\n  ") >= 3
+    assert f"tools/preprocess_conversations.py --input CONVERSATIONS.json --embeds {root / 'captions'} " \
+           f"--output {root / 'instructions'}" in err  # says exactly what to run for the missing set
     assert cli_main(["train", "--config", cfg]) == 2  # training refuses before writing anything
     assert not (tmp_path / "run").exists()
 

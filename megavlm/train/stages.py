@@ -46,7 +46,7 @@ def run_stages(run: RunConfig, parallel: Parallel, loader_factory: Optional[Load
     if not force_config:
         preflight.require_same_run(run)
     if parallel.rank == 0:
-        preflight.record_run(run)
+        preflight.record_run(run, data=loader_factory is None)
     parallel.barrier()
     factory = loader_factory or default_loader_factory(run)
     steps = {}
