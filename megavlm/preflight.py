@@ -218,9 +218,12 @@ def require_ready(run: RunConfig, *, output: bool = True, hint: Optional[str] = 
 
 RECORDED_DATA = "data.json"
 IGNORED_KEYS = ("run_dir", "data.root", "train.log_every", "train.tensorboard_dir", "train.wandb",
-                "train.max_wall_minutes", "train.on_signal", "train.signals", "stages.*.save_every")
+                "train.max_wall_minutes", "train.on_signal", "train.signals", "train.on_nonfinite",
+                "train.spike_*", "stages.*.save_every", "parallel", "train.micro_batch_size")
 """Keys a re-run may change without refusing to skip or resume: where things are written or
-logged, how often, and where the data lies (its content is compared separately, by fingerprint)."""
+logged and how often, the guards of a running job, where the data lies (its content is compared
+separately, by fingerprint), and the parallel layout and micro-batch size (checkpoints reshard
+across layouts and the global batch stays the same)."""
 
 
 class RunFolderError(DataError):

@@ -111,6 +111,7 @@ def test_run_folder_of_another_config_or_data_is_refused(tmp_path, corpus):  # n
     (step / "meta.json").write_text(json.dumps({"stage": "text", "step": 1, "steps": 3}))
     assert preflight.check_run_folder(run) == []
     assert preflight.check_run_folder(load_config(_recipe(tmp_path, root), ["train.log_every=7"])) == []
+    assert preflight.check_run_folder(load_config(_recipe(tmp_path, root), ["train.micro_batch_size=4"])) == []
     changed = load_config(_recipe(tmp_path, root), ["stages.1.tokens=1024"])
     with pytest.raises(preflight.RunFolderError, match=r"stages.image.tokens: 768 -> 1024.*--force-config"):
         preflight.require_same_run(changed)
