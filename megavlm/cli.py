@@ -55,10 +55,9 @@ def cmd_plan(args) -> int:
 
 def cmd_train(args) -> int:
     from megavlm.parallel.state import Parallel
+    from megavlm.preflight import require_ready, require_same_run
     from megavlm.prepare import own_data_hint, prepare_recipe, require_prepared
     from megavlm.train.stages import run_stages
-
-    from megavlm.preflight import require_ready, require_same_run
 
     run = _load(args)
     if args.check:  # only the checks: nothing is built or written
