@@ -36,9 +36,10 @@ _SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_s
 class PreflightError(DataError):
     """The recipe cannot run; ``problems`` holds one line per problem."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str], hint: Optional[str] = None):
         self.problems = list(problems)
-        super().__init__(f"{len(problems)} problem(s) before training:\n  " + "\n  ".join(problems))
+        super().__init__(f"{len(problems)} problem(s) before training:\n  " + "\n  ".join(problems)
+                         + (f"\n{hint}" if hint else ""))
 
 
 def parameter_count(run: RunConfig) -> int:
@@ -120,8 +121,16 @@ def check_data(run: RunConfig) -> list[str]:
                             src = TextSource([prefix])
                             if tok is not None:
                                 _check_token_ids(src, run.model.vocab_size, prefix)
-                        elif tok is None:
-                            src = None  # cannot open image sets without a tokenizer; reported above
+                        elif tok is None:  # the sources need a tokenizer (reported above): check the files
+                            from megavlm.data.indexed import EmbeddingStore, TokenData
+
+                            TokenData(prefix)
+                            if kind == "captions":
+                                EmbeddingStore(f"{prefix}.embeds", embed_dim=v.embed_dim,
+                                               num_patches=v.num_patches, encoder=v.encoder)
+                            else:
+                                TokenData(f"{prefix}.mask")
+                            src = None
                         else:
                             cls = CaptionSource if kind == "captions" else ConversationSource
                             src = cls(prefix, tok, **kw)
@@ -211,7 +220,7 @@ def require_ready(run: RunConfig, *, output: bool = True, hint: Optional[str] = 
     """Raise PreflightError listing every problem (``hint``: what to run, appended as a line)."""
     problems = check_run(run, output=output)
     if problems:
-        raise PreflightError(problems + ([hint] if hint else []))
+        raise PreflightError(problems, hint)
 
 
 # ------------------------------------------------------------------ an existing run folder

@@ -34,7 +34,10 @@ from megavlm.data.indexed import DataError, file_record
 from megavlm.demo.debian import (PACKAGES, bible_chapters, default_cache, fetch_package, idx_images,
                                  idx_labels, wordnet_definition, wordnet_glosses)
 
-DEMO_VERSION = 2
+DEMO_VERSION = 1
+"""The marker format of earlier megavlm versions (top-level version/num_patches/embed_dim/full), still
+written beside the manifest once a build is complete so that older checkouts sharing the cache
+do not rebuild it; this version never trusts those keys alone."""
 FASHION_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                   "Sneaker", "Bag", "Ankle boot"]
 _FASHION_LEMMAS = [["tee_shirt", "jersey"], ["trouser", "trousers"], ["pullover"], ["dress"], ["coat"],
@@ -155,7 +158,7 @@ def _conversation(rec: dict, labels: list[str], rng: np.random.Generator, k: int
 # the prepared corpus
 
 
-MANIFEST_VERSION = DEMO_VERSION
+MANIFEST_VERSION = 2
 ENCODER = "efficientnet-lite0"
 
 
@@ -221,8 +224,8 @@ def _name(p: Path, root: Path) -> str:
         return str(p)
 
 
-def _want(vision: VisionConfig, full: bool) -> dict:  # kept for callers that print what is asked for
-    return {"version": MANIFEST_VERSION, "num_patches": vision.num_patches, "embed_dim": vision.embed_dim,
+def _want(vision: VisionConfig, full: bool) -> dict:  # the legacy marker's keys
+    return {"version": DEMO_VERSION, "num_patches": vision.num_patches, "embed_dim": vision.embed_dim,
             "full": full}
 
 
@@ -233,9 +236,9 @@ def read_manifest(data: DataConfig) -> dict:
     try:
         have = json.loads(m.read_text())
     except (OSError, ValueError):
-        return {"version": MANIFEST_VERSION, "sets": {}}
-    if have.get("version") != MANIFEST_VERSION or not isinstance(have.get("sets"), dict):
-        return {"version": MANIFEST_VERSION, "sets": {}}
+        return {"manifest_version": MANIFEST_VERSION, "sets": {}}
+    if have.get("manifest_version") != MANIFEST_VERSION or not isinstance(have.get("sets"), dict):
+        return {"manifest_version": MANIFEST_VERSION, "sets": {}}
     return have
 
 
@@ -359,6 +362,8 @@ def _build(data: DataConfig, vision: VisionConfig, full: bool, cache: Optional[P
     counts = _raw(root, cache, full)
     manifest = read_manifest(data)
     manifest["raw"] = counts
+    for k in ("version", "num_patches", "embed_dim", "full"):  # the legacy marker: only when complete
+        manifest.pop(k, None)
     tok_path = data.resolve(data.tokenizer)
     if tok_path.suffix == ".json":
         raise DataError(f"the demo trains a sentencepiece tokenizer; data.tokenizer={data.tokenizer} "
@@ -407,6 +412,10 @@ def _build(data: DataConfig, vision: VisionConfig, full: bool, cache: Optional[P
                                   "files": {f.name: file_record(f) for f in set_files(kind, prefix)}}
         _write_manifest(data, manifest)
         built.append(name)
+    if not stale_sets(data, vision, full=full, vocab_size=vocab_size):
+        manifest.update({"version": DEMO_VERSION, "num_patches": vision.num_patches,
+                         "embed_dim": vision.embed_dim, "full": full})
+        _write_manifest(data, manifest)
     _log(f"demo corpus ready in {time.perf_counter() - t0:.0f}s (built {', '.join(built) or 'nothing'})")
     return built
 

@@ -59,6 +59,7 @@ def test_every_set_is_recorded_with_its_parameters(built):
     assert names == ["tokenizer.model", "text", "text_heldout", "captions", "captions_heldout",
                      "instructions", "instructions_heldout"]
     m = json.loads((root / "demo.json").read_text())
+    assert m["manifest_version"] == 2 and m["version"] == corpus.DEMO_VERSION == 1  # + the legacy marker
     cap = m["sets"]["captions"]
     assert cap["params"]["encoder"] == "efficientnet-lite0" and cap["params"]["image_size"] == 64
     assert cap["params"]["resize"] == "square" and cap["params"]["num_patches"] == 4
