@@ -34,6 +34,8 @@ def cmd_plan(args) -> int:
     from megavlm.train.schedule import plan
 
     run = _load(args)
+    if args.check:
+        return _check(run, args)
     p = plan(run)
     if args.memory:
         from megavlm.model.memory import recipe_memory
@@ -53,21 +55,29 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _check(run, args) -> int:
+    """``train --check`` / ``plan --check``: every problem of every stage (megavlm.preflight)."""
+    from megavlm.preflight import require_ready, require_same_run
+    from megavlm.prepare import own_data_hint
+
+    hint = (f"run `megavlm prepare --config {args.config}` to build the demo data"
+            if run.data.build == "demo" else "to prepare own data: " + own_data_hint(run))
+    require_ready(run, hint=hint)
+    if not getattr(args, "force_config", False):
+        require_same_run(run)
+    print(f"{args.config}: ready to train ({len(run.stages)} stages checked)")
+    return 0
+
+
 def cmd_train(args) -> int:
     from megavlm.parallel.state import Parallel
-    from megavlm.preflight import require_ready, require_same_run
+    from megavlm.preflight import require_ready
     from megavlm.prepare import own_data_hint, prepare_recipe, require_prepared
     from megavlm.train.stages import run_stages
 
     run = _load(args)
     if args.check:  # only the checks: nothing is built or written
-        hint = (f"run `megavlm prepare --config {args.config}` to build the demo data"
-                if run.data.build == "demo" else "to prepare own data: " + own_data_hint(run))
-        require_ready(run, hint=hint)
-        if not args.force_config:
-            require_same_run(run)
-        print(f"{args.config}: ready to train ({len(run.stages)} stages checked)")
-        return 0
+        return _check(run, args)
     prepare_recipe(run)  # `megavlm prepare --config C` first (data.build: demo); the trainer only reads
     if run.data.build == "demo":
         require_prepared(run, args.config, args.overrides)
@@ -109,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.1.tokens=1e6")
         if name == "plan":
             s.add_argument("--json", action="store_true", help="print one JSON object")
+            s.add_argument("--check", action="store_true", help="as train --check: only the preflight checks")
             s.add_argument("--memory", action="store_true",
                            help="per-rank memory plan (megavlm.model.memory); JSON field 'memory'")
             s.add_argument("--dp", type=int, default=1, help="data-parallel size for --memory")

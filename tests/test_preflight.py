@@ -40,6 +40,7 @@ def test_ready_recipe_has_no_problem_and_check_writes_nothing(tmp_path, corpus, 
     assert preflight.check_run(load_config(cfg)) == []
     assert cli_main(["train", "--config", cfg, "--check"]) == 0
     assert "ready to train (3 stages checked)" in capsys.readouterr().out
+    assert cli_main(["plan", "--config", cfg, "--check"]) == 0
     assert not (tmp_path / "run").exists()
 
 
