@@ -87,6 +87,44 @@ def require_complete(path: Path, *, config: bool = False) -> None:
         raise CheckpointError(f"{path}: checkpoint has no {CONFIG}")
 
 
+LATEST = "latest"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint a user names: a checkpoint itself (``…/checkpoints/step_…``), or the newest
+    complete one of a stage (``runs/x/sft``, ``runs/x/sft/checkpoints``, ``runs/x/sft/latest``) or
+    of a run (``runs/x``, ``runs/x/latest``: its last stage with a checkpoint, in the order of the
+    run's config.yaml). Anything else is a clear "not a checkpoint" error."""
+    p = Path(path).expanduser()
+    if p.name == LATEST and not (p / META).is_file():
+        p = p.parent
+    if (p / META).is_file():
+        return p
+    if not p.exists():
+        raise CheckpointError(f"{path}: no such checkpoint, stage or run folder")
+    for stage_ckpts in (p, p / "checkpoints"):
+        if stage_ckpts.is_dir() and stage_ckpts.name == "checkpoints":
+            cps = sorted((d for d in stage_ckpts.glob("step_*") if (d / META).is_file()), key=lambda d: d.name)
+            if cps:
+                return cps[-1]
+            raise CheckpointError(f"{path}: not a checkpoint, and {stage_ckpts} holds no complete one")
+    stages = [d.name for d in sorted(p.iterdir()) if (d / "checkpoints").is_dir()] if p.is_dir() else []
+    if stages:
+        order = stages
+        cfg = p / CONFIG
+        if cfg.is_file():
+            import yaml
+
+            names = [s.get("name") for s in (yaml.safe_load(cfg.read_text()) or {}).get("stages", [])]
+            order = [n for n in names if n in stages] + [n for n in stages if n not in names]
+        for st in reversed(order):
+            c = latest(p, st)
+            if c is not None:
+                return c.path
+    raise CheckpointError(f"{path}: not a checkpoint (no {META}; pass <run>/<stage>/checkpoints/step_…, "
+                          f"a stage folder or a run folder, optionally with /{LATEST})")
+
+
 def tokenizer_file(path: str | Path) -> Path:
     """The tokenizer saved inside a checkpoint; a clear error when there is none."""
     d = Path(path) / TOKENIZER_DIR

@@ -1,6 +1,7 @@
 """The ``megavlm`` command: a small, closed set of subcommands.
 
     megavlm train --config C [key.path=value ...]     train a recipe (torchrun for several processes)
+    megavlm train --config C --check                  check every stage's data/checkpoints/disk, train nothing
     megavlm plan  --config C [overrides] [--json]     steps, checkpoints and LR schedule, no training
     megavlm prepare --config C | demo [--root D]      build a recipe's data (before training)
     megavlm demo  [--run-dir D]                       the offline three-stage demo
@@ -33,6 +34,8 @@ def cmd_plan(args) -> int:
     from megavlm.train.schedule import plan
 
     run = _load(args)
+    if args.check:
+        return _check(run, args)
     p = plan(run)
     if args.memory:
         from megavlm.model.memory import recipe_memory
@@ -52,17 +55,37 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _check(run, args) -> int:
+    """``train --check`` / ``plan --check``: every problem of every stage (megavlm.preflight)."""
+    from megavlm.preflight import require_ready, require_same_run
+    from megavlm.prepare import own_data_hint
+
+    hint = (f"run `megavlm prepare --config {args.config}` to build the demo data"
+            if run.data.build == "demo" else "to prepare own data: " + own_data_hint(run))
+    require_ready(run, hint=hint)
+    if not getattr(args, "force_config", False):
+        require_same_run(run)
+    print(f"{args.config}: ready to train ({len(run.stages)} stages checked)")
+    return 0
+
+
 def cmd_train(args) -> int:
     from megavlm.parallel.state import Parallel
-    from megavlm.prepare import prepare_recipe, require_prepared
+    from megavlm.preflight import require_ready
+    from megavlm.prepare import own_data_hint, prepare_recipe, require_prepared
     from megavlm.train.stages import run_stages
 
     run = _load(args)
+    if args.check:  # only the checks: nothing is built or written
+        return _check(run, args)
     prepare_recipe(run)  # `megavlm prepare --config C` first (data.build: demo); the trainer only reads
-    require_prepared(run, args.config, args.overrides)
+    if run.data.build == "demo":
+        require_prepared(run, args.config, args.overrides)
+    # every stage's data, init checkpoints, run folder, disk: all problems at once, before anything is written
+    require_ready(run, hint=None if run.data.build == "demo" else "to prepare own data: " + own_data_hint(run))
     parallel = Parallel.initialize(run.parallel, run.seed)
     try:
-        run_stages(run, parallel, only=args.stage or None)
+        run_stages(run, parallel, only=args.stage or None, force_config=args.force_config, check=False)
     finally:
         parallel.destroy()
     return 0
@@ -98,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.1.tokens=1e6")
         if name == "plan":
             s.add_argument("--json", action="store_true", help="print one JSON object")
+            s.add_argument("--check", action="store_true", help="as train --check: only the preflight checks")
             s.add_argument("--memory", action="store_true",
                            help="per-rank memory plan (megavlm.model.memory); JSON field 'memory'")
             s.add_argument("--dp", type=int, default=1, help="data-parallel size for --memory")
@@ -107,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="GPU memory for --memory's verdict (an '80 GB' H100: 79.6 GiB)")
         else:
             s.add_argument("--stage", action="append", help="run only these stages (repeatable)")
+            s.add_argument("--check", action="store_true",
+                           help="only check what every stage needs (data, init checkpoints, run folder, "
+                                "disk) and list every problem; trains and writes nothing")
+            s.add_argument("--force-config", action="store_true",
+                           help="continue a run folder made with another config or other data "
+                                "(megavlm.preflight.IGNORED_KEYS never count as a change)")
     d = sub.add_parser("demo")
     d.add_argument("--run-dir", default="runs/demo")
     d.add_argument("--config", default=None, help="recipe (default launch/configs/demo.yaml)")

@@ -221,6 +221,10 @@ class TrainConfig:
 # data
 
 
+DEFAULT_PROMPT_TEMPLATE = "\n{question}\nAnswer the question using a single word or phrase."
+"""LLaVA-1.5's short-answer prompt: the default data.prompt_template."""
+
+
 @dataclass
 class DataConfig:
     """Where the preprocessed data of a run lives (produced by tools/, never by the trainer)."""
@@ -240,6 +244,14 @@ class DataConfig:
     """Conversation datasets (tokens + loss masks + image references), for fine-tuning."""
     too_long: Literal["truncate", "reject"] = "truncate"
     """What to do with a sample longer than the sequence: truncate (and count) or raise."""
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    """How a question follows the image at evaluation (``{question}`` is replaced); it must phrase
+    questions as the instruction data does (the demo's short-answer set uses the default). Recorded
+    in every checkpoint's config.yaml; `megavlm eval` uses it unless --prompt (docs/own-data.md)."""
+
+    def __post_init__(self):
+        if "{question}" not in self.prompt_template:
+            raise ConfigError(f"data.prompt_template={self.prompt_template!r} must contain {{question}}")
 
     def resolve(self, path: str) -> Path:
         root = Path(self.root).expanduser()

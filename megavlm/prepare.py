@@ -61,13 +61,32 @@ def unprepared(run: RunConfig) -> list[str]:
 
     problems = []
     if run.data.build == "demo":
-        if not corpus.is_built(run.data, run.model.vision):
+        stale = corpus.stale_sets(run.data, run.model.vision, vocab_size=run.model.vocab_size)
+        if stale:
             problems.append(f"{Path(run.data.root).expanduser()}: no complete demo corpus for "
-                            f"num_patches={run.model.vision.num_patches}, embed_dim={run.model.vision.embed_dim}")
+                            f"num_patches={run.model.vision.num_patches}, embed_dim={run.model.vision.embed_dim} ("
+                            + ", ".join(f"set {k}: {v}" for k, v in stale.items()) + ")")
         if short_vqa.NAME in run.data.instructions and not short_vqa.is_built(run.data):
             problems.append(f"{run.data.resolve(short_vqa.NAME)}: short-answer VQA set not built")
     problems += [f"{p}: missing" for p in needed_files(run) if not p.is_file()]
     return list(dict.fromkeys(problems))
+
+
+def own_data_hint(run: RunConfig) -> str:
+    """The commands that make each missing kind of file of a ``build: none`` recipe (docs/own-data.md)."""
+    d = run.data
+    tips = []
+    if not d.resolve(d.tokenizer).is_file():
+        tips.append(f"python tools/train_tokenizer.py --input CORPUS.jsonl --output {d.resolve(d.tokenizer)}")
+    for kind, tool in (("text", "tools/preprocess_text.py --input CORPUS.jsonl --output"),
+                       ("captions", "tools/encode_images.py --input CAPTIONS.jsonl --output"),
+                       ("instructions", "tools/preprocess_conversations.py --input CONVERSATIONS.json --embeds "
+                        f"{d.resolve(d.captions[0]) if d.captions else 'CAPTIONS'} --output")):
+        for name in getattr(d, kind):
+            p = d.resolve(name)
+            if not Path(f"{p}.idx").is_file():
+                tips.append(f"python {tool} {p} --tokenizer {d.resolve(d.tokenizer)}")
+    return "; ".join(tips) + " (see docs/own-data.md)" if tips else "see docs/own-data.md"
 
 
 def require_prepared(run: RunConfig, config: Optional[str] = None, overrides: Sequence[str] = ()) -> None:
@@ -77,7 +96,7 @@ def require_prepared(run: RunConfig, config: Optional[str] = None, overrides: Se
     problems = unprepared(run)
     if problems:
         how = (f"run `{_command(config, overrides)}` first" if run.data.build == "demo"
-               else "prepare these files with the tools/ scripts (see the README)")
+               else "prepare these files with the tools/ scripts: " + own_data_hint(run))
         raise DataError(f"data of this recipe is not prepared ({'; '.join(problems)}): {how}")
 
 
@@ -88,7 +107,7 @@ def prepare_recipe(run: RunConfig, progress: bool = False) -> None:
     from megavlm.demo.corpus import ensure_demo_corpus
     from megavlm.demo.short_vqa import ensure_short_vqa
 
-    ensure_demo_corpus(run.data, run.model.vision, progress=progress)
+    ensure_demo_corpus(run.data, run.model.vision, progress=progress, vocab_size=run.model.vocab_size)
     ensure_short_vqa(run.data)
 
 

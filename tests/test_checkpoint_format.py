@@ -57,3 +57,21 @@ def test_the_format_needs_neither_megatron_nor_the_trainer():
             "assert not bad, bad")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_resolve_checkpoint_latest_and_not_a_checkpoint(tmp_path):
+    import yaml
+
+    a = _commit(tmp_path, "text", 3)
+    b = _commit(tmp_path, "text", 12)
+    c = _commit(tmp_path, "sft", 2)
+    (cf.stage_dir(tmp_path, "sft") / "step_0000009").mkdir()  # never committed
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"stages": [{"name": "text"}, {"name": "sft"}]}))
+    assert cf.resolve_checkpoint(a) == a
+    assert cf.resolve_checkpoint(tmp_path / "text") == b == cf.resolve_checkpoint(tmp_path / "text" / "latest")
+    assert cf.resolve_checkpoint(tmp_path) == c == cf.resolve_checkpoint(tmp_path / "latest")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(cf.CheckpointError, match="not a checkpoint"):
+        cf.resolve_checkpoint(tmp_path / "empty")
+    with pytest.raises(cf.CheckpointError, match="no such checkpoint"):
+        cf.resolve_checkpoint(tmp_path / "nope")

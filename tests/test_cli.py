@@ -16,12 +16,19 @@ def _train(*overrides: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
-def test_missing_data_file_is_one_line(tmp_path):
+def test_missing_data_files_are_one_line_each(tmp_path):
+    """Every missing file of every stage, one line each under one error line, then what to run
+    (megavlm.preflight); nothing is written."""
     p = _train(f"run_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'nothing'}", "data.build=none")
     assert p.returncode == 2
     err = p.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("megavlm: error:") and "nothing" in err[0], p.stderr[-2000:]
-    assert not list((tmp_path / "run").glob("*/checkpoints/*"))
+    assert err[0] == "megavlm: error: 4 problem(s) before training:", p.stderr[-2000:]
+    nothing = tmp_path / "nothing"
+    for line, name in zip(err[1:5], ("tokenizer.model", "text.idx", "captions.idx", "instructions.idx")):
+        assert line.startswith(f"  {nothing / name}: missing"), (line, p.stderr[-2000:])
+    assert err[5].startswith("to prepare own data: python tools/train_tokenizer.py") and len(err) == 6
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_start_from_unsaved_checkpoint_is_one_line(tmp_path):

@@ -24,6 +24,7 @@ from tests.synthetic import tiny_run
 def _recipe(tmp_path, root, build="none", **data) -> str:
     raw = tiny_run(str(tmp_path / "run"))
     raw["model"]["vision"] = {"embed_dim": 8, "num_patches": 4}
+    raw["stages"][1]["init"]["fraction"] = 0.5  # 'continue' from 1.0 is refused by the config
     raw["data"] = {"root": str(root), "build": build, "tokenizer": "tokenizer.model", **data}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -60,20 +61,19 @@ def test_demo_recipe_says_which_command_prepares_it(tmp_path):
     assert "no complete demo corpus" in str(e.value)
 
 
-def test_demo_cache_is_trusted_only_with_its_files(tmp_path, corpus):  # noqa: F811
-    """A marker whose sets are gone does not count as built (the cache knows what it holds)."""
+def test_demo_cache_is_trusted_only_with_its_manifest(tmp_path, corpus):  # noqa: F811
+    """An old-style marker (no per-set manifest) does not count as built, even with every file
+    there: the cache must know what it holds (tests/demo/test_manifest.py covers the manifest)."""
     root = tmp_path / "demo"
     shutil.copytree(corpus, root)
     for name in ("text", "captions", "instructions"):  # the held-out twins the demo also writes
         for f in corpus.glob(f"{name}.*"):
             shutil.copy(f, root / f.name.replace(name, f"{name}_heldout", 1))
     run = load_config(_recipe(tmp_path, root, build="demo", instructions=["instructions"]))
-    want = {"version": demo_corpus.DEMO_VERSION, "num_patches": 4, "embed_dim": 8, "full": False}
-    (root / "demo.json").write_text(json.dumps(want))
-    assert demo_corpus.is_built(run.data, run.model.vision)
-    assert prepare.unprepared(run) == []
-    (root / "instructions_heldout.meta.json").unlink()
-    assert not demo_corpus.is_built(run.data, run.model.vision)
+    (root / "demo.json").write_text(json.dumps({"version": 1, "num_patches": 4, "embed_dim": 8, "full": False}))
+    assert not demo_corpus.is_built(run.data, run.model.vision, vocab_size=run.model.vocab_size)
+    (problem,) = prepare.unprepared(run)
+    assert "no complete demo corpus" in problem and "set instructions: not in the manifest" in problem
 
 
 def test_prepare_builds_before_and_training_never_builds(tmp_path, monkeypatch):

@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input", nargs="+", required=True, help="LLaVA .json (list) or .jsonl files")
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--output", required=True, help="output prefix")
-    ap.add_argument("--embeds", default=None, help="embedding store prefix holding the images")
+    ap.add_argument("--embeds", default=None, help="the images' embedding store: the --output of "
+                    "tools/encode_images.py (data/captions) or the store itself (data/captions.embeds)")
     a = ap.parse_args(argv)
     try:
         st = preprocess_conversations(a.input, a.output, load_tokenizer(a.tokenizer), embeds=a.embeds)

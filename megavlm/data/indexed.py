@@ -50,6 +50,42 @@ def idx_path(prefix: str | Path) -> Path:
     return Path(f"{prefix}.idx")
 
 
+def store_prefix(path: str | Path) -> Path:
+    """The embedding store a user names, in either spelling: the caption set's prefix
+    (``data/captions``, as ``tools/encode_images.py --output`` takes it) or the store's own
+    (``data/captions.embeds``, whose metadata is ``data/captions.embeds.json``). Every tool and
+    the evaluation resolve ``--embeds`` through this one function."""
+    p = Path(path)
+    if p.name.endswith(".json") and Path(str(p)[:-5] + ".idx").is_file():
+        p = Path(str(p)[:-5])  # the metadata file itself
+    if Path(f"{p}.json").is_file() or p.name.endswith(".embeds"):
+        return p
+    if Path(f"{p}.embeds.json").is_file():
+        return Path(f"{p}.embeds")
+    return p
+
+
+HASH_BYTES = 64 << 20
+"""Files up to this size get a content hash in a manifest record; larger ones only their size."""
+
+
+def file_record(path: str | Path) -> dict:
+    """What a manifest records of a prepared file: its size and, for small files (indexes, metadata,
+    image references, tokenizers), the sha256 of its content; two copies of a set match."""
+    import hashlib
+
+    p = Path(path)
+    size = p.stat().st_size
+    rec: dict = {"size": size}
+    if size <= HASH_BYTES and not p.name.endswith(".bin"):
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        rec["sha256"] = h.hexdigest()
+    return rec
+
+
 def token_dtype(vocab_size: int) -> type:
     """uint16 when every id fits, int32 otherwise."""
     return np.uint16 if vocab_size <= 65536 else np.int32

@@ -10,8 +10,12 @@ and captions. Every corpus also gets a held-out split.
 The raw corpora are written in the standard input formats (JSONL text, JSONL image+caption,
 LLaVA JSON) under ``<root>/raw`` and then go through the same library functions as the tools
 (tokenizer training, preprocess_text, encode_images, preprocess_conversations). Everything is
-cached: the .deb files and their extraction under ``~/.cache/megavlm/debs``, the prepared files
-under ``root``; ``<root>/demo.json`` is written last and marks a complete build.
+cached: the .deb files and their extraction under ``~/.cache/megavlm/debs``, the raw corpora under
+``<root>/raw`` (``raw/raw.json`` marks them complete), the prepared sets under ``root``.
+``<root>/demo.json`` is the cache's manifest: per set its kind, build parameters (tokenizer
+vocabulary, encoder, image size, patch count, resize mode), what it was built from, and per file
+its size and (small files) content hash. A set absent from it, built otherwise, or whose files
+changed is stale: it is rebuilt alone and never trusted meanwhile.
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ from typing import Optional
 import numpy as np
 
 from megavlm.config import DataConfig, VisionConfig
-from megavlm.data.indexed import DataError
+from megavlm.data.indexed import DataError, file_record
 from megavlm.demo.debian import (PACKAGES, bible_chapters, default_cache, fetch_package, idx_images,
                                  idx_labels, wordnet_definition, wordnet_glosses)
 
 DEMO_VERSION = 1
+"""The marker format of earlier megavlm versions (top-level version/num_patches/embed_dim/full), still
+written beside the manifest once a build is complete so that older checkouts sharing the cache
+do not rebuild it; this version never trusts those keys alone."""
 FASHION_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                   "Sneaker", "Bag", "Ankle boot"]
 _FASHION_LEMMAS = [["tee_shirt", "jersey"], ["trouser", "trousers"], ["pullover"], ["dress"], ["coat"],
@@ -151,6 +158,10 @@ def _conversation(rec: dict, labels: list[str], rng: np.random.Generator, k: int
 # the prepared corpus
 
 
+MANIFEST_VERSION = 2
+ENCODER = "efficientnet-lite0"
+
+
 def _marker(data: DataConfig) -> Path:
     return data.resolve("demo.json")
 
@@ -167,41 +178,144 @@ def corpus_sets(data: DataConfig) -> dict[str, Path]:
             "instructions": data.resolve(inst)}
 
 
-def _files(data: DataConfig) -> list[Path]:
-    """Files a complete corpus holds (a marker whose files are gone is not trusted)."""
-    sets = corpus_sets(data)
-    out = [data.resolve(data.tokenizer)]
-    for suffix in ("", "_heldout"):
-        out += [Path(f"{sets['text']}{suffix}.idx"), Path(f"{sets['captions']}{suffix}.embeds.json"),
-                Path(f"{sets['instructions']}{suffix}.meta.json")]
+def set_files(kind: str, prefix: Path) -> list[Path]:
+    """The files of one prepared set of ``kind`` (tokenizer, text, captions, instructions)."""
+    p = str(prefix)
+    if kind == "tokenizer":
+        return [Path(p)]
+    out = [Path(f"{p}.bin"), Path(f"{p}.idx")]
+    if kind == "captions":
+        out += [Path(f"{p}.embeds.bin"), Path(f"{p}.embeds.idx"), Path(f"{p}.embeds.json")]
+    if kind == "instructions":
+        out += [Path(f"{p}.mask.bin"), Path(f"{p}.mask.idx"), Path(f"{p}.images.npy"), Path(f"{p}.meta.json")]
     return out
 
 
-def _want(vision: VisionConfig, full: bool) -> dict:
+def _plan(data: DataConfig, vision: VisionConfig, full: bool, vocab_size: int) -> list[tuple[str, str, Path, dict]]:
+    """(set name, kind, prefix, build parameters) of every set, in build order. A set's parameters
+    name what it was built from (the tokenizer's and the caption store's content hashes), so a
+    rebuilt tokenizer makes every later set stale."""
+    sets = corpus_sets(data)
+    root = Path(data.root).expanduser()
+    side = math.isqrt(vision.num_patches)
+    tok = data.resolve(data.tokenizer)
+    out = [(_name(tok, root), "tokenizer", tok, {"vocab_size": vocab_size, "full": full})]
+    for suffix in ("", "_heldout"):
+        out.append((_name(Path(f"{sets['text']}{suffix}"), root), "text", Path(f"{sets['text']}{suffix}"),
+                    {"raw": f"text{suffix}.jsonl", "full": full}))
+    for suffix in ("", "_heldout"):
+        cap = Path(f"{sets['captions']}{suffix}")
+        out.append((_name(cap, root), "captions", cap,
+                    {"raw": f"captions{suffix}.jsonl", "full": full, "encoder": ENCODER,
+                     "image_size": 32 * side, "num_patches": vision.num_patches,
+                     "embed_dim": vision.embed_dim, "resize": "square"}))
+    for suffix in ("", "_heldout"):
+        inst = Path(f"{sets['instructions']}{suffix}")
+        out.append((_name(inst, root), "instructions", inst,
+                    {"raw": f"conversations{suffix}.json", "full": full,
+                     "embeds": _name(Path(f"{sets['captions']}{suffix}"), root)}))
+    return out
+
+
+def _name(p: Path, root: Path) -> str:
+    try:
+        return str(p.relative_to(root))
+    except ValueError:
+        return str(p)
+
+
+def _want(vision: VisionConfig, full: bool) -> dict:  # the legacy marker's keys
     return {"version": DEMO_VERSION, "num_patches": vision.num_patches, "embed_dim": vision.embed_dim,
             "full": full}
 
 
-def is_built(data: DataConfig, vision: VisionConfig, *, full: bool = False) -> bool:
-    """Whether ``data.root`` holds a complete demo corpus encoded for ``vision`` (reads only)."""
-    return _complete(data, _want(vision, full))
+def read_manifest(data: DataConfig) -> dict:
+    """``<root>/demo.json``: {"version", "sets": {name: {"kind", "params", "inputs", "files"}}};
+    an unreadable or older marker counts as empty (nothing in it is trusted)."""
+    m = _marker(data)
+    try:
+        have = json.loads(m.read_text())
+    except (OSError, ValueError):
+        return {"manifest_version": MANIFEST_VERSION, "sets": {}}
+    if have.get("manifest_version") != MANIFEST_VERSION or not isinstance(have.get("sets"), dict):
+        return {"manifest_version": MANIFEST_VERSION, "sets": {}}
+    return have
+
+
+def _write_manifest(data: DataConfig, manifest: dict) -> None:
+    m = _marker(data)
+    tmp = m.with_name(".demo.json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    tmp.replace(m)
+
+
+def _inputs(manifest: dict, name: str, kind: str, params: dict) -> dict:
+    """What a set was built from: the manifest records of the sets it reads."""
+    sets = manifest["sets"]
+    tok = next((n for n, r in sets.items() if r.get("kind") == "tokenizer"), None)
+    out = {} if kind == "tokenizer" else {"tokenizer": (sets.get(tok) or {}).get("files")}
+    if kind == "instructions":
+        out["embeds"] = (sets.get(params["embeds"]) or {}).get("files")
+    return out
+
+
+def stale_sets(data: DataConfig, vision: VisionConfig, *, full: bool = False,
+               vocab_size: int = 8192) -> dict[str, str]:
+    """Set name -> why it cannot be trusted (absent from the manifest, built with other parameters
+    or from other inputs, or a file missing or changed since); empty: the cache is complete."""
+    manifest = read_manifest(data)
+    out: dict[str, str] = {}
+    for name, kind, prefix, params in _plan(data, vision, full, vocab_size):
+        rec = manifest["sets"].get(name)
+        if rec is None:
+            out[name] = "not in the manifest (never built)"
+        elif rec.get("params") != params:
+            diff = sorted(k for k in set(params) | set(rec.get("params", {}))
+                          if params.get(k) != rec.get("params", {}).get(k))
+            out[name] = f"built with other parameters ({', '.join(diff)})"
+        elif rec.get("inputs") != _inputs(manifest, name, kind, params):
+            out[name] = "built from another tokenizer or image store"
+        elif any(n in out for n in _depends(manifest, kind, params)):
+            out[name] = "an input set is stale"
+        else:
+            for f in set_files(kind, prefix):
+                if not f.is_file():
+                    out[name] = f"{f}: missing"
+                    break
+                if file_record(f) != rec["files"].get(f.name):
+                    out[name] = f"{f}: changed since it was built"
+                    break
+    return out
+
+
+def _depends(manifest: dict, kind: str, params: dict) -> list[str]:
+    tok = [n for n, r in manifest["sets"].items() if r.get("kind") == "tokenizer"]
+    return [] if kind == "tokenizer" else tok + ([params["embeds"]] if kind == "instructions" else [])
+
+
+def is_built(data: DataConfig, vision: VisionConfig, *, full: bool = False, vocab_size: int = 8192) -> bool:
+    """Whether ``data.root`` holds a complete, current demo corpus encoded for ``vision`` (reads only)."""
+    return not stale_sets(data, vision, full=full, vocab_size=vocab_size)
 
 
 def ensure_demo_corpus(data: DataConfig, vision: VisionConfig, *, full: bool = False,
-                       cache: Optional[Path] = None, progress: bool = False) -> None:
-    """Build the demo corpus into ``data.root`` unless it is there already (``data.build == 'demo'``).
+                       cache: Optional[Path] = None, progress: bool = False, vocab_size: int = 8192) -> list[str]:
+    """Build what is missing or stale of the demo corpus in ``data.root`` (``data.build == 'demo'``);
+    returns the names of the sets it built (empty: the cache was complete).
 
+    Each set is recorded in ``<root>/demo.json`` once written, with its build parameters and the
+    size (and for small files the content hash) of each file; a set whose record does not match is
+    rebuilt, alone, from the raw corpora under ``<root>/raw`` (downloaded only if those are absent).
     The image store's patch count follows ``vision.num_patches`` (EfficientNet-Lite0 at
     32*sqrt(P) px; the tiny recipe uses P=16 at 128 px) and ``vision.embed_dim`` must be 1280.
-    Called by the preparation step (megavlm.demo.prepare), never by the trainer.
+    Called by the preparation step (megavlm.prepare), never by the trainer.
     """
     if data.build != "demo":
-        return
+        return []
     P = vision.num_patches
     side = math.isqrt(P)
-    want = _want(vision, full)
-    if _complete(data, want):
-        return
+    if not stale_sets(data, vision, full=full, vocab_size=vocab_size):
+        return []
     if vision.embed_dim != 1280 or side * side != P:
         raise DataError(f"the demo corpus is encoded by EfficientNet-Lite0 (1280 wide, a square "
                         f"patch grid); model.vision has embed_dim={vision.embed_dim}, "
@@ -212,20 +326,29 @@ def ensure_demo_corpus(data: DataConfig, vision: VisionConfig, *, full: bool = F
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".demo.lock", "w") as lock:  # ranks of one job (or two jobs) build it once
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not _complete(data, want):
-            _build(data, want, side, full, cache, progress)
+        return _build(data, vision, full, cache, progress, vocab_size)
 
 
-def _complete(data: DataConfig, want: dict) -> bool:
-    marker = _marker(data)
-    if not marker.is_file():
-        return False
-    have = json.loads(marker.read_text())
-    return all(have.get(k) == v for k, v in want.items()) and all(f.is_file() for f in _files(data))
+def _raw(root: Path, cache: Optional[Path], full: bool) -> dict:
+    """The raw corpora (``<root>/raw``), built from the Debian packages unless ``raw/raw.json`` says
+    they are there for this ``full`` setting."""
+    raw = root / "raw"
+    marker = raw / "raw.json"
+    try:
+        have = json.loads(marker.read_text())
+        if have.get("full") == full:
+            return have
+    except (OSError, ValueError):
+        pass
+    counts = build_raw(raw, cache or default_cache(), full=full)
+    tmp = raw / ".raw.json.tmp"
+    tmp.write_text(json.dumps({**counts, "full": full}))
+    tmp.replace(marker)
+    return {**counts, "full": full}
 
 
-def _build(data: DataConfig, want: dict, side: int, full: bool, cache: Optional[Path], progress: bool) -> None:
-    marker = _marker(data)
+def _build(data: DataConfig, vision: VisionConfig, full: bool, cache: Optional[Path], progress: bool,
+           vocab_size: int) -> list[str]:
     from megavlm.prep.conversations import preprocess_conversations
     from megavlm.prep.encoders import EfficientNetLite0, encode_images, read_image_list
     from megavlm.prep.textprep import preprocess_text
@@ -234,50 +357,67 @@ def _build(data: DataConfig, want: dict, side: int, full: bool, cache: Optional[
     t0 = time.perf_counter()
     root = Path(data.root).expanduser()
     raw = root / "raw"
-    marker.unlink(missing_ok=True)
-    _log(f"building the demo corpus in {root} (first use; cached afterwards)")
-    counts = build_raw(raw, cache or default_cache(), full=full)
+    stale = stale_sets(data, vision, full=full, vocab_size=vocab_size)
+    _log(f"building {len(stale)} demo set(s) in {root}: " + "; ".join(f"{k}: {v}" for k, v in stale.items()))
+    counts = _raw(root, cache, full)
+    manifest = read_manifest(data)
+    manifest["raw"] = counts
+    for k in ("version", "num_patches", "embed_dim", "full"):  # the legacy marker: only when complete
+        manifest.pop(k, None)
     tok_path = data.resolve(data.tokenizer)
     if tok_path.suffix == ".json":
         raise DataError(f"the demo trains a sentencepiece tokenizer; data.tokenizer={data.tokenizer} "
                         f"must not be a tokenizer.json")
-    train_txt = raw / "tokenizer_train.txt"
-    with open(train_txt, "w") as f:
-        for name in ("text.jsonl", "captions.jsonl"):
-            for line in open(raw / name):
-                rec = json.loads(line)
-                f.write((rec.get("text") or rec.get("caption")).replace("\n", " ") + "\n")
-        for conv in json.loads((raw / "conversations.json").read_text()):
-            for t in conv["conversations"]:
-                f.write(t["value"].replace("<image>", "").replace("\n", " ") + "\n")
-    tok = train_sentencepiece([train_txt], tok_path, vocab_size=8192)
-    _log(f"tokenizer: {tok.vocab_size} ids ({time.perf_counter() - t0:.0f}s)")
-    sets = corpus_sets(data)
-    text_prefix = sets["text"]
-    preprocess_text([raw / "text.jsonl"], text_prefix, tok_path, workers=1, progress=progress)
-    preprocess_text([raw / "text_heldout.jsonl"], f"{text_prefix}_heldout", tok_path, progress=progress)
-    enc = EfficientNetLite0(image_size=32 * side)
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    try:
-        cap_prefix = sets["captions"]
-        for suffix in ("", "_heldout"):
-            st = encode_images(read_image_list(raw / f"captions{suffix}.jsonl"), f"{cap_prefix}{suffix}", enc,
-                               tokenizer=tok, decoder="pil", progress=progress)
-            _log(f"encoded {st.images} images{suffix} at {st.images_per_s:.0f}/s "
+    enc = None
+    built: list[str] = []
+    for name, kind, prefix, params in _plan(data, vision, full, vocab_size):
+        if name not in stale_sets(data, vision, full=full, vocab_size=vocab_size):
+            continue
+        manifest["sets"].pop(name, None)
+        _write_manifest(data, manifest)  # a set being rebuilt is never trusted meanwhile
+        if kind == "tokenizer":
+            train_txt = raw / "tokenizer_train.txt"
+            with open(train_txt, "w") as f:
+                for src in ("text.jsonl", "captions.jsonl"):
+                    for line in open(raw / src):
+                        rec = json.loads(line)
+                        f.write((rec.get("text") or rec.get("caption")).replace("\n", " ") + "\n")
+                for conv in json.loads((raw / "conversations.json").read_text()):
+                    for t in conv["conversations"]:
+                        f.write(t["value"].replace("<image>", "").replace("\n", " ") + "\n")
+            tok = train_sentencepiece([train_txt], tok_path, vocab_size=vocab_size)
+            _log(f"tokenizer: {tok.vocab_size} ids ({time.perf_counter() - t0:.0f}s)")
+        elif kind == "text":
+            preprocess_text([raw / params["raw"]], prefix, tok_path, workers=1, progress=progress)
+        elif kind == "captions":
+            import torch
+
+            enc = enc or EfficientNetLite0(image_size=params["image_size"])
+            threads = torch.get_num_threads()
+            torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+            try:
+                st = encode_images(read_image_list(raw / params["raw"]), prefix, enc,
+                                   tokenizer=load_tokenizer(tok_path), decoder="pil", progress=progress)
+            finally:
+                torch.set_num_threads(threads)
+            _log(f"encoded {st.images} images of {name} at {st.images_per_s:.0f}/s "
                  f"({time.perf_counter() - t0:.0f}s)")
-    finally:
-        torch.set_num_threads(threads)
-    inst_prefix = sets["instructions"]
-    for suffix in ("", "_heldout"):
-        _check_image_keys(raw / f"conversations{suffix}.json", raw / f"captions{suffix}.jsonl")
-        preprocess_conversations([raw / f"conversations{suffix}.json"], f"{inst_prefix}{suffix}",
-                                 load_tokenizer(tok_path), embeds=f"{cap_prefix}{suffix}.embeds")
-    tmp = marker.with_name(".demo.json.tmp")
-    tmp.write_text(json.dumps({**want, **counts, "seconds": round(time.perf_counter() - t0, 1)}))
-    tmp.replace(marker)
-    _log(f"demo corpus ready in {time.perf_counter() - t0:.0f}s: {counts}")
+        else:
+            cap_jsonl = raw / params["raw"].replace("conversations", "captions").replace(".json", ".jsonl")
+            _check_image_keys(raw / params["raw"], cap_jsonl)
+            preprocess_conversations([raw / params["raw"]], prefix, load_tokenizer(tok_path),
+                                     embeds=str(data.resolve(params["embeds"])) + ".embeds")
+        manifest["sets"][name] = {"kind": kind, "params": params,
+                                  "inputs": _inputs(manifest, name, kind, params),
+                                  "files": {f.name: file_record(f) for f in set_files(kind, prefix)}}
+        _write_manifest(data, manifest)
+        built.append(name)
+    if not stale_sets(data, vision, full=full, vocab_size=vocab_size):
+        manifest.update({"version": DEMO_VERSION, "num_patches": vision.num_patches,
+                         "embed_dim": vision.embed_dim, "full": full})
+        _write_manifest(data, manifest)
+    _log(f"demo corpus ready in {time.perf_counter() - t0:.0f}s (built {', '.join(built) or 'nothing'})")
+    return built
 
 
 def _check_image_keys(conv_json: Path, captions_jsonl: Path) -> None:

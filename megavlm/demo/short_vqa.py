@@ -27,7 +27,7 @@ import numpy as np
 from megavlm.config import DataConfig
 
 NAME = "instructions_vqa"
-VERSION = 1
+VERSION = 2
 SUFFIX = "\nAnswer the question using a single word or phrase."
 _FASHION = re.compile(r"^A photo of an? ([^:]+):")
 _ARTICLES = ("a", "an", "the", "some")
@@ -72,10 +72,29 @@ def conversations(captions_jsonl: Path, seed: int = 0) -> list[dict]:
     return out
 
 
+def _record(data: DataConfig) -> dict:
+    """What the set is built from and holds: its files and the caption store's (content records)."""
+    from megavlm.data.indexed import file_record
+    from megavlm.demo.corpus import set_files
+
+    cap = data.resolve(data.captions[0] if data.captions else "captions")
+    files = {f.name: file_record(f) for f in set_files("instructions", data.resolve(NAME)) if f.is_file()}
+    store = {f.name: file_record(f) for f in set_files("captions", cap)[2:] if f.is_file()}
+    return {"files": files, "embeds": store}
+
+
 def is_built(data: DataConfig) -> bool:
-    """Whether ``<root>/instructions_vqa`` is built at this version (reads only)."""
+    """Whether ``<root>/instructions_vqa`` is built at this version, its files are those recorded
+    when it was built, and the caption store it points into is unchanged (reads only)."""
     marker = Path(f"{data.resolve(NAME)}.built.json")
-    return marker.is_file() and json.loads(marker.read_text()).get("version") == VERSION
+    try:
+        have = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    if have.get("version") != VERSION:
+        return False
+    rec = _record(data)
+    return have.get("files") == rec["files"] and have.get("embeds") == rec["embeds"] and len(rec["files"]) == 6
 
 
 def ensure_short_vqa(data: DataConfig) -> Optional[Path]:
@@ -99,6 +118,6 @@ def ensure_short_vqa(data: DataConfig) -> Optional[Path]:
         st = preprocess_conversations([src], prefix, load_tokenizer(data.resolve(data.tokenizer)),
                                       embeds=f"{cap}.embeds")
         tmp = marker.with_name(marker.name + ".tmp")
-        tmp.write_text(json.dumps({"version": VERSION, "conversations": st.conversations}))
+        tmp.write_text(json.dumps({"version": VERSION, "conversations": st.conversations, **_record(data)}))
         tmp.replace(marker)
     return prefix

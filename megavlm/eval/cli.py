@@ -13,6 +13,21 @@ question file and an embedding store of its images. ``all`` runs text + vision (
 unless ``--tasks`` names lm-eval tasks) and writes the JSON + markdown report into the run
 directory. Bad input ends with one line ``megavlm eval: error: …`` and exit status 2.
 
+Checkpoints: ``--checkpoint`` takes a checkpoint (``<run>/<stage>/checkpoints/step_…``), a stage
+folder (``runs/x/sft``) or a run folder (``runs/x``: its last stage), each optionally ending in
+``/latest``: the newest complete checkpoint. A folder that is none of these is "not a checkpoint".
+
+Prompt: vision questions are asked as the checkpoint's ``data.prompt_template`` (recorded at
+training; default ``"\\n{question}\\nAnswer the question using a single word or phrase."``, LLaVA-1.5's
+short-answer prompt). It must phrase questions as the instruction data did; ``--prompt T``
+overrides it. Results and reports name the template and where it came from.
+
+Own questions: ``eval vision --task generic --questions Q.jsonl --embeds PREFIX`` (one JSON object a
+line: ``{"question_id", "image", "question", "answers": [...]}``; ``image`` is a key of the store
+made by tools/encode_images.py, PREFIX its ``--output``), and ``eval all --extra-task
+generic:Q.jsonl:PREFIX`` (repeatable) adds such a task to the report. ``--questions`` / ``--embeds``
+without ``--task`` are an error (they would be ignored).
+
 ``--suite paper`` runs the paper's vision suite from the benchmarks' published files under
 ``--data-root DIR`` (layout below); tasks whose files are absent are listed and skipped unless
 ``--strict``. Images are encoded once with the checkpoint's recorded encoder into
@@ -39,7 +54,12 @@ from megavlm.eval.runner import EvalError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir <run>/<stage>/checkpoints/step_…")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint <run>/<stage>/checkpoints/step_…, or a stage / run folder "
+                        "(optionally …/latest): its newest complete checkpoint")
+    p.add_argument("--prompt", default=None,
+                   help="question template with {question} (default: the checkpoint's data.prompt_template, "
+                        "itself defaulting to '\\n{question}\\nAnswer the question using a single word or phrase.')")
     p.add_argument("--limit", type=float, default=None, help="at most this many examples per task")
     p.add_argument("--batch-size", default="16", help="requests per forward pass")
     p.add_argument("--demo-root", default=None, help="demo corpus root (offline suites)")
@@ -82,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("all", help="text + vision, report into the run directory")
     _common(a)
     a.add_argument("--tasks", default=None, help="lm-eval tasks instead of the offline text suite")
+    a.add_argument("--extra-task", action="append", default=[], metavar="TASK:QUESTIONS:EMBEDS",
+                   help="an own vision task joining the report, e.g. generic:q.jsonl:data/own "
+                        "(repeatable; TASK is a reader of eval vision --task, the report names it TASK:QUESTIONS' stem)")
     a.add_argument("--include-path", default=None)
     a.add_argument("--out-dir", default=None, help="report folder (default <run_dir>/eval)")
     a.add_argument("--suite", choices=("offline", "paper"), default=None,
@@ -140,19 +163,45 @@ def _vision(args, model, shards=None) -> list:
         raise EvalError(f"unknown vision task {args.task!r}; known: {sorted(vision.READERS)}")
     if not args.questions or not args.embeds:
         raise EvalError(f"--task {args.task} needs --questions and --embeds")
+    return [_one_task(args.task, args.questions, args.embeds, model, args, shards, args.task)]
+
+
+def _one_task(task: str, questions: list, embeds: str, model, args, shards, name: str):
+    from megavlm.data.indexed import store_prefix
+    from megavlm.eval import formats, vision
+
     qs = []
-    for f in args.questions:
-        if args.task == "vqav2":
+    for f in questions:
+        if not Path(f).is_file():
+            raise EvalError(f"{f}: no such question file (task {task})")
+        if task == "vqav2":
             qs += vision.read_vqav2(f, args.annotations)
-        elif args.task == "refcoco" and Path(f).suffix in (".p", ".pkl", ".pickle"):  # refs(…).p + instances.json
+        elif task == "refcoco" and Path(f).suffix in (".p", ".pkl", ".pickle"):  # refs(…).p + instances.json
             qs += formats.read_questions(f, "refcoco", instances=args.annotations)
         else:
-            qs += vision.READERS[args.task](f)
+            qs += vision.READERS[task](f)
     qs = qs[:_limit(args)] if args.limit else qs
-    bank = vision.ImageBank(args.embeds)
-    rule = "refcoco" if args.task == "refer" else args.task
-    return [vision.score_task(rule, model, qs, bank, ",".join(args.questions), args.max_new_tokens,
-                              name=args.task, shards=shards)]
+    bank = vision.ImageBank(store_prefix(embeds))  # data/own and data/own.embeds name one store
+    rule = "refcoco" if task == "refer" else task
+    return vision.score_task(rule, model, qs, bank, ",".join(questions), args.max_new_tokens,
+                             name=name, shards=shards)
+
+
+def extra_tasks(specs: list[str]) -> list[tuple[str, str, str, str]]:
+    """``TASK:QUESTIONS:EMBEDS`` -> (task, questions, embeds, report name); bad specs are errors."""
+    from megavlm.eval import vision
+
+    out = []
+    for spec in specs:
+        parts = spec.split(":")
+        if len(parts) != 3 or not all(parts):
+            raise EvalError(f"--extra-task {spec!r}: expected TASK:QUESTIONS:EMBEDS, e.g. generic:q.jsonl:data/own")
+        task, q, e = parts
+        if task not in vision.READERS or task == "vqav2":
+            raise EvalError(f"--extra-task {spec!r}: unknown task {task!r}; known: "
+                            f"{sorted(t for t in vision.READERS if t != 'vqav2')}")
+        out.append((task, q, e, f"{task}:{Path(q).stem}"))
+    return out
 
 
 def run(args) -> Optional[dict]:
@@ -160,7 +209,15 @@ def run(args) -> Optional[dict]:
     from megavlm.eval import report
     from megavlm.eval.distributed import EvalShards
 
+    extras = extra_tasks(args.extra_task) if args.what == "all" else []  # bad specs fail before loading
+    if args.what == "vision" and not args.task and (args.questions or args.embeds):
+        raise EvalError("--questions/--embeds need --task (generic for own question files); "
+                        "without --task the offline suite runs and they would be ignored")
     model = _load(args)
+    if args.prompt is not None:
+        if "{question}" not in args.prompt:
+            raise EvalError(f"--prompt {args.prompt!r} must contain {{question}}")
+        model.prompt_template, model.prompt_source = args.prompt.replace("\\n", "\n"), "--prompt"
     shards = EvalShards.from_parallel(model.parallel)
     if args.what == "text" and not shards.is_main:
         return None  # lm-eval runs on rank 0 only
@@ -177,16 +234,22 @@ def run(args) -> Optional[dict]:
             if not shards.is_main:
                 return None
             out = {r.task: {"accuracy": r.accuracy, "n": r.n, **r.metrics} for r in results}
+            out["prompt"] = {"template": model.prompt_template, "source": model.prompt_source}
             if args.output_path:
                 _write_atomic(Path(args.output_path), json.dumps(
-                    {r.task: {**out[r.task], "predictions": r.predictions} for r in results}, indent=1))
+                    {**{r.task: {**out[r.task], "predictions": r.predictions} for r in results},
+                     "prompt": out["prompt"]}, indent=1))
             return out
         args.task, args.max_new_tokens = None, 128
         vis = _vision(args, model, shards)
+        for task, q, e, name in extras:
+            vis.append(_one_task(task, [q], e, model, args, shards, name))
         if not shards.is_main:
             return None
         _, acc = _text(args, model, Path(tmp))
-        rep = report.build_report(args.checkpoint, acc, vis, chance_preset=args.chance)
+        rep = report.build_report(model.path, acc, vis, chance_preset=args.chance,
+                                  extra={"prompt_template": model.prompt_template,
+                                         "prompt_source": model.prompt_source})
         j, m = report.write_report(rep, args.out_dir)
         rep["files"] = [str(j), str(m)]
         from megavlm.train.sinks import log_eval_report

@@ -50,6 +50,8 @@ def markdown(report: dict) -> str:
     lines = [f"# Evaluation of {report['stage']} step {report['step']}", "",
              f"checkpoint `{report['checkpoint']}` — {report['time']}", "",
              f"chance levels: preset `{report.get('chance_preset', DEFAULT_PRESET)}`", "",
+             *([f"vision prompt: `{report['prompt_template']!r}` ({report.get('prompt_source', '?')})", ""]
+               if report.get("prompt_template") else []),
              "| kind | task | accuracy | chance | accuracy − chance |", "|---|---|---|---|---|"]
     for kind in ("text", "vision"):
         for t, r in report[kind].items():

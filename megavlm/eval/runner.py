@@ -49,6 +49,23 @@ class Score:
     tokens: int
 
 
+def recorded_prompt(run, path: Optional[Path] = None) -> tuple[str, str]:
+    """(template, where it comes from): ``data.prompt_template`` of the checkpoint's config.yaml,
+    or the default for checkpoints older than that field."""
+    from megavlm.config import DEFAULT_PROMPT_TEMPLATE
+
+    recorded = True
+    if path is not None and (path / "config.yaml").is_file():
+        import yaml
+
+        raw = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        recorded = "prompt_template" in (raw.get("data") or {})
+    t = getattr(getattr(run, "data", None), "prompt_template", None)
+    if t and recorded:
+        return t, "checkpoint (data.prompt_template)"
+    return DEFAULT_PROMPT_TEMPLATE, "default (the checkpoint records no data.prompt_template)"
+
+
 class CheckpointModel:
     """Model chunks + tokenizer + config of one checkpoint directory, for one process."""
 
@@ -65,6 +82,9 @@ class CheckpointModel:
         self.num_patches = run.model.vision.num_patches
         self.device = next(self.model.parameters()).device
         self.parallel = parallel
+        self.prompt_template, self.prompt_source = recorded_prompt(run, Path(path))
+        """The question template of instruction tuning (data.prompt_template of the checkpoint's
+        config); ``--prompt`` replaces it (prompt_source says which)."""
         """The process groups the model was loaded under (megavlm.parallel.state.Parallel); under
         torchrun its data-parallel group shards the evaluation (megavlm.eval.distributed)."""
         if tokenizer.vocab_size > run.model.vocab_size:
@@ -76,14 +96,12 @@ class CheckpointModel:
         """Load a checkpoint directory (``<run>/<stage>/checkpoints/step_…``). The tokenizer is
         checked first so that a checkpoint without one fails before the model is built. Under
         torchrun every rank loads the whole model (tp = pp = 1): the world is data parallel."""
-        from megavlm.checkpoint_format import tokenizer_file
+        from megavlm.checkpoint_format import resolve_checkpoint, tokenizer_file
         from megavlm.config import ParallelConfig
         from megavlm.model.build import load_for_inference
         from megavlm.parallel.state import Parallel
 
-        path = Path(checkpoint).expanduser()
-        if not path.is_dir():
-            raise EvalError(f"checkpoint not found: {path}")
+        path = resolve_checkpoint(checkpoint)  # a run or stage folder: its newest complete checkpoint
         tok = load_tokenizer(tokenizer_file(path))
         parallel = Parallel.initialize(ParallelConfig(), seed=0)
         chunks, run = load_for_inference(path, parallel)

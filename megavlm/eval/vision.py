@@ -42,7 +42,7 @@ from megavlm.eval.runner import CheckpointModel, EvalError, ScoreRequest
 if TYPE_CHECKING:
     from megavlm.eval.distributed import EvalShards
 
-PROMPT = "\n{question}\nAnswer the question using a single word or phrase."
+from megavlm.config import DEFAULT_PROMPT_TEMPLATE as PROMPT  # noqa: E402  (the default; checkpoints record theirs)
 REFER_PROMPT = "\nPlease provide the bounding box coordinate of the region this sentence describes: {question}"
 """LLaVA-1.5's referring-expression prompt (its instruction mix teaches the ``[x1, y1, x2, y2]``
 answer with normalized coordinates, which vlm-evaluation's parse_bbox expects)."""
@@ -180,15 +180,16 @@ RULES = ("pope", *BOX_TASKS, *_RULES)
 def answer_rows(task: str, model: CheckpointModel, questions: Sequence[VisionQuestion], bank: ImageBank,
                 records: Sequence[int], max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
     """One row per question: ``{qid, prediction, score}`` (+ POPE's two log-probabilities)."""
+    asked = getattr(model, "prompt_template", PROMPT)  # the checkpoint's data.prompt_template or --prompt
     if task == "pope":
-        lps = yes_no_logprobs(model, questions, bank, records)
+        lps = yes_no_logprobs(model, questions, bank, records, asked)
         rows = []
         for q, (y, n) in zip(questions, lps):
             yes = scorers.pope_prediction(y, n)
             rows.append({"qid": q.qid, "prediction": "yes" if yes else "no", "score": float(yes == q.label),
                          "logp_yes": y, "logp_no": n})
         return rows
-    template = REFER_PROMPT if task in BOX_TASKS else PROMPT
+    template = REFER_PROMPT if task in BOX_TASKS else asked
     out = generate_answers(model, questions, bank, records, max_new_tokens, template)
     if task in BOX_TASKS:
         scores = [scorers.box_accuracy(a, q.box, BOX_TASKS[task]) for a, q in zip(out, questions)]

@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from megavlm.data.indexed import DataError, EmbeddingStore, IndexedWriter, token_dtype
+from megavlm.data.indexed import DataError, EmbeddingStore, IndexedWriter, store_prefix, token_dtype
 from megavlm.data.tokenizer import Tokenizer
 
 IMAGE_TAG = "<image>"
@@ -101,9 +101,17 @@ def load_llava(path: str | Path) -> list[dict[str, Any]]:
         raise DataError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: invalid UTF-8 at byte {e.start} ({e.reason})") from None
+    if path.suffix == ".jsonl":  # one record a line: a bad one is reported at its own line
+        out = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        return out
     try:
-        if path.suffix == ".jsonl":
-            return [json.loads(l) for l in raw.splitlines() if l.strip()]
         data = json.loads(raw)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
@@ -121,6 +129,7 @@ def preprocess_conversations(inputs: Sequence[str | Path], out_prefix: str | Pat
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     keys: dict[str, int] = {}
     if embeds is not None:
+        embeds = store_prefix(embeds)  # data/captions and data/captions.embeds name the same store
         store = EmbeddingStore(embeds)
         keys = {k: i for i, k in enumerate(store.meta.keys or [])}
     stats = ConversationStats()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib.util import find_spec
@@ -342,16 +343,86 @@ def encode_images(records: Sequence[ImageRecord], out_prefix: str | Path, encode
     done = _finished(out_prefix, encoder, dtype, records, captions, resize)
     if done is not None:
         return done
+    validate_records(records, tokenizer, bad_images)  # every input, before any encoding
     shard_dir = Path(f"{out_prefix}.shards")
-    shard_dir.mkdir(parents=True, exist_ok=True)
     cfg = {"encoder": encoder.name, "image_size": encoder.image_size, "dtype": dtype,
            "shard_size": shard_size, "count": len(records), "captions": captions,
-           "tokenizer": tokenizer.name if tokenizer else None, "resize": resize}
+           "tokenizer": tokenizer.name if tokenizer else None, "resize": resize,
+           "inputs": _inputs_hash(records)}
     cfg_path = shard_dir / "job.json"
-    if cfg_path.is_file() and json.loads(cfg_path.read_text()) != cfg:
-        raise DataError(f"{shard_dir}: left by a different job ({cfg_path.read_text()}); "
-                        f"delete it to start over")
-    cfg_path.write_text(json.dumps(cfg))
+    if cfg_path.is_file():
+        try:
+            same = json.loads(cfg_path.read_text()) == cfg
+        except ValueError:
+            same = False
+        if not same:  # shards of other inputs or settings can never be reused: start over
+            print(f"[megavlm encode] {shard_dir}: shards of a different job (inputs or settings changed); "
+                  f"starting over", file=sys.stderr)
+            shutil.rmtree(shard_dir)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    tmp_cfg = shard_dir / ".job.json.tmp"
+    tmp_cfg.write_text(json.dumps(cfg))
+    tmp_cfg.replace(cfg_path)
+    try:
+        return _encode_shards(records, out_prefix, shard_dir, encoder, tokenizer, decoder, batch_size,
+                              shard_size, dtype, bad_images, progress, keep_shards, resize)
+    except BaseException:
+        nshards = (len(records) + shard_size - 1) // shard_size
+        if shard_dir.is_dir() and not any(_shard_done(shard_dir / f"{k:05d}", captions) for k in range(nshards)):
+            shutil.rmtree(shard_dir, ignore_errors=True)  # nothing resumable: leave no work folder
+        raise
+
+
+def _inputs_hash(records: Sequence[ImageRecord]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for r in records:
+        h.update(f"{r.key}\0{r.path}\0{r.caption}\n".encode())
+    return h.hexdigest()
+
+
+MAX_LISTED = 20
+
+
+def validate_records(records: Sequence[ImageRecord], tokenizer: Optional[Tokenizer] = None,
+                     bad_images: str = "raise") -> None:
+    """First pass over every input: images exist and their headers decode (PIL ``verify``), captions
+    are non-empty and tokenize to something. All problems are reported at once (the first
+    MAX_LISTED named), so a bad record near the end never throws away encoding work. With
+    ``bad_images='skip'`` image problems are left to the encode, which skips them."""
+    from PIL import Image, UnidentifiedImageError
+
+    problems = []
+    for r in records:
+        if tokenizer is not None:
+            cap = (r.caption or "").strip()
+            if not cap:
+                problems.append(f"{r.where}: empty caption for {r.path}")
+            elif not tokenizer.encode(cap):
+                problems.append(f"{r.where}: caption {cap!r} tokenizes to nothing")
+        if bad_images == "skip":
+            continue
+        if not r.path.is_file():
+            problems.append(f"{r.where}: cannot read image {r.path} (no such file)")
+            continue
+        try:
+            with Image.open(r.path) as im:
+                im.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            problems.append(f"{r.where}: cannot decode image {r.path} ({e})")
+    if problems:
+        more = f"\n  … and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise DataError(f"{len(problems)} bad input record(s), nothing encoded:\n  "
+                        + "\n  ".join(problems[:MAX_LISTED]) + more)
+
+
+def _encode_shards(records, out_prefix: Path, shard_dir: Path, encoder: ImageEncoder, tokenizer, decoder,
+                   batch_size: int, shard_size: int, dtype: str, bad_images: str, progress: bool,
+                   keep_shards: bool, resize: str) -> EncodeStats:
+    from tqdm import tqdm
+
+    captions = tokenizer is not None
     dec_name, decode = make_decoder(decoder, encoder.image_size, batch_size, resize, mean_fill(encoder.mean))
     stats = EncodeStats(decoder=dec_name, encoder=encoder.name)
     t0 = time.perf_counter()

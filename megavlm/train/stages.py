@@ -1,12 +1,15 @@
 """Running a recipe: its stages in order, each resuming where it stopped.
 
 Re-running the same command resumes from the newest complete checkpoint of the first unfinished
-stage; finished stages are skipped. The resolved config is written to ``<run_dir>/config.yaml``.
+stage; finished stages are skipped. The resolved config is written to ``<run_dir>/config.yaml``
+and a fingerprint of the data to ``<run_dir>/data.json``; a folder whose checkpoints were made with
+another config or other data is refused (megavlm.preflight.require_same_run) unless
+``force_config``. With the default loaders every stage's data, the init checkpoints, the output
+folder and its free disk are checked first (megavlm.preflight), before anything is written.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Optional
 
 from megavlm.config import RunConfig, StageConfig
@@ -34,10 +37,16 @@ def default_loader_factory(run: RunConfig) -> LoaderFactory:
 
 def run_stages(run: RunConfig, parallel: Parallel, loader_factory: Optional[LoaderFactory] = None,
                log: Callable[[str], None] = print, only: Optional[list[str]] = None,
-               stop_after: Optional[int] = None, observer=None) -> list[StageOutcome]:
+               stop_after: Optional[int] = None, observer=None, force_config: bool = False,
+               check: bool = True) -> list[StageOutcome]:
+    from megavlm import preflight
+
+    if check and loader_factory is None:
+        preflight.require_ready(run)
+    if not force_config:
+        preflight.require_same_run(run)
     if parallel.rank == 0:
-        Path(run.run_dir).mkdir(parents=True, exist_ok=True)
-        run.dump(Path(run.run_dir) / "config.yaml")
+        preflight.record_run(run, data=loader_factory is None)
     parallel.barrier()
     factory = loader_factory or default_loader_factory(run)
     steps = {}

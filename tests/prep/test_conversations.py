@@ -62,3 +62,26 @@ def test_files_and_source(tmp_path, tok, corpus):
     (tmp_path / "e.json").write_bytes(b'[{"conversations": "\xff"}]')
     with pytest.raises(DataError, match=r"e\.json: invalid UTF-8"):
         preprocess_conversations([tmp_path / "e.json"], tmp_path / "bad", tok)
+
+
+def test_broken_jsonl_is_reported_at_its_line(tmp_path, tok):
+    from megavlm.prep.conversations import load_llava
+
+    good = json.dumps({"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]})
+    (tmp_path / "c.jsonl").write_text(f"{good}\n\n{good}\n{{broken\n{good}\n")
+    with pytest.raises(DataError, match=r"c\.jsonl:4: not valid JSON"):
+        load_llava(tmp_path / "c.jsonl")
+
+
+def test_embeds_accepts_either_spelling_of_the_store(tmp_path, tok, corpus):
+    from megavlm.data.indexed import store_prefix
+
+    assert store_prefix(corpus / "captions") == corpus / "captions.embeds"
+    assert store_prefix(corpus / "captions.embeds") == corpus / "captions.embeds"
+    assert store_prefix(corpus / "captions.embeds.json") == corpus / "captions.embeds"
+    rec = {"id": "x", "image": json.loads((corpus / "captions.embeds.json").read_text())["keys"][0],
+           "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "it"}]}
+    (tmp_path / "c.json").write_text(json.dumps([rec]))
+    for spelling in (corpus / "captions", corpus / "captions.embeds"):
+        st = preprocess_conversations([tmp_path / "c.json"], tmp_path / "out", tok, embeds=spelling)
+        assert st.with_image == 1

@@ -190,3 +190,34 @@ def test_cli_no_captions(tmp_path):
     assert st.meta.encoder == "efficientnet-lite0" and len(st) == 2
     assert tool.main(["--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "x"),
                       "--no-captions"]) == 1
+
+
+def test_inputs_are_checked_first_and_a_fixed_rerun_just_works(tmp_path, tok, tiny_siglip):
+    """A bad record near the end is found before anything is encoded (all of them, at once); a
+    failure leaves no work folder unless it is resumable; shards of another job are discarded."""
+    recs = make_images(tmp_path, 7)
+    recs[6]["caption"] = " "
+    recs.append({"image": "gone.png", "caption": "y"})
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    with pytest.raises(DataError, match=r"2 bad input record\(s\), nothing encoded:\n  .*c\.jsonl:7: empty caption"
+                                        r".*\n  .*c\.jsonl:8: cannot read image .*gone\.png"):
+        encode_images(read_image_list(tmp_path / "c.jsonl"), tmp_path / "o", tiny_siglip, tokenizer=tok,
+                      decoder="pil", shard_size=3, batch_size=3, progress=False)
+    assert not (tmp_path / "o.shards").exists()
+
+    class DiesAtOnce(ImageEncoder):
+        def __init__(self, inner):
+            self.__dict__.update(inner.__dict__)
+
+        def __call__(self, images):
+            raise KeyboardInterrupt
+
+    good = read_image_list(tmp_path / "c.jsonl")[:6]
+    with pytest.raises(KeyboardInterrupt):
+        encode_images(good, tmp_path / "o", DiesAtOnce(tiny_siglip), tokenizer=tok, decoder="pil", progress=False)
+    assert not (tmp_path / "o.shards").exists()  # nothing was resumable
+    (tmp_path / "o.shards").mkdir()
+    (tmp_path / "o.shards" / "job.json").write_text('{"count": 99}')  # left by another job
+    st = encode_images(good, tmp_path / "o", tiny_siglip, tokenizer=tok, decoder="pil", progress=False)
+    assert st.images == 6 and len(EmbeddingStore(tmp_path / "o.embeds")) == 6
+    assert not (tmp_path / "o.shards").exists()
