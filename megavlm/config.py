@@ -217,6 +217,17 @@ class TrainConfig:
             raise ConfigError("train.global_batch_size must be a multiple of train.micro_batch_size")
 
 
+def num_microbatches(train: TrainConfig, dp: int = 1) -> int:
+    """Microbatches per optimizer step on each data-parallel rank:
+    global_batch_size / (micro_batch_size · dp), which must divide exactly."""
+    per = train.micro_batch_size * dp
+    if dp < 1 or train.global_batch_size % per:
+        raise ConfigError(f"train.global_batch_size={train.global_batch_size} is not divisible by "
+                          f"micro_batch_size*dp = {train.micro_batch_size}*{dp}")
+    return train.global_batch_size // per
+
+
+
 # --------------------------------------------------------------------------------------------
 # data
 

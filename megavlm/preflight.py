@@ -210,10 +210,22 @@ def check_init(run: RunConfig) -> list[str]:
 
 def check_run(run: RunConfig, *, output: bool = True) -> list[str]:
     """Every problem the recipe would meet, one line each (empty: ready to train). Reads only."""
-    problems = check_data(run) + check_init(run)
+    problems = check_data(run) + check_init(run) + check_sinks(run)
     if output:
         problems += check_output(run)
     return list(dict.fromkeys(problems))
+
+
+def check_sinks(run: RunConfig) -> list[str]:
+    """A TensorBoard / W&B sink the recipe asks for whose package is not installed."""
+    from megavlm.config import ConfigError
+    from megavlm.sinks import check_available
+
+    try:
+        check_available(run)
+    except ConfigError as e:
+        return [str(e)]
+    return []
 
 
 def require_ready(run: RunConfig, *, output: bool = True, hint: Optional[str] = None) -> None:
@@ -227,8 +239,8 @@ def require_ready(run: RunConfig, *, output: bool = True, hint: Optional[str] = 
 
 RECORDED_DATA = "data.json"
 IGNORED_KEYS = ("run_dir", "data.root", "train.log_every", "train.tensorboard_dir", "train.wandb",
-                "train.max_wall_minutes", "train.on_signal", "train.signals", "train.on_nonfinite",
-                "train.spike_*", "stages.*.save_every", "parallel", "train.micro_batch_size")
+                "train.max_wall_minutes", "train.stop_signals", "train.on_nonfinite",
+                "train.spike_*", "train.on_spike", "stages.*.save_every", "parallel", "train.micro_batch_size")
 """Keys a re-run may change without refusing to skip or resume: where things are written or
 logged and how often, the guards of a running job, where the data lies (its content is compared
 separately, by fingerprint), and the parallel layout and micro-batch size (checkpoints reshard

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from megavlm.progress import bars_enabled
+
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "launch" / "configs" / "demo.yaml"
 BRANCHES: tuple[tuple[str, float], ...] = (("continue-80", 0.8), ("rewarm-100", 1.0))
@@ -47,7 +49,7 @@ class StageBars:
 
         if stage not in self.bars:
             self.bars[stage] = tqdm(total=self.totals[stage], initial=step - 1, unit="step",
-                                    desc=f"{self.prefix}{stage}", leave=True)
+                                    desc=f"{self.prefix}{stage}", leave=True, disable=not bars_enabled())
         self.bars[stage].update(step - self.bars[stage].n)
         if step >= self.totals[stage]:
             self.bars[stage].close()
@@ -96,7 +98,8 @@ def evaluate_branches(branches: dict[str, Path], sft_stage: str, demo_root: str,
     from megavlm.train import checkpoint as ckpt
 
     out = {}
-    for name, rd in tqdm(list(branches.items()), desc="evaluating branches", unit="branch"):
+    for name, rd in tqdm(list(branches.items()), desc="evaluating branches", unit="branch",
+                         disable=not bars_enabled()):
         final = ckpt.at_fraction(rd, sft_stage, 1.0).path
         cache = rd / "eval" / "summary.json"
         key = {"checkpoint": str(final.resolve()), "mtime": (final / "meta.json").stat().st_mtime, "limit": limit}

@@ -252,7 +252,7 @@ def run(args) -> Optional[dict]:
                                          "prompt_source": model.prompt_source})
         j, m = report.write_report(rep, args.out_dir)
         rep["files"] = [str(j), str(m)]
-        from megavlm.train.sinks import log_eval_report
+        from megavlm.sinks import log_eval_report
 
         log_eval_report(rep)  # to the TensorBoard / W&B sinks the checkpoint's run config enables
         return rep

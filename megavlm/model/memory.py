@@ -333,18 +333,16 @@ def plan_memory(model: ModelConfig, layout: Layout) -> MemoryPlan:
 
 def layout_of(run: RunConfig, dp: int = 1, stage_index: int = 0, attention: Attention = "flash",
               loss: LossPath = "fused", precision: Optional[str] = None) -> Layout:
-    """The Layout of a recipe's stage at data-parallel size ``dp``."""
+    """The Layout of a recipe's stage at data-parallel size ``dp`` (its own seq_length)."""
+    from megavlm.config import num_microbatches
+
     par, t = run.parallel, run.train
     stage = run.stages[stage_index]
-    per_step = t.micro_batch_size * dp
-    if t.global_batch_size % per_step:
-        raise ValueError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-                         f"micro batch x DP = {t.micro_batch_size} x {dp}")
     prec = precision or ("fp32" if t.precision == "fp32" else "bf16")
     return Layout(tp=par.tp, pp=par.pp, dp=dp, vpp=par.vpp,
                   sequence_parallel=par.sequence_parallel, recompute=par.recompute,
-                  micro_batch=t.micro_batch_size, seq_length=run.model.seq_length,
-                  num_microbatches=t.global_batch_size // per_step, precision=prec,
+                  micro_batch=t.micro_batch_size, seq_length=run.stage_seq_length(stage),
+                  num_microbatches=num_microbatches(t, dp), precision=prec,
                   attention=attention, loss=loss, trainable=stage.trainable)
 
 

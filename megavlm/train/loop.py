@@ -6,7 +6,7 @@ stage then resumes from its own newest complete checkpoint (model, optimizer, st
 position) or, on a first start, loads the weights of the checkpoint it names
 (``init: {stage, fraction}``) with a fresh optimizer. Each step sets the LR from the pure
 schedule, runs megatron's forward-backward over the microbatches, steps the optimizer, appends
-one line to ``metrics.jsonl`` (and the TensorBoard / W&B sinks, megavlm.train.sinks) and
+one line to ``metrics.jsonl`` (and the TensorBoard / W&B sinks, megavlm.sinks) and
 checkpoints at the stage's fractions (and every N steps).
 
 Long runs: the step's loss reduction also agrees on a stop request across ranks (a signal or the
@@ -32,7 +32,7 @@ from megavlm.parallel.state import Parallel
 from megavlm.train import checkpoint as ckpt
 from megavlm.train.guard import LossGuard, NonFiniteGradNorm, guard_grad_norm
 from megavlm.train.preemption import REASONS, Preempted, StopRequests, report_exit_code, EXIT_PREEMPTED
-from megavlm.train.sinks import Sinks, check_available
+from megavlm.sinks import Sinks, check_available
 from megavlm.train.schedule import StageSchedule, checkpoint_steps, num_microbatches, recorded
 from megavlm.train.step import StepLayout, make_forward_step
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from megavlm.config import ConfigError, RunConfig, StageConfig, TrainConfig
+from megavlm.config import ConfigError, RunConfig, StageConfig, num_microbatches  # noqa: F401  (re-exported)
 
 
 def cosine(t: float, T: int, W: int, peak: float, final: float) -> float:
@@ -37,16 +37,6 @@ def continued(t: float, T2: int, source_lr: Callable[[float], float], T_src: int
 
 def rewarm(t: float, T2: int, w: float, peak: float, final: float) -> float:
     return cosine(t, T2, math.ceil(w * T2), peak, final)
-
-
-def num_microbatches(train: TrainConfig, dp: int = 1) -> int:
-    """Microbatches per optimizer step on each data-parallel rank:
-    global_batch_size / (micro_batch_size · dp), which must divide exactly."""
-    per = train.micro_batch_size * dp
-    if dp < 1 or train.global_batch_size % per:
-        raise ConfigError(f"train.global_batch_size={train.global_batch_size} is not divisible by "
-                          f"micro_batch_size*dp = {train.micro_batch_size}*{dp}")
-    return train.global_batch_size // per
 
 
 def tokens_per_step(run: RunConfig, stage: StageConfig) -> int:

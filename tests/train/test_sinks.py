@@ -1,4 +1,4 @@
-"""megavlm.train.sinks on a tiny run (one process): TensorBoard events read back with
+"""megavlm.sinks on a tiny run (one process): TensorBoard events read back with
 TensorBoard's own EventAccumulator and a W&B offline run read back from its .wandb record log
 hold every step's loss, LR, grad norm, tokens/s, image-text ratio, padding fraction and skip
 flag; evaluation scores of a report land in the checkpoint's run's sinks; asking for an absent
