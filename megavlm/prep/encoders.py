@@ -28,6 +28,7 @@ import torch
 
 from megavlm.data.indexed import DataError, EmbeddingStore, EmbeddingWriter, IndexedWriter, token_dtype
 from megavlm.data.tokenizer import Tokenizer
+from megavlm.progress import bars_enabled
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 
@@ -334,7 +335,6 @@ def encode_images(records: Sequence[ImageRecord], out_prefix: str | Path, encode
     """Encode ``records`` into ``<out>.embeds`` (+ caption tokens ``<out>.bin/.idx`` when a tokenizer
     is given). Finished shards under ``<out>.shards/`` are reused by a re-run."""
     from tqdm import tqdm
-    from megavlm.progress import bars_enabled
 
     out_prefix = Path(out_prefix)
     captions = tokenizer is not None

@@ -14,7 +14,8 @@ import pytest
 
 from megavlm.config import ConfigError, load_config
 from megavlm.train import checkpoint as ckpt
-from megavlm.train import loop, sinks
+from megavlm import sinks
+from megavlm.train import loop
 from megavlm.train.schedule import resolve_schedules, stage_steps
 from tests import synthetic
 
