@@ -5,7 +5,7 @@
     megavlm plan  --config C [overrides] [--json]     steps, checkpoints and LR schedule, no training
     megavlm prepare --config C | demo [--root D]      build a recipe's data (before training)
     megavlm demo  [--run-dir D]                       the offline three-stage demo
-    megavlm bench {train,masked-ce,throughput,data,attention}  benchmarks (markdown under benchmarks/)
+    megavlm bench {train,masked-ce,throughput,data,attention,eval}  benchmarks (markdown under benchmarks/)
     megavlm sweep --config C --grid name=v1,v2 [...]  the paper's experiment grid (megavlm.sweep)
     megavlm eval  {text,vision,all} --checkpoint D     lm-eval text tasks, vision tasks, stable score
     megavlm selftest [--size small|full] [--out-dir D] acceptance run on a new machine (megavlm.selftest)
@@ -106,6 +106,8 @@ def cmd_bench(args, rest: list[str]) -> int:
         from megavlm.bench.throughput import main as bench_main
     elif args.what == "attention":
         from megavlm.bench.attention import main as bench_main
+    elif args.what == "eval":
+        from megavlm.bench.eval import main as bench_main
     else:
         from megavlm.bench.masked_ce import main as bench_main
     return bench_main(rest) or 0
@@ -143,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-limit", type=int, default=None, help="examples per evaluation task (default all)")
     d.add_argument("overrides", nargs="*")
     b = sub.add_parser("bench")
-    b.add_argument("what", choices=["train", "masked-ce", "throughput", "data", "attention"])
+    b.add_argument("what", choices=["train", "masked-ce", "throughput", "data", "attention", "eval"])
     sub.add_parser("prepare", add_help=False, help="build a recipe's data; its own options: megavlm prepare --help")
     sub.add_parser("sweep", add_help=False, help="experiment grid; its own options: megavlm sweep --help")
     sub.add_parser("selftest", add_help=False, help="acceptance run; its own options: megavlm selftest --help")

@@ -7,9 +7,16 @@ and batching are decided once.
 
 Batching without an attention mask: rows are *right*-padded and the model's causal mask stays in
 place (``attention_mask=None``). Under a causal mask a position never sees later positions, so
-the padding after a row's last real token cannot change any of that row's logits. Greedy
-generation uses the same trick: each step runs the whole batch once and reads every row's logits
-at its own last position (no KV cache: evaluation prompts are short and the model is one process).
+the padding after a row's last real token cannot change any of that row's logits.
+
+Greedy generation keeps a KV cache (megavlm.model.attention.KVCache): the right-padded prompts run
+once (logits read at each row's last real position), then each step feeds one token per live row
+at its own position — row b writes its key/value at cache slot ``len_b`` and attends over slots
+``0..len_b`` through a key mask, so padding is never seen and rows of different lengths stay
+exact. ``generate(cache=False)`` is the reference: every step re-runs each row's whole sequence.
+Models whose attention seat cannot hold the cache (the Transformer Engine spec) generate without
+it and log why. Under tensor parallelism each rank caches its own heads and the logits of the
+vocabulary shards are gathered.
 
 Image rows follow the training layout ``[P image placeholder ids][SEP][text …]``: the image is
 first, its embeddings are spliced in by the model at slot (row, 0).
@@ -17,6 +24,7 @@ first, its embeddings are spliced in by the model at slot (row, 0).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,6 +33,8 @@ import torch
 from torch import Tensor
 
 from megavlm.data.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 class EvalError(ValueError):
@@ -87,6 +97,7 @@ class CheckpointModel:
         config); ``--prompt`` replaces it (prompt_source says which)."""
         """The process groups the model was loaded under (megavlm.parallel.state.Parallel); under
         torchrun its data-parallel group shards the evaluation (megavlm.eval.distributed)."""
+        self._cache_ok: Optional[bool] = None  # whether generation can use a KV cache (_cache_usable)
         if tokenizer.vocab_size > run.model.vocab_size:
             raise EvalError(f"{path}: tokenizer has {tokenizer.vocab_size} ids but the model's "
                             f"vocabulary is {run.model.vocab_size}")
@@ -128,8 +139,9 @@ class CheckpointModel:
                             f"{self.max_length} without dropping scored tokens")
         return ids[:head] + ids[head + over:], keep_from - over
 
-    def _forward(self, rows: list[list[int]], images: list[Optional[Tensor]]) -> Tensor:
-        """Final hidden states [B, S, d] of right-padded rows (one forward for the whole batch)."""
+    def _forward(self, rows: list[list[int]], images: list[Optional[Tensor]], kv_cache=None) -> Tensor:
+        """Final hidden states [B, S, d] of right-padded rows (one forward for the whole batch;
+        with ``kv_cache`` the prompt forward that fills it)."""
         B, S = len(rows), max(len(r) for r in rows)
         tokens = torch.full((B, S), self.tok.pad, dtype=torch.int64)
         for i, r in enumerate(rows):
@@ -141,7 +153,8 @@ class CheckpointModel:
             embeds = torch.stack([images[i] for i in have]).to(self.device)
             slots = torch.tensor([[i, 0] for i in have], dtype=torch.int64, device=self.device)
         with torch.no_grad():
-            return self.model(tokens.to(self.device), pos.to(self.device), None, embeds, slots).transpose(0, 1)
+            return self.model(tokens.to(self.device), pos.to(self.device), None, embeds, slots,
+                              kv_cache=kv_cache).transpose(0, 1)
 
     def _logprobs(self, hidden: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
         """Log-softmax [N, V] at the N (row, position) pairs only: the vocabulary projection is
@@ -149,6 +162,11 @@ class CheckpointModel:
         picked = hidden[rows, cols]  # [N, d]
         with torch.no_grad():
             logits = self.model.logits(picked.unsqueeze(1))[0].float()  # as [S=N, B=1, d]
+            tp = getattr(self.parallel, "tp", 1)
+            if tp > 1:  # each rank projects onto its vocabulary shard: gather them in rank order
+                parts = [torch.empty_like(logits) for _ in range(tp)]
+                torch.distributed.all_gather(parts, logits.contiguous(), group=self.parallel.tp_group)
+                logits = torch.cat(parts, dim=-1)
         return torch.log_softmax(logits, dim=-1)
 
     # -- scoring --------------------------------------------------------------------------------
@@ -190,46 +208,126 @@ class CheckpointModel:
 
     def generate(self, prompts: Sequence[Sequence[int]], images: Optional[Sequence[Optional[Tensor]]] = None,
                  max_new_tokens: int = 128, stop_ids: Sequence[int] = (),
-                 stop_strings: Sequence[str] = ()) -> list[str]:
+                 stop_strings: Sequence[str] = (), cache: bool = True) -> list[str]:
         """Greedy continuation of each prompt (token ids, after the image prefix when an image is
         given), stopped at a stop id, a stop string or ``max_new_tokens``; decoded text without
-        the stop."""
+        the stop. ``cache=False`` re-runs the whole prefix per token (the reference the cached
+        path is tested against)."""
+        ids = self.generate_ids(prompts, images, max_new_tokens, stop_ids, stop_strings, cache)
+        out = []
+        for new in ids:
+            text = self.tok.decode(new)
+            for s in stop_strings:
+                if s and s in text:
+                    text = text.split(s, 1)[0]
+            out.append(text)
+        return out
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], images: Optional[Sequence[Optional[Tensor]]] = None,
+                     max_new_tokens: int = 128, stop_ids: Sequence[int] = (),
+                     stop_strings: Sequence[str] = (), cache: bool = True) -> list[list[int]]:
+        """The new token ids of :meth:`generate` (a stop id excluded; a stop string's tokens kept)."""
         images = list(images) if images is not None else [None] * len(prompts)
+        if len(images) != len(prompts):
+            raise EvalError(f"generate: {len(prompts)} prompts but {len(images)} images")
         stop = set(stop_ids) | {self.tok.eod}
         rows = []
         for p, im in zip(prompts, images):
             ids = (self.image_prefix() if im is not None else []) + (list(p) or [self.tok.eod])
             ids, _ = self._fit(ids, len(ids), im is not None, limit=self.max_length - 1)
             rows.append(ids)
+        if cache and not self._cache_usable():
+            cache = False
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-        out = [""] * len(rows)
+        out: list[list[int]] = [[] for _ in rows]
         for b in range(0, len(order), self.batch_size):
             idx = order[b:b + self.batch_size]
-            seqs = [list(rows[i]) for i in idx]
-            start = [len(s) for s in seqs]
-            done = [False] * len(idx)
-            for _ in range(max_new_tokens):
-                live = [k for k in range(len(idx)) if not done[k] and len(seqs[k]) < self.max_length]
-                if not live:
-                    break
-                hidden = self._forward([seqs[k] for k in live], [images[idx[k]] for k in live])
-                last = torch.tensor([len(seqs[k]) - 1 for k in live], device=self.device)
-                logp = self._logprobs(hidden, torch.arange(len(live), device=self.device), last)
-                for row, k in enumerate(live):
-                    nxt = int(logp[row].argmax())
-                    if nxt in stop:
-                        done[k] = True
-                        continue
-                    seqs[k].append(nxt)
-                    if stop_strings and any(s in self.tok.decode(seqs[k][start[k]:]) for s in stop_strings):
-                        done[k] = True
-            for k, i in enumerate(idx):
-                text = self.tok.decode(seqs[k][start[k]:])
-                for s in stop_strings:
-                    if s and s in text:
-                        text = text.split(s, 1)[0]
-                out[i] = text
+            run = self._greedy_cached if cache else self._greedy
+            new = run([rows[i] for i in idx], [images[i] for i in idx], max_new_tokens, stop, stop_strings)
+            for i, n in zip(idx, new):
+                out[i] = n
         return out
+
+    def _cache_usable(self) -> bool:
+        """Whether this model's attention can hold a KV cache (megavlm's SDPAttention seat); logs
+        why not once (e.g. the Transformer Engine layer spec) — generation then re-runs prefixes."""
+        if self._cache_ok is None:
+            from megavlm.model.attention import KVCacheError, cache_seats
+
+            try:
+                cache_seats(self.model.decoder)
+                if self.model.config.sequence_parallel:
+                    raise KVCacheError("sequence parallelism splits a one-token step")
+                self._cache_ok = True
+            except KVCacheError as e:
+                log.warning("%s: generation without a KV cache (%s)", self.path, e)
+                self._cache_ok = False
+        return self._cache_ok
+
+    def _accept(self, new: list[int], nxt: int, stop: set[int], stop_strings: Sequence[str]) -> bool:
+        """Take the greedy token ``nxt`` into ``new``; whether the row is finished by it (a stop id
+        is not kept; a stop string is decoded from the new tokens, kept, and cut by generate)."""
+        if nxt in stop:
+            return True
+        new.append(nxt)
+        return bool(stop_strings) and any(s in self.tok.decode(new) for s in stop_strings)
+
+    def _greedy(self, prompts: list[list[int]], images: list[Optional[Tensor]], max_new_tokens: int,
+                stop: set[int], stop_strings: Sequence[str]) -> list[list[int]]:
+        """One batch without a cache: each step runs every live row's whole sequence again."""
+        new: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        for _ in range(max_new_tokens):
+            live = [k for k in range(len(prompts))
+                    if not done[k] and len(prompts[k]) + len(new[k]) < self.max_length]
+            if not live:
+                break
+            seqs = [prompts[k] + new[k] for k in live]
+            hidden = self._forward(seqs, [images[k] for k in live])
+            last = torch.tensor([len(q) - 1 for q in seqs], device=self.device)
+            logp = self._logprobs(hidden, torch.arange(len(live), device=self.device), last)
+            for row, k in enumerate(live):
+                done[k] = self._accept(new[k], int(logp[row].argmax()), stop, stop_strings)
+        return new
+
+    def _greedy_cached(self, prompts: list[list[int]], images: list[Optional[Tensor]], max_new_tokens: int,
+                       stop: set[int], stop_strings: Sequence[str]) -> list[list[int]]:
+        """One batch with a KV cache (megavlm.model.attention.KVCache): the right-padded prompts
+        run once, then each step runs one token per live row at its own position and attends over
+        the cache. Finished rows leave the cache; the rules are :meth:`_greedy`'s."""
+        from megavlm.model.attention import KVCache
+
+        new: list[list[int]] = [[] for _ in prompts]
+        if max_new_tokens <= 0:
+            return new
+        lengths = [len(p) for p in prompts]
+        longest = max(lengths)
+        # the last token a row may take is never an input: inputs end at max_length - 1 positions
+        kv = KVCache(max(longest, min(self.max_length - 1, longest + max_new_tokens - 1)))
+        kv.prefill(lengths, self.device)
+        hidden = self._forward(prompts, images, kv_cache=kv)
+        live = list(range(len(prompts)))  # batch row r of the cache is prompt live[r]
+        done = [False] * len(prompts)
+        logp = self._logprobs(hidden, torch.arange(len(live), device=self.device),
+                              torch.tensor([n - 1 for n in lengths], device=self.device))
+        for step in range(max_new_tokens):
+            if step:
+                keep = [r for r, k in enumerate(live)
+                        if not done[k] and lengths[k] + len(new[k]) < self.max_length]
+                if not keep:
+                    break
+                if len(keep) < len(live):
+                    kv.keep(keep)
+                    live = [live[r] for r in keep]
+                pos = kv.decode()
+                tokens = torch.tensor([[new[k][-1]] for k in live], dtype=torch.int64, device=self.device)
+                with torch.no_grad():
+                    hidden = self.model(tokens, pos, None, None, None, kv_cache=kv).transpose(0, 1)
+                zero = torch.zeros(len(live), dtype=torch.int64, device=self.device)
+                logp = self._logprobs(hidden, torch.arange(len(live), device=self.device), zero)
+            for row, k in enumerate(live):
+                done[k] = self._accept(new[k], int(logp[row].argmax()), stop, stop_strings)
+        return new
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text)

@@ -28,13 +28,21 @@ host copy (:func:`for_device_kernels`).
 Tensor and sequence parallel need nothing here: under TP the query/key/value hold this rank's
 heads; under SP megatron's column-parallel QKV projection all-gathers the sequence first, so
 attention always sees whole documents.
+
+Generation reaches the same seat with a :class:`KVCache` (megavlm.eval.runner holds it, VLM.forward
+attaches it for one call): the prompt forward stores every layer's keys/values, then each step
+runs one token per row and attends over the cache. A cache of our own rather than megatron's
+inference contexts: megatron's static batching keeps one sequence offset for the whole batch and
+re-slices the rotary table by it, which fits neither right-padded rows of different lengths nor
+our explicit per-row positions, and its padded rows need a dense mask this seat refuses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -154,14 +162,19 @@ class SDPAttention(MegatronModule):
 
     # ------------------------------------------------------------------------------------ seams
 
-    def keys_values(self, key: Tensor, value: Tensor,
-                    packed_seq_params: Optional[PackedSeqParams]) -> tuple[Tensor, Tensor]:
-        """The keys and values this call attends over — in training, those of the call itself.
+    kv_cache: Optional[KVCache] = None
+    """Set by :meth:`KVCache.attached` for one generation forward; None in training."""
 
-        The seam for a KV cache (its own issue): a cache appends this call's keys/values here and
-        returns cached + new ones; causal attention is then aligned bottom-right (queries are the
-        last positions of their documents)."""
-        return key, value
+    def keys_values(self, key: Tensor, value: Tensor, packed_seq_params: Optional[PackedSeqParams]
+                    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The keys and values this call attends over, and their key mask (None: causal over the
+        call's own). In training, and for a prompt forward, those of the call itself; a decode
+        step gets the cached ones (:class:`KVCache`)."""
+        if self.kv_cache is None:
+            return key, value, None
+        if packed_seq_params is not None:
+            raise KVCacheError("the KV cache serves unpacked rows, not packed (thd) ones")
+        return self.kv_cache.update(self.layer_number, key, value)
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
         """[N, heads, L, D] attention; SDPA picks its fused kernel for the device."""
@@ -182,7 +195,13 @@ class SDPAttention(MegatronModule):
         if mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal, AttnMaskType.no_mask):
             raise ValueError(f"SDPAttention supports causal and unmasked attention, not {mask_type}")
         causal = mask_type != AttnMaskType.no_mask
-        key, value = self.keys_values(key, value, packed_seq_params)
+        key, value, key_mask = self.keys_values(key, value, packed_seq_params)
+        if key_mask is not None:  # a decode step: [1, B] queries over the cached [B, heads, span, D]
+            S, B = query.shape[:2]
+            q = query.permute(1, 2, 0, 3)
+            out = F.scaled_dot_product_attention(q, key, value, attn_mask=key_mask, scale=self.softmax_scale,
+                                                 enable_gqa=key.shape[1] != q.shape[1])
+            return out.permute(2, 0, 1, 3).reshape(S, B, -1)
         if packed_seq_params is None:
             S, B = query.shape[:2]
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [B, heads, S, D]
@@ -229,3 +248,139 @@ class SDPAttention(MegatronModule):
             for i, d in enumerate(docs):
                 pieces[d] = out[i]
         return torch.cat(pieces, dim=0)
+
+
+class KVCacheError(ValueError):
+    """A KV cache used out of order, over its capacity, or on a model it cannot serve."""
+
+
+class KVCache:
+    """Post-rotary keys and values of one batch of generated rows, per layer, on the model's device.
+
+    Rows are **right-padded**: row ``b``'s first ``lengths[b]`` cached positions are real. Use:
+
+    1. :meth:`prefill` with the prompts' real lengths, then one forward of the right-padded prompts
+       ``[B, S]`` (positions from 0): every layer stores its keys/values at positions ``0..S-1``
+       and attends causally inside the call as without a cache (a row's padding comes after its
+       real tokens, so causality already hides it);
+    2. per step, :meth:`decode`, then one forward of ``[B, 1]`` tokens at positions ``lengths``:
+       each layer writes row ``b``'s new key/value at position ``lengths[b]`` (over the padding
+       the prompt left there) and the query attends over positions ``0..lengths[b]`` only, through
+       a ``[B, 1, 1, span]`` key mask — no S×S tensor exists after the prompt;
+    3. :meth:`keep` drops finished rows (all layers and the lengths, in one place).
+
+    Under tensor parallelism each rank's cache holds its own heads, as its attention does.
+    """
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise KVCacheError(f"a KV cache needs a capacity of at least 1 position, got {capacity}")
+        self.capacity = int(capacity)
+        self.lengths: Optional[Tensor] = None
+        """[B] int64: positions cached per row (real ones; padding beyond is never attended)."""
+        self._kv: dict[int, tuple[Tensor, Tensor]] = {}
+        self._phase: Optional[str] = None
+        self._write: Optional[Tensor] = None  # [B] decode write positions
+        self._mask: Optional[Tensor] = None  # [B, 1, 1, span] bool, True = attend
+        self._span = 0
+        self._seen: set[int] = set()  # layers that stored this forward's keys/values
+
+    @property
+    def batch(self) -> int:
+        return 0 if self.lengths is None else int(self.lengths.shape[0])
+
+    def prefill(self, lengths: Sequence[int], device: torch.device | str) -> None:
+        """The next forward is the prompt, right-padded; ``lengths`` are its rows' real lengths."""
+        if self._phase is not None or self._kv:
+            raise KVCacheError("KVCache.prefill runs once, on an empty cache")
+        if not lengths or min(lengths) < 1 or max(lengths) > self.capacity:
+            raise KVCacheError(f"prompt lengths must be in [1, {self.capacity}], got {list(lengths)}")
+        self.lengths = torch.as_tensor(list(lengths), dtype=torch.int64, device=device)
+        self._span = max(lengths)
+        self._phase = "prefill"
+        self._seen = set()
+
+    def decode(self) -> Tensor:
+        """The next forward is one token per row; returns its positions ``[B, 1]`` (the rotary
+        positions and the cache slots it is written at)."""
+        if self.lengths is None:
+            raise KVCacheError("KVCache.decode before prefill")
+        top = int(self.lengths.max())
+        if top >= self.capacity:
+            raise KVCacheError(f"KV cache full: a row has {top} cached positions, capacity {self.capacity}")
+        self._write = self.lengths.clone()
+        self._span = top + 1
+        self._mask = (torch.arange(self._span, device=self.lengths.device)[None, :]
+                      <= self._write[:, None])[:, None, None, :]
+        self.lengths = self.lengths + 1
+        self._phase = "decode"
+        self._seen = set()
+        return self._write[:, None]
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (indices into the current batch, in their new order)."""
+        if self.lengths is None:
+            raise KVCacheError("KVCache.keep before prefill")
+        idx = torch.as_tensor(list(rows), dtype=torch.int64, device=self.lengths.device)
+        self.lengths = self.lengths.index_select(0, idx)
+        self._kv = {n: (k.index_select(0, idx), v.index_select(0, idx)) for n, (k, v) in self._kv.items()}
+        self._phase = None  # the next forward needs decode() again
+
+    def update(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Store this call's ``[S, B, heads, D]`` keys/values for ``layer``; return the keys and
+        values to attend over and their key mask (None: the call's own, causally, i.e. the prompt;
+        else ``[B, heads, span, D]`` cached ones and the ``[B, 1, 1, span]`` mask)."""
+        S, B = key.shape[:2]
+        if B != self.batch:
+            raise KVCacheError(f"KV cache holds {self.batch} rows, the forward has {B}")
+        if layer in self._seen:
+            raise KVCacheError(f"layer {layer} already stored this forward's keys: call decode() "
+                               f"before each forward after the prompt")
+        if self._phase in ("prefill", "decode"):
+            self._seen.add(layer)
+        if self._phase == "prefill":
+            if S != self._span:
+                raise KVCacheError(f"the prompt forward has {S} positions, its longest row {self._span}")
+            shape = (B, key.shape[2], self.capacity, key.shape[3])
+            k_buf = key.new_zeros(shape)
+            v_buf = value.new_zeros(shape)
+            k_buf[:, :, :S] = key.permute(1, 2, 0, 3)
+            v_buf[:, :, :S] = value.permute(1, 2, 0, 3)
+            self._kv[layer] = (k_buf, v_buf)
+            return key, value, None
+        if self._phase != "decode":
+            raise KVCacheError("KVCache: call prefill() or decode() before each forward")
+        if S != 1:
+            raise KVCacheError(f"a decode step runs one token per row, got {S} positions")
+        if layer not in self._kv:
+            raise KVCacheError(f"layer {layer} has no prompt in the KV cache")
+        k_buf, v_buf = self._kv[layer]
+        rows = torch.arange(B, device=key.device)
+        k_buf[rows, :, self._write] = key[0]
+        v_buf[rows, :, self._write] = value[0]
+        return k_buf[:, :, :self._span], v_buf[:, :, :self._span], self._mask
+
+    @contextlib.contextmanager
+    def attached(self, seats: Sequence["SDPAttention"]) -> Iterator[None]:
+        """Make ``seats`` read and write this cache for the duration of one forward."""
+        for s in seats:
+            s.kv_cache = self
+        try:
+            yield
+        finally:
+            for s in seats:
+                s.kv_cache = None
+
+
+def cache_seats(decoder) -> list["SDPAttention"]:
+    """The core attentions of a TransformerBlock's layers, which must all be :class:`SDPAttention`
+    for a :class:`KVCache` (raises :class:`KVCacheError` naming what sits there otherwise, e.g.
+    Transformer Engine's attention)."""
+    seats = []
+    for layer in decoder.layers:
+        core = getattr(getattr(layer, "self_attention", None), "core_attention", None)
+        if not isinstance(core, SDPAttention):
+            raise KVCacheError(f"the KV cache lives in megavlm's SDPAttention; layer "
+                               f"{getattr(layer, 'layer_number', '?')} has {type(core).__name__}")
+        seats.append(core)
+    return seats

@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from megavlm.config import ModelConfig
+from megavlm.model.attention import KVCache, KVCacheError, cache_seats
 from megavlm.model.projector import Projector
 from megavlm.model.specs import Backend, block_spec
 
@@ -86,7 +87,8 @@ class VLM(MegatronModule):
 
     def forward(self, tokens: Tensor, position_ids: Tensor,
                 packed_seq_params: Optional[PackedSeqParams] = None,
-                image_embeds: Optional[Tensor] = None, image_slots: Optional[Tensor] = None) -> Tensor:
+                image_embeds: Optional[Tensor] = None, image_slots: Optional[Tensor] = None,
+                kv_cache: Optional[KVCache] = None) -> Tensor:
         """Returns hidden states [S, B, d] (sequence-parallel split when enabled); on the last
         chunk they are final-normed.
 
@@ -94,10 +96,17 @@ class VLM(MegatronModule):
         Packed rows: flattened to [1, T] with ``packed_seq_params`` their document boundaries
         (megavlm.model.attention.document_boundaries; megavlm.train.step builds both) —
         attention stays inside each document and no mask exists. Image slots address
-        (row, start) of the layout given."""
+        (row, start) of the layout given.
+
+        ``kv_cache`` (generation, megavlm.eval.runner): every layer's SDPAttention reads and writes
+        it for this call — the right-padded prompt after ``kv_cache.prefill``, one token per row
+        at the positions ``kv_cache.decode`` returned after that (megavlm.model.attention.KVCache).
+        Not with packed rows or sequence parallelism (a one-token step cannot be split)."""
         if packed_seq_params is not None and tokens.shape[0] != 1:
             raise ValueError(f"packed rows come flattened to one sequence [1, T] (thd); got tokens "
                              f"of shape {tuple(tokens.shape)} with packed_seq_params")
+        if kv_cache is not None and (packed_seq_params is not None or self.config.sequence_parallel):
+            raise KVCacheError("the KV cache serves unpacked rows without sequence parallelism")
         hidden = None
         if self.pre_process:
             hidden = self.embedding(input_ids=tokens, position_ids=None)  # [S, B, d]
@@ -106,8 +115,11 @@ class VLM(MegatronModule):
             if self.config.sequence_parallel:
                 hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
         rope = rotary_embedding(position_ids, self.model_cfg.head_dim, self.model_cfg.rope_base)
-        return self.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope,
-                            packed_seq_params=packed_seq_params)
+        if kv_cache is None:
+            return self.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope,
+                                packed_seq_params=packed_seq_params)
+        with kv_cache.attached(cache_seats(self.decoder)):
+            return self.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Full logits [B, S, V] from final hidden states, for inference on one process
