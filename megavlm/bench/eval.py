@@ -195,7 +195,7 @@ def generation_main(argv: list[str]) -> int:
               "uncached tokens/s | speed-up | same tokens |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c, u = statistics.median(r.cached), statistics.median(r.uncached)
-        lines.append(f"| {r.new_tokens} | {r.batch} | {r.generated} | {c:.3f} | {u:.3f} | {r.generated / c:.1f} | "
+        lines.append(f"| {r.new_tokens} | {r.batch} | {r.generated} | {c:.4f} | {u:.4f} | {r.generated / c:.1f} | "
                      f"{r.generated / u:.1f} | {r.speedup:.1f}x | {'yes' if r.same else 'NO'} |")
     lines.append("")
     f = write_report(a.out, "cpu", "eval-generation", "\n".join(lines))

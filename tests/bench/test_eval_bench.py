@@ -24,7 +24,8 @@ def test_generation_report(tmp_path, capsys):
         assert same == "yes"
         assert 0 < int(generated) <= int(n) * int(b)
         assert float(cached) > 0 and float(uncached) > 0
-        assert float(ratio) == pytest.approx(float(uncached) / float(cached), rel=0.06, abs=0.06)
+        # the ratio is printed to 0.1 and the times to 0.1 ms: compare within that rounding
+        assert float(ratio) == pytest.approx(float(uncached) / float(cached), rel=0.1, abs=0.06)
     assert text in capsys.readouterr().out
 
 

@@ -94,7 +94,8 @@ def test_sweep_figures_one_per_swept_variable(tmp_path):
     assert all(p.stat().st_size > 5000 for p in paths)
 
 
-def test_stage_bars_follow_resumed_steps(capsys):
+def test_stage_bars_follow_resumed_steps(capsys, monkeypatch):
+    monkeypatch.setenv("MEGAVLM_PROGRESS", "1")  # bars are drawn on a terminal only; force them
     bars = demo.StageBars({"text": 10})
     bars.observe("text", 4, None)  # resumed at step 3
     assert bars.bars["text"].n == 4

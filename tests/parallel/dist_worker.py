@@ -92,7 +92,8 @@ def main(spec_path: str) -> None:
         inject_fault(spec["fault"])
     log: list[str] = []
     run_stages(run, par, loader_factory=synthetic.factory(run), log=log.append,
-               only=spec.get("only"), stop_after=spec.get("stop_after"), observer=observer)
+               only=spec.get("only"), stop_after=spec.get("stop_after"), observer=observer,
+               force_config=spec.get("force_config", False))
     weights = None
     if spec.get("weights_of"):
         from megavlm.train import checkpoint as ckpt

@@ -149,9 +149,14 @@ def test_rng_fork_warning_is_dropped(parallel1, monkeypatch):
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())
     logger = logging.getLogger("megatron.core.tensor_parallel.random")
-    # other tests may have quietened megatron's loggers (megavlm.console): this one needs warnings
-    monkeypatch.setattr(logging.getLogger("megatron"), "level", logging.WARNING)
-    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    # other tests may have quietened megatron's loggers (megavlm.console) or disabled existing
+    # loggers (a library's logging config): this one needs warnings. setLevel clears the cache.
+    parent = logging.getLogger("megatron")
+    saved = (parent.level, logger.level, logger.disabled, logging.root.manager.disable)
+    parent.setLevel(logging.WARNING)
+    logger.setLevel(logging.NOTSET)
+    logger.disabled = False
+    logging.disable(logging.NOTSET)
     logger.addHandler(handler)
     try:
         with get_cuda_rng_tracker().fork():
@@ -159,6 +164,10 @@ def test_rng_fork_warning_is_dropped(parallel1, monkeypatch):
         logging.getLogger("megatron.core.tensor_parallel.random").warning("another message")
     finally:
         logger.removeHandler(handler)
+        parent.setLevel(saved[0])
+        logger.setLevel(saved[1])
+        logger.disabled = saved[2]
+        logging.disable(saved[3])
     assert seen == ["another message"]
 
 

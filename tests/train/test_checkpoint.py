@@ -44,7 +44,10 @@ def test_shape_mismatch_names_tensor_and_shapes(tmp_path):
     cfg = _text_only(tmp_path / "r", 1)
     bad = copy.deepcopy(cfg)
     bad["model"]["ffn_hidden_size"] = 128
-    res = launch(1, {"config": bad, "only": ["none"], "weights_of": "text"}, tmp_path / "bad", expect_rc=1)
+    # force_config: past the run-folder check (a changed model is refused there first), so the
+    # checkpoint load itself meets the changed shape
+    res = launch(1, {"config": bad, "only": ["none"], "weights_of": "text", "force_config": True},
+                 tmp_path / "bad", expect_rc=1)
     err = res["stderr"]
     # megatron's sharded keys stack the layers: decoder.layers.mlp.linear_fc2.weight is [L, d, ffn]
     assert "CheckpointError" in err and "mlp.linear_fc" in err, err[-2000:]
