@@ -145,12 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-limit", type=int, default=None, help="examples per evaluation task (default all)")
     d.add_argument("overrides", nargs="*")
     b = sub.add_parser("bench")
-    b.add_argument("what", choices=["train", "masked-ce", "throughput", "data", "attention", "eval"])
+    b.add_argument("what", choices=BENCHES)
     sub.add_parser("prepare", add_help=False, help="build a recipe's data; its own options: megavlm prepare --help")
     sub.add_parser("sweep", add_help=False, help="experiment grid; its own options: megavlm sweep --help")
     sub.add_parser("selftest", add_help=False, help="acceptance run; its own options: megavlm selftest --help")
     sub.add_parser("eval", add_help=False, help="evaluation {text,vision,all}; its own options: megavlm eval --help")
     return p
+
+
+BENCHES = ["train", "masked-ce", "throughput", "data", "attention", "eval"]
+"""``megavlm bench NAME``: each benchmark has its own options (``megavlm bench NAME --help``)."""
 
 
 def _user_errors() -> tuple[type, ...]:
@@ -182,10 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         from megavlm.eval.cli import main as eval_main
 
         return eval_main(argv[1:])
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if args.cmd != "bench" and rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if argv[:1] == ["bench"] and argv[1:2] and argv[1] in BENCHES:  # its own --help and options
+        args, rest = argparse.Namespace(cmd="bench", what=argv[1]), argv[2:]
+    else:
+        parser = build_parser()
+        args, rest = parser.parse_known_args(argv)
+        if args.cmd != "bench" and rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.cmd == "bench":
             return cmd_bench(args, rest)

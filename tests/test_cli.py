@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "launch" / "configs" / "tiny.yaml"
 
@@ -36,3 +38,12 @@ def test_start_from_unsaved_checkpoint_is_one_line(tmp_path):
     assert p.returncode == 2, p.stderr[-3000:]
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and "stage 'text' has no checkpoint at fraction 0.8" in err[0], p.stderr[-2000:]
+
+
+def test_bench_help_is_the_benchmarks_own(capsys):
+    """`megavlm bench NAME --help` shows that benchmark's options, not the bench chooser's."""
+    from megavlm.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "attention", "--help"])
+    assert e.value.code == 0 and "--docs-per-row" in capsys.readouterr().out
