@@ -34,30 +34,15 @@ class VisionQuestion:
     """OCR tokens shipped with the question (TextVQA); used only by prompts that ask for them."""
 
 
-def load_json(path: str | Path) -> Any:
-    """A JSON file, or a JSONL file (a list of its lines) when it is named ``.jsonl``."""
+def _read_questions(path: str | Path) -> tuple[Path, str]:
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"question file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".jsonl":
-            return [json.loads(l) for l in text.splitlines() if l.strip()]
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise EvalError(f"{path}: not valid JSON ({e})") from None
+    return path, path.read_text(encoding="utf-8")
 
 
-def load_json_or_lines(path: str | Path) -> Any:
-    """JSON, falling back to JSON lines whatever the suffix (POPE ships JSONL named ``.json``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvalError(f"question file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        pass
+def _json_lines(text: str, path: Path, what: str) -> list:
+    """One JSON record a line (blank lines skipped); a bad record is named by its own line."""
     out = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -65,8 +50,28 @@ def load_json_or_lines(path: str | Path) -> Any:
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise EvalError(f"{path}:{n}: neither a JSON document nor JSON lines ({e})") from None
+            raise EvalError(f"{path}:{n}: {what} ({e})") from None
     return out
+
+
+def load_json(path: str | Path) -> Any:
+    """A JSON file, or a JSONL file (a list of its lines) when it is named ``.jsonl``."""
+    path, text = _read_questions(path)
+    if path.suffix == ".jsonl":
+        return _json_lines(text, path, "not valid JSON")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise EvalError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_json_or_lines(path: str | Path) -> Any:
+    """JSON, falling back to JSON lines whatever the suffix (POPE ships JSONL named ``.json``)."""
+    path, text = _read_questions(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return _json_lines(text, path, "neither a JSON document nor JSON lines")
 
 
 def need(rec: Any, keys: Sequence[str], where: str) -> Any:
