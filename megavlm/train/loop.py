@@ -84,7 +84,11 @@ def build_optimizer(run: RunConfig, stage: StageConfig, model, dtype: torch.dtyp
         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
         clip_grad=o.grad_clip, bf16=dtype == torch.bfloat16,
         params_dtype=dtype, use_distributed_optimizer=True)
-    return get_megatron_optimizer(cfg, model)
+    # megatron asks for gloo copies of the DP groups unless told otherwise; they exist only when
+    # we run over gloo (Parallel.initialize creates them for that backend alone). Under NCCL the
+    # default asserted "Intra partial data parallel group is not initialized" on the first H200 run.
+    gloo = dist.get_backend() == "gloo"
+    return get_megatron_optimizer(cfg, model, use_gloo_process_groups=gloo)
 
 
 @dataclass
