@@ -26,9 +26,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from megavlm.data.indexed import DataError, EmbeddingStore, IndexedWriter, store_prefix, token_dtype
+from megavlm.data.prompt import IMAGE_TAG, user_text, user_turn
 from megavlm.data.tokenizer import Tokenizer
-
-IMAGE_TAG = "<image>"
 HUMAN = ("human", "user")
 MODEL = ("gpt", "assistant", "model")
 
@@ -59,13 +58,14 @@ def format_conversation(rec: dict[str, Any], tok: Tokenizer, where: str) -> tupl
         if not isinstance(value, str):
             raise DataError(f"{where}: turn {j} has no text value")
         tags += value.count(IMAGE_TAG)
-        value = value.replace(IMAGE_TAG, "").strip()
         expect_human = j % 2 == 0
         if role in HUMAN:
             if not expect_human:
                 raise DataError(f"{where}: turn {j} is a second human turn in a row")
-            add([sp.user] + tok.encode(value) + [sp.sep], False)
-        elif role in MODEL:
+            add(user_turn(tok, value), False)  # the one user-turn function evaluation asks through too
+            continue
+        value = user_text(value)
+        if role in MODEL:
             if expect_human:
                 raise DataError(f"{where}: turn {j} is a model answer without a human turn before it")
             if not value:
