@@ -86,6 +86,31 @@ def file_record(path: str | Path) -> dict:
     return rec
 
 
+def store_fingerprint(prefix: str | Path) -> str:
+    """The identity of an embedding store ``<prefix>.{bin,idx,json}``: sha256 over its metadata
+    (keys, encoder, count, ...), its index and its embeddings — all of them for a ``.bin`` up to
+    HASH_BYTES, else its size and 64 evenly spaced 1 MiB blocks. Conversation sets record it so a
+    store re-encoded with other contents is detected (megavlm.data.sources.ConversationSource)."""
+    import hashlib
+
+    prefix = Path(prefix)
+    h = hashlib.sha256()
+    for suffix in (".json", ".idx"):
+        h.update(Path(f"{prefix}{suffix}").read_bytes())
+    binp = Path(f"{prefix}.bin")
+    size = binp.stat().st_size
+    h.update(str(size).encode())
+    with open(binp, "rb") as f:
+        if size <= HASH_BYTES:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            for k in range(64):
+                f.seek((size - (1 << 20)) * k // 63)
+                h.update(f.read(1 << 20))
+    return "sha256:" + h.hexdigest()
+
+
 def token_dtype(vocab_size: int) -> type:
     """uint16 when every id fits, int32 otherwise."""
     return np.uint16 if vocab_size <= 65536 else np.int32

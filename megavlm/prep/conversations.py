@@ -120,51 +120,94 @@ def load_llava(path: str | Path) -> list[dict[str, Any]]:
     return data
 
 
+FORMAT = "megavlm-conversations/2"
+"""Conversation sets of this format name each conversation's image by its store key and record the
+store's fingerprint; older ones (no ``format`` in their meta) hold record numbers only."""
+MAX_LISTED = 1000
+"""At most this many bad records are listed in one error (the total is always given)."""
+
+
+def numbered_records(path: str | Path) -> list[tuple[str, Any]]:
+    """(where, record) of every record of a LLaVA file; ``where`` counts from 1: ``file:LINE`` for
+    ``.jsonl`` (the record's own line), ``file: record N`` for a JSON list."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        raw = path.read_bytes().decode("utf-8", errors="replace")
+        lines = [n for n, line in enumerate(raw.splitlines(), 1) if line.strip()]
+        recs = load_llava(path)
+        return [(f"{path}:{n}", r) for n, r in zip(lines, recs)]
+    return [(f"{path}: record {k}", r) for k, r in enumerate(load_llava(path), 1)]
+
+
 def preprocess_conversations(inputs: Sequence[str | Path], out_prefix: str | Path, tok: Tokenizer, *,
                              embeds: Optional[str | Path] = None) -> ConversationStats:
     """Write ``<out>.{bin,idx}``, ``<out>.mask.{bin,idx}``, ``<out>.images.npy`` and
     ``<out>.meta.json``. ``embeds`` is the embedding store (from tools/encode_images.py) whose keys
-    the records' ``image`` fields name; the meta file refers to it relative to the output."""
+    the records' ``image`` fields name; the meta file refers to it relative to the output, names
+    each conversation's image by its key (``image_keys``) and records the store's fingerprint,
+    so a store re-encoded with other contents is detected when the set is opened
+    (``megavlm train --check``). ``images.npy`` holds the record numbers the keys had then.
+    Every record naming an image missing from the store is listed in one error."""
+    from megavlm.data.indexed import store_fingerprint
+
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     keys: dict[str, int] = {}
+    fingerprint = None
     if embeds is not None:
         embeds = store_prefix(embeds)  # data/captions and data/captions.embeds name the same store
+        if not Path(f"{embeds}.json").is_file():
+            raise DataError(f"{embeds}: no embedding store here (no {Path(embeds).name}.json); make it with "
+                            f"tools/encode_images.py --output {str(embeds).removesuffix('.embeds')}")
         store = EmbeddingStore(embeds)
         keys = {k: i for i, k in enumerate(store.meta.keys or [])}
+        fingerprint = store_fingerprint(embeds)
     stats = ConversationStats()
     images: list[int] = []
+    image_keys: list[Optional[str]] = []
+    missing: list[str] = []
     tmp_npy = out_prefix.with_name(f".{out_prefix.name}.images.tmp{os.getpid()}.npy")
     with IndexedWriter(out_prefix, token_dtype(tok.vocab_size)) as tw, \
             IndexedWriter(f"{out_prefix}.mask", np.uint8) as mw:
         for path in inputs:
-            for r, rec in enumerate(load_llava(path)):
-                where = f"{path}: record {r} (id {rec.get('id', '?')})" if isinstance(rec, dict) \
-                    else f"{path}: record {r}"
+            for loc, rec in numbered_records(path):
+                where = f"{loc} (id {rec.get('id', '?')})" if isinstance(rec, dict) else loc
                 if not isinstance(rec, dict):
                     raise DataError(f"{where}: not a JSON object")
                 ids, tgt = format_conversation(rec, tok, where)
                 img = -1
-                if rec.get("image"):
+                key = rec.get("image") or None
+                if key:
                     if embeds is None:
-                        raise DataError(f"{where}: names image {rec['image']!r} but no embedding "
+                        raise DataError(f"{where}: names image {key!r} but no embedding "
                                         f"store was given (--embeds)")
-                    if rec["image"] not in keys:
-                        raise DataError(f"{where}: image {rec['image']!r} is not in {embeds}")
-                    img = keys[rec["image"]]
+                    if key not in keys:
+                        missing.append(f"{where}: image {key!r}")
+                    else:
+                        img = keys[key]
                     stats.with_image += 1
                 tw.add(ids)
                 mw.add(tgt)
                 images.append(img)
+                image_keys.append(str(key) if key else None)
                 stats.conversations += 1
                 stats.tokens += len(ids)
                 stats.trained_tokens += sum(tgt)
+        if missing:
+            listed = "\n  ".join(missing[:MAX_LISTED])
+            more = f"\n  ... and {len(missing) - MAX_LISTED} more" if len(missing) > MAX_LISTED else ""
+            raise DataError(f"{len(missing)} conversation(s) name an image that is not in {embeds} "
+                            f"({len(keys)} keys; keys are paths relative to the encode's --input):\n  "
+                            f"{listed}{more}")
         if not stats.conversations:
             raise DataError(f"{', '.join(map(str, inputs))}: no conversations")
         np.save(tmp_npy, np.asarray(images, dtype=np.int64))
     tmp_npy.replace(f"{out_prefix}.images.npy")
-    meta = {"embeds": os.path.relpath(embeds, out_prefix.parent) if embeds else None,
-            "conversations": stats.conversations}
+    meta = {"format": FORMAT,
+            "embeds": os.path.relpath(embeds, out_prefix.parent) if embeds else None,
+            "store_fingerprint": fingerprint,
+            "conversations": stats.conversations,
+            "image_keys": image_keys}
     meta_path = Path(f"{out_prefix}.meta.json")
     tmp = meta_path.with_name(f".{meta_path.name}.tmp")
     tmp.write_text(json.dumps(meta))
