@@ -102,9 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("all", help="text + vision, report into the run directory")
     _common(a)
     a.add_argument("--tasks", default=None, help="lm-eval tasks instead of the offline text suite")
-    a.add_argument("--extra-task", action="append", default=[], metavar="TASK:QUESTIONS:EMBEDS",
-                   help="an own vision task joining the report, e.g. generic:q.jsonl:data/own "
-                        "(repeatable; TASK is a reader of eval vision --task, the report names it TASK:QUESTIONS' stem)")
+    a.add_argument("--extra-task", action="append", default=[], metavar="TASK:QUESTIONS:EMBEDS[:CHANCE]",
+                   help="an own vision task joining the report, e.g. generic:q.jsonl:data/own or "
+                        "generic:q.jsonl:data/own:0.1 (repeatable; TASK is a reader of eval vision --task, the "
+                        "report names it TASK:QUESTIONS' stem; CHANCE, default 0, is its chance level; own tasks "
+                        "are listed apart from the stable score; without --demo-root and no demo corpus, only "
+                        "they run)")
     a.add_argument("--include-path", default=None)
     a.add_argument("--out-dir", default=None, help="report folder (default <run_dir>/eval)")
     a.add_argument("--suite", choices=("offline", "paper"), default=None,
@@ -187,21 +190,60 @@ def _one_task(task: str, questions: list, embeds: str, model, args, shards, name
                              name=name, shards=shards)
 
 
-def extra_tasks(specs: list[str]) -> list[tuple[str, str, str, str]]:
-    """``TASK:QUESTIONS:EMBEDS`` -> (task, questions, embeds, report name); bad specs are errors."""
+def extra_tasks(specs: list[str]) -> list[tuple[str, str, str, str, float]]:
+    """``TASK:QUESTIONS:EMBEDS[:CHANCE]`` -> (task, questions, embeds, report name, chance); the
+    chance level is 0 unless given. Bad specs are errors."""
     from megavlm.eval import vision
 
     out = []
     for spec in specs:
         parts = spec.split(":")
-        if len(parts) != 3 or not all(parts):
-            raise EvalError(f"--extra-task {spec!r}: expected TASK:QUESTIONS:EMBEDS, e.g. generic:q.jsonl:data/own")
-        task, q, e = parts
+        if len(parts) not in (3, 4) or not all(parts):
+            raise EvalError(f"--extra-task {spec!r}: expected TASK:QUESTIONS:EMBEDS[:CHANCE], "
+                            f"e.g. generic:q.jsonl:data/own or generic:q.jsonl:data/own:0.1")
+        task, q, e = parts[:3]
         if task not in vision.READERS or task == "vqav2":
             raise EvalError(f"--extra-task {spec!r}: unknown task {task!r}; known: "
                             f"{sorted(t for t in vision.READERS if t != 'vqav2')}")
-        out.append((task, q, e, f"{task}:{Path(q).stem}"))
+        try:
+            level = float(parts[3]) if len(parts) == 4 else 0.0
+        except ValueError:
+            level = -1.0
+        if not 0.0 <= level < 1.0:
+            raise EvalError(f"--extra-task {spec!r}: CHANCE must be a number in [0, 1), got {parts[3]!r}")
+        out.append((task, q, e, f"{task}:{Path(q).stem}", level))
     return out
+
+
+def check_task_files(task: str, questions: list, embeds: str, what: str) -> None:
+    """Before any model loads: the question files parse with the task's reader and the embedding
+    store exists (a missing store is named as such, with the command that makes it)."""
+    from megavlm.data.indexed import store_prefix
+    from megavlm.eval import vision
+
+    for f in questions:
+        if not Path(f).is_file():
+            raise EvalError(f"{f}: no such question file ({what})")
+        if task not in ("vqav2", "refcoco"):
+            if not vision.READERS[task](f):
+                raise EvalError(f"{f}: no questions ({what})")
+    store = store_prefix(embeds)
+    if not Path(f"{store}.json").is_file() and not Path(f"{store}.idx").is_file():
+        raise EvalError(f"{embeds}: no embedding store there ({what}); encode the task's images with "
+                        f"tools/encode_images.py --input IMAGES --output {embeds} --no-captions")
+
+
+def _offline_missing(args) -> Optional[str]:
+    """Why the demo-asset suites cannot run (None when they can)."""
+    from megavlm.eval import suites
+
+    src = suites.Sources.default(args.demo_root, args.wordnet)
+    for rel in ("raw/text_heldout.jsonl", "captions_heldout.embeds", "raw/captions_heldout.jsonl"):
+        try:
+            src.need(rel)
+        except EvalError as e:
+            return str(e)
+    return None
 
 
 def run(args) -> Optional[dict]:
@@ -210,9 +252,16 @@ def run(args) -> Optional[dict]:
     from megavlm.eval.distributed import EvalShards
 
     extras = extra_tasks(args.extra_task) if args.what == "all" else []  # bad specs fail before loading
+    for task, q, e, name, _ in extras:
+        check_task_files(task, [q], e, f"--extra-task {name}")
     if args.what == "vision" and not args.task and (args.questions or args.embeds):
         raise EvalError("--questions/--embeds need --task (generic for own question files); "
                         "without --task the offline suite runs and they would be ignored")
+    if args.what == "vision" and args.task in ("generic",) and args.questions and args.embeds:
+        check_task_files(args.task, args.questions, args.embeds, f"--task {args.task}")
+    skip_offline = None
+    if args.what == "all" and extras and not args.demo_root and getattr(args, "suite", None) != "paper":
+        skip_offline = _offline_missing(args)  # own tasks need no demo corpus: run them alone
     model = _load(args)
     if args.prompt is not None:
         if "{question}" not in args.prompt:
@@ -224,7 +273,7 @@ def run(args) -> Optional[dict]:
     with tempfile.TemporaryDirectory(prefix="megavlm-eval-") as tmp:
         if args.what == "text":
             res, acc = _text(args, model, Path(tmp))
-            out = {"results": res["results"], "accuracy": acc}
+            out = {"checkpoint": str(model.path), "results": res["results"], "accuracy": acc}
             if args.output_path:
                 Path(args.output_path).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.output_path).write_text(json.dumps(res, indent=1, default=str))
@@ -235,23 +284,33 @@ def run(args) -> Optional[dict]:
                 return None
             out = {r.task: {"accuracy": r.accuracy, "n": r.n, **r.metrics} for r in results}
             out["prompt"] = {"template": model.prompt_template, "source": model.prompt_source}
+            out["checkpoint"] = str(model.path)
             if args.output_path:
                 _write_atomic(Path(args.output_path), json.dumps(
                     {**{r.task: {**out[r.task], "predictions": r.predictions} for r in results},
-                     "prompt": out["prompt"]}, indent=1))
+                     "prompt": out["prompt"], "checkpoint": out["checkpoint"]}, indent=1))
             return out
         args.task, args.max_new_tokens = None, 128
-        vis = _vision(args, model, shards)
-        for task, q, e, name in extras:
-            vis.append(_one_task(task, [q], e, model, args, shards, name))
+        if skip_offline is None:
+            vis = _vision(args, model, shards)
+        else:
+            vis = []
+            if shards.is_main:
+                print(f"megavlm eval: offline suites skipped, only the --extra-task tasks run ({skip_offline}; "
+                      f"give --demo-root to include them)", file=sys.stderr)
+        own = [(_one_task(task, [q], e, model, args, shards, name), level) for task, q, e, name, level in extras]
         if not shards.is_main:
             return None
-        _, acc = _text(args, model, Path(tmp))
-        rep = report.build_report(model.path, acc, vis, chance_preset=args.chance,
+        acc = {} if skip_offline is not None and not args.tasks else _text(args, model, Path(tmp))[1]
+        rep = report.build_report(model.path, acc, vis, chance_preset=args.chance, own=own,
                                   extra={"prompt_template": model.prompt_template,
-                                         "prompt_source": model.prompt_source})
+                                         "prompt_source": model.prompt_source,
+                                         **({"skipped": skip_offline} if skip_offline else {})})
         j, m = report.write_report(rep, args.out_dir)
-        rep["files"] = [str(j), str(m)]
+        answers = j.with_suffix(".answers.jsonl")  # every question's answer, beside the report
+        _write_atomic(answers, "".join(json.dumps({"task": r.task, **row}) + "\n"
+                                       for r in [*vis, *(t for t, _ in own)] for row in r.predictions))
+        rep["files"] = [str(j), str(m), str(answers)]
         from megavlm.sinks import log_eval_report
 
         log_eval_report(rep)  # to the TensorBoard / W&B sinks the checkpoint's run config enables
@@ -263,6 +322,26 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _quiet_git() -> None:
+    """lm-eval records the git commit of the working directory by running ``git describe`` with
+    its stderr on the terminal, so outside a checkout every text evaluation printed ``fatal: not a
+    git repository``; ask git the same with its stderr discarded."""
+    import subprocess
+
+    try:
+        import lm_eval.evaluator as ev
+    except Exception:  # lm-eval absent or broken: the text tasks report that themselves
+        return
+
+    def quiet_commit() -> Optional[str]:
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, OSError):
+            return None
+
+    ev.get_git_commit_hash = quiet_commit
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -278,6 +357,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.what in ("text", "all"):
+        _quiet_git()
     try:
         out = run(args)
     except (EvalError, CheckpointError, DataError, TokenizerError) as e:

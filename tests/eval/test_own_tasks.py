@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
+
+import pytest
 
 import yaml
 
@@ -66,7 +69,51 @@ def test_misuse_fails_before_loading(tmp_path, capsys):
 
 
 def test_extra_task_specs():
-    assert cli.extra_tasks(["generic:data/q.jsonl:data/own"]) == [("generic", "data/q.jsonl", "data/own", "generic:q")]
+    assert cli.extra_tasks(["generic:data/q.jsonl:data/own"]) == [("generic", "data/q.jsonl", "data/own", "generic:q", 0.0)]
+    assert cli.extra_tasks(["generic:q.jsonl:own:0.1"])[0][4] == 0.1
+    with pytest.raises(cli.EvalError, match="CHANCE must be a number in"):
+        cli.extra_tasks(["generic:q.jsonl:own:half"])
+
+
+def test_extra_task_files_are_checked_before_loading(tmp_path, capsys):
+    q = _questions(tmp_path)
+    assert cli.main(["all", "--checkpoint", str(tmp_path / "nowhere"), "--extra-task", f"generic:{q}:{tmp_path / 'none'}"]) == 2
+    err = capsys.readouterr().err
+    assert "no embedding store there (--extra-task generic:qs)" in err and "metadata" not in err
+    assert cli.main(["all", "--checkpoint", str(tmp_path / "nowhere"), "--extra-task", f"generic:{tmp_path / 'x.jsonl'}:e"]) == 2
+    assert "x.jsonl: no such question file" in capsys.readouterr().err
+
+
+def test_eval_all_extra_task_writes_a_report_without_a_demo_root(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    from megavlm.config import DataConfig
+
+    monkeypatch.setattr(DataConfig, "root", str(tmp_path / "no-demo"))  # no demo corpus anywhere
+    write_store(tmp_path / "imgs.embeds", ["a.png"])
+    q = _questions(tmp_path)
+    rc = cli.main(["all", "--checkpoint", str(tiny_checkpoint), "--extra-task", f"generic:{q}:{tmp_path / 'imgs'}:0.25",
+                   "--out-dir", str(tmp_path / "rep")])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "offline suites skipped" in out.err
+    rep = json.loads(out.out)
+    assert rep["own"]["generic:qs"]["chance"] == 0.25 and rep["own"]["generic:qs"]["n"] == 1
+    assert rep["checkpoint"] == str(tiny_checkpoint.resolve()) and rep["vision"] == {} and rep["text"] == {}
+    j, m, answers = map(Path, rep["files"])
+    assert json.loads(j.read_text())["own"]["generic:qs"]["chance"] == 0.25
+    assert "| own | generic:qs |" in m.read_text()
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [(r["task"], r["qid"]) for r in rows] == [("generic:qs", "1")] and "prediction" in rows[0]
+
+
+def test_lm_eval_git_lookup_is_quiet_outside_a_checkout(tmp_path, monkeypatch, capfd):
+    pytest.importorskip("lm_eval")
+    import lm_eval.evaluator as ev
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ev, "get_git_commit_hash", ev.get_git_commit_hash)  # restored after the test
+    cli._quiet_git()
+    ev.get_git_commit_hash()
+    assert "fatal" not in capfd.readouterr().err
 
 
 def test_latest_shortcut_resolves_run_and_stage_folders(tiny_checkpoint, tmp_path, capsys):
