@@ -14,13 +14,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megavlm.helpformat import HelpFormatter  # noqa: E402
+
 from megavlm.data.indexed import DataError  # noqa: E402
 from megavlm.prep.textprep import preprocess_text  # noqa: E402
 from megavlm.data.tokenizer import TokenizerError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--input", nargs="+", required=True)
     ap.add_argument("--tokenizer", required=True, help="sentencepiece .model or tokenizer.json")
     ap.add_argument("--output", required=True, help="output prefix (writes PREFIX.bin and PREFIX.idx)")

@@ -15,13 +15,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megavlm.helpformat import HelpFormatter  # noqa: E402
+
 from megavlm.data.indexed import DataError  # noqa: E402
 from megavlm.prep.textprep import read_documents  # noqa: E402
 from megavlm.data.tokenizer import TokenizerError, describe, train_sentencepiece  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--input", nargs="+", required=True, help="text or JSONL files")
     ap.add_argument("--output", required=True, help="model path (.model); a .vocab is written beside it")
     ap.add_argument("--vocab-size", type=int, default=8192, help="total ids including special tokens")

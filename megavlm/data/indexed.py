@@ -379,6 +379,9 @@ class EmbeddingStore:
         self.prefix = Path(prefix)
         meta_path = Path(f"{prefix}.json")
         if not meta_path.is_file():
+            if not Path(f"{prefix}.bin").is_file() and not Path(f"{prefix}.idx").is_file():
+                raise DataError(f"{prefix}: no embedding store there (no {Path(prefix).name}.json/.bin/.idx); "
+                                f"make it with tools/encode_images.py")
             raise DataError(f"{meta_path}: missing metadata of embedding store {prefix} "
                             f"(an interrupted write, or not an embedding store)")
         try:

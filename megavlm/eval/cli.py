@@ -73,18 +73,19 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from megavlm.eval import paper
+    from megavlm.helpformat import HelpFormatter
 
     ap = argparse.ArgumentParser(prog="megavlm eval", description=__doc__, epilog=paper.__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
-    t = sub.add_parser("text", help="lm-eval tasks")
+    t = sub.add_parser("text", help="lm-eval tasks", formatter_class=HelpFormatter)
     _common(t)
     t.add_argument("--tasks", default=None, help="comma-separated lm-eval task names")
     t.add_argument("--offline", action="store_true", help="the offline local suite")
     t.add_argument("--include-path", default=None, help="folder of local lm-eval YAML tasks")
     t.add_argument("--output-path", default=None, help="write lm-eval's results JSON here")
     v = sub.add_parser("vision", help="vision tasks on stored image embeddings", epilog=paper.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=HelpFormatter)
     _common(v)
     v.add_argument("--task", default=None, help="vqav2 | gqa | textvqa | pope | refcoco | ocid_ref | refer | generic")
     v.add_argument("--questions", action="append", default=None, help="question file (repeat for POPE splits)")
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--paper-tasks", default=None, help="comma-separated subset of the paper suite's tasks")
     v.add_argument("--strict", action="store_true", help="--suite paper: a missing task is an error")
     v.add_argument("--output-path", default=None, help="write the results JSON here")
-    a = sub.add_parser("all", help="text + vision, report into the run directory")
+    a = sub.add_parser("all", help="text + vision, report into the run directory", formatter_class=HelpFormatter)
     _common(a)
     a.add_argument("--tasks", default=None, help="lm-eval tasks instead of the offline text suite")
     a.add_argument("--extra-task", action="append", default=[], metavar="TASK:QUESTIONS:EMBEDS[:CHANCE]",

@@ -25,11 +25,42 @@ from megavlm.data.indexed import DataError, IndexedWriter, token_dtype
 from megavlm.data.tokenizer import Tokenizer, load_tokenizer
 
 
+def record_text(rec: object, field: str = "text") -> Optional[str]:
+    """The text of one JSON record: its ``field``; else, for the files the walk-through feeds the
+    tokenizer, a LLaVA conversation's turns (``<image>`` removed, as training sees them) or a
+    caption record's ``caption``. None when the record has none of these."""
+    if not isinstance(rec, dict):
+        return None
+    if isinstance(rec.get(field), str):
+        return rec[field]
+    turns = rec.get("conversations")
+    if isinstance(turns, list):
+        from megavlm.data.prompt import user_text
+
+        return "\n".join(user_text(t["value"]) for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str))
+    if isinstance(rec.get("caption"), str):
+        return rec["caption"]
+    return None
+
+
 def read_documents(path: str | Path, field: str = "text") -> Iterator[tuple[str, str]]:
-    """Yield (where, text) for each non-empty document of a JSONL or plain-text file."""
+    """Yield (where, text) for each non-empty document of a JSONL or plain-text file, or of a
+    LLaVA ``.json`` list of conversations. JSON records give their ``field``, or (conversation and
+    caption files, so the tokenizer and a text set can be made from them) their turns / caption."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    if path.suffix == ".json" and path.read_bytes()[:4096].lstrip().startswith(b"["):  # a LLaVA list
+        from megavlm.prep.conversations import load_llava
+
+        for k, rec in enumerate(load_llava(path), 1):
+            text = record_text(rec, field)
+            if text is None:
+                raise DataError(f"{path}: record {k}: expected an object with a string field {field!r} "
+                                f"or a 'conversations' list")
+            if text.strip():
+                yield f"{path}: record {k}", text
+        return
     jsonl = path.suffix in (".jsonl", ".json")
     with open(path, "rb") as f:
         para: list[str] = []
@@ -46,10 +77,12 @@ def read_documents(path: str | Path, field: str = "text") -> Iterator[tuple[str,
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-                    raise DataError(f"{path}:{n}: expected an object with a string field {field!r}")
-                if rec[field].strip():
-                    yield f"{path}:{n}", rec[field]
+                text = record_text(rec, field)
+                if text is None:
+                    raise DataError(f"{path}:{n}: expected an object with a string field {field!r} "
+                                    f"(or a 'conversations' list, or a 'caption')")
+                if text.strip():
+                    yield f"{path}:{n}", text
             elif line.strip():
                 if not para:
                     start = n
