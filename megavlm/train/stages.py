@@ -23,16 +23,39 @@ def default_loader_factory(run: RunConfig) -> LoaderFactory:
     """Loaders over the prepared data of ``run.data`` (built before training: megavlm.prepare)."""
     from megavlm.data.mixture import StageLoader
 
+    described: set[str] = set()
+
     def make(stage: StageConfig, parallel: Parallel, num_microbatches: int):
-        return StageLoader(run.data, stage.mixture, seq_length=run.stage_seq_length(stage),
-                           micro_batch_size=run.train.micro_batch_size,
-                           num_microbatches=num_microbatches, dp_rank=parallel.dp_rank,
-                           dp_size=parallel.dp, seed=run.seed, stage=stage.name,
-                           vision=run.model.vision, epochs=stage.epochs,
-                           examples_per_row=1 if stage.batch_unit == "examples" else None,
-                           pack_window=stage.pack_window)
+        loader = StageLoader(run.data, stage.mixture, seq_length=run.stage_seq_length(stage),
+                             micro_batch_size=run.train.micro_batch_size,
+                             num_microbatches=num_microbatches, dp_rank=parallel.dp_rank,
+                             dp_size=parallel.dp, seed=run.seed, stage=stage.name,
+                             vision=run.model.vision, epochs=stage.epochs,
+                             examples_per_row=1 if stage.batch_unit == "examples" else None,
+                             pack_window=stage.pack_window)
+        if stage.name not in described and parallel.is_logging_rank:
+            described.add(stage.name)
+            print(data_summary(stage, loader), flush=True)
+        return loader
 
     return make
+
+
+def data_summary(stage: StageConfig, loader) -> str:
+    """One line per stage: each set's examples and positions (image positions included), and
+    how many passes over it the stage's budget makes (``tokens`` x the set's mixture fraction)."""
+    parts = []
+    fractions = [stage.mixture.text, stage.mixture.captions, stage.mixture.instructions]
+    for kind, src, f in zip(("text", "captions", "instructions"), loader.sources, fractions):
+        if src is None:
+            continue
+        n, positions = len(src), int(sum(int(x) for x in src.lengths))
+        if stage.epochs is not None:
+            passes = f"{stage.epochs} epoch(s)"
+        else:
+            passes = f"~{stage.tokens * f / max(positions, 1):.2f} passes"
+        parts.append(f"{kind} {n:,} examples, {positions:,} tokens, {passes}")
+    return f"[data] stage {stage.name}: " + "; ".join(parts)
 
 
 def run_stages(run: RunConfig, parallel: Parallel, loader_factory: Optional[LoaderFactory] = None,
