@@ -39,6 +39,11 @@ def _megatron():
     with warnings.catch_warnings():  # megatron.core warns about missing TE/apex on import
         warnings.simplefilter("ignore")
         from megatron.core.datasets import indexed_dataset as mi  # heavy import: only when needed
+    # megatron's logging asks for the rank on every dataset open/write and, in a process that is no
+    # distributed job (a tool, a test), warns that it defaults to rank 0 — at each call site, so
+    # twice per tool run. Such a process is rank 0; say nothing.
+    warnings.filterwarnings("ignore", message="Could not determine rank from torch.distributed",
+                            category=UserWarning)
     return mi
 
 
