@@ -9,8 +9,10 @@ parallel rank needs. Layouts on disk (all written by tools/):
 - captions: ``<prefix>.{bin,idx}`` caption tokens (no specials), record i describes image i of
   the embedding store ``<prefix>.embeds``. Sample = ``[P x IMAGE][SEP] caption [EOD]``.
 - instructions: ``<prefix>.{bin,idx}`` formatted conversation tokens (role markers, SEPs, EOD),
-  ``<prefix>.mask.{bin,idx}`` uint8 targets, ``<prefix>.images.npy`` the image record of each
-  conversation (-1 = none) in the embedding store named by ``<prefix>.meta.json``.
+  ``<prefix>.mask.{bin,idx}`` uint8 targets, ``<prefix>.meta.json`` naming the embedding store,
+  its fingerprint and each conversation's image *key* (resolved against the store when opened; a
+  store re-encoded since is an error), ``<prefix>.images.npy`` the record numbers the keys had at
+  preprocessing (-1 = none; all that sets made before keys were recorded have).
   Sample = ``[P x IMAGE][SEP]`` (if it has an image) + conversation.
 
 A caption or conversation sample longer than the sequence is truncated (and counted) or rejected
