@@ -33,7 +33,7 @@ def default_loader_factory(run: RunConfig) -> LoaderFactory:
                              vision=run.model.vision, epochs=stage.epochs,
                              examples_per_row=1 if stage.batch_unit == "examples" else None,
                              pack_window=stage.pack_window)
-        if stage.name not in described and parallel.is_logging_rank:
+        if stage.name not in described and getattr(parallel, "is_logging_rank", True):
             described.add(stage.name)
             print(data_summary(stage, loader), flush=True)
         return loader
