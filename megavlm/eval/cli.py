@@ -274,7 +274,7 @@ def run(args) -> Optional[dict]:
     with tempfile.TemporaryDirectory(prefix="megavlm-eval-") as tmp:
         if args.what == "text":
             res, acc = _text(args, model, Path(tmp))
-            out = {"checkpoint": str(model.path), "results": res["results"], "accuracy": acc}
+            out = {"checkpoint": str(Path(model.path).resolve()), "results": res["results"], "accuracy": acc}
             if args.output_path:
                 Path(args.output_path).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.output_path).write_text(json.dumps(res, indent=1, default=str))
@@ -285,7 +285,7 @@ def run(args) -> Optional[dict]:
                 return None
             out = {r.task: {"accuracy": r.accuracy, "n": r.n, **r.metrics} for r in results}
             out["prompt"] = {"template": model.prompt_template, "source": model.prompt_source}
-            out["checkpoint"] = str(model.path)
+            out["checkpoint"] = str(Path(model.path).resolve())
             if args.output_path:
                 _write_atomic(Path(args.output_path), json.dumps(
                     {**{r.task: {**out[r.task], "predictions": r.predictions} for r in results},

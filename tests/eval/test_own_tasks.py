@@ -56,6 +56,7 @@ def test_own_task_with_either_store_spelling_and_prompt_override(tiny_checkpoint
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["generic"]["n"] == 1
     assert out["prompt"] == {"template": "\n{question}?", "source": "--prompt"}
+    assert out["checkpoint"] == str(tiny_checkpoint.resolve())  # every result names its checkpoint
 
 
 def test_misuse_fails_before_loading(tmp_path, capsys):
