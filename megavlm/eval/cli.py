@@ -25,7 +25,10 @@ overrides it. Results and reports name the template and where it came from.
 Own questions: ``eval vision --task generic --questions Q.jsonl --embeds PREFIX`` (one JSON object a
 line: ``{"question_id", "image", "question", "answers": [...]}``; ``image`` is a key of the store
 made by tools/encode_images.py, PREFIX its ``--output``), and ``eval all --extra-task
-generic:Q.jsonl:PREFIX`` (repeatable) adds such a task to the report. ``--questions`` / ``--embeds``
+generic:Q.jsonl:PREFIX[:CHANCE]`` (repeatable) adds such a task to the report, listed apart from the
+stable score with chance CHANCE (default 0). Own tasks are checked before the model loads and need
+no demo corpus (without one, and without ``--demo-root``, only they run). The report's answers to
+every question are written beside it (``….answers.jsonl``). ``--questions`` / ``--embeds``
 without ``--task`` are an error (they would be ignored).
 
 ``--suite paper`` runs the paper's vision suite from the benchmarks' published files under

@@ -9,8 +9,11 @@ loader, megavlm.data.sources, because P belongs to the encoder, not to the text)
     ... more turns ...
     [EOD]                                  trained
 
-Only model answers (plus their closing SEP and the final EOD) are targets. The ``<image>`` tag is
-removed from the first human turn; the image goes first in the sample. Bad records (no model
+Only model answers (plus their closing SEP and the final EOD) are targets. Human turns are built by
+megavlm.data.prompt.user_turn (``<image>`` removed, outer whitespace stripped), the function
+evaluation asks questions through, so evaluation prompts are training prefixes token for token;
+the image goes first in the sample. Images are referenced by their key in the embedding store,
+whose fingerprint the set records (a re-encoded store is detected when the set is opened). Bad records (no model
 answer, unknown role, ``<image>`` without an image, image missing from the store) raise errors
 naming the file and the record.
 """
