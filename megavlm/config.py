@@ -682,12 +682,15 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
             else:
                 node = node[idx]
         else:
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted}: {'.'.join(parts[:i]) or 'config'} is "
+                                  f"{node!r}, not a mapping")
             if last:
                 node[p] = value
             else:
-                node = node.setdefault(p, {})
-                if node is None:
-                    node = {}
+                if node.get(p) is None:  # absent or YAML null: the override creates the section
+                    node[p] = {}
+                node = node[p]
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -100,3 +100,34 @@ def test_stage_optimizer_resolves_overrides():
     assert StageConfig(tokens=1).optimizer(t).weight_decay == 0.1
     o = StageConfig(tokens=1, weight_decay=0.0, adam_beta2=0.999).optimizer(t)
     assert (o.weight_decay, o.adam_beta2, o.adam_beta1, o.grad_clip) == (0.0, 0.999, t.adam_beta1, t.grad_clip)
+
+
+def test_override_below_a_yaml_null_creates_the_section(tmp_path):
+    """``train.wandb.project=x`` over ``wandb: null`` used to be dropped (the override went into a
+    detached dict); the same held for ``schedule.source`` below ``source: null``."""
+    import yaml
+
+    from megavlm.config import load_config
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "train": {"wandb": None},
+        "stages": [{"name": "text", "tokens": 1000},
+                   {"name": "img", "tokens": 1000, "init": {"path": "/x"},
+                    "schedule": {"kind": "continue", "source": None}}]}))
+    run = load_config(recipe, ["train.wandb.project=x", "stages.img.schedule.source.peak=0.01",
+                               "stages.img.schedule.source.final=1e-5",
+                               "stages.img.schedule.source.warmup_steps=5",
+                               "stages.img.schedule.source.steps=100",
+                               "stages.img.schedule.source.fraction=0.8"])
+    assert run.train.wandb is not None and run.train.wandb.project == "x"
+    assert run.stage("img").schedule.source.fraction == 0.8
+
+
+def test_override_into_a_scalar_is_an_error_naming_it(tmp_path):
+    import pytest
+
+    from megavlm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="seed"):
+        load_config(None, ["seed.x=1"])
