@@ -166,12 +166,36 @@ def _marker(data: DataConfig) -> Path:
     return data.resolve("demo.json")
 
 
-def corpus_sets(data: DataConfig) -> dict[str, Path]:
-    """The prefixes the demo corpus writes (each also with a ``_heldout`` twin): the first text and
-    caption set of ``data`` and the first instruction set that is not the short-answer VQA set
-    (that one is built on top of the corpus by megavlm.demo.short_vqa)."""
+def demo_set_names() -> dict[str, tuple[str, ...]]:
+    """Per kind, the set names the demo builder makes (each also as a ``_heldout`` twin; the
+    short-answer VQA set is built on top of the corpus by megavlm.demo.short_vqa)."""
     from megavlm.demo.short_vqa import NAME as SHORT_VQA
 
+    base = {"text": ("text",), "captions": ("captions",), "instructions": ("instructions", SHORT_VQA)}
+    return {k: tuple(n + suffix for n in names for suffix in ("", "_heldout")) for k, names in base.items()}
+
+
+def check_set_names(data: DataConfig) -> None:
+    """Refuse a ``build: demo`` recipe that names a set the builder does not make: a typo such as
+    ``data.instructions=[instuctions]`` used to build a fresh copy under the typo'd name and train on
+    it. Raises ConfigError naming the key, the set and the sets the builder makes."""
+    from megavlm.config import ConfigError
+
+    made = demo_set_names()
+    bad = [f"data.{kind}: {name!r}" for kind in made for name in getattr(data, kind) if name not in made[kind]]
+    if bad:
+        raise ConfigError("data.build=demo builds only its own sets; " + ", ".join(bad)
+                          + " is not one of them (it makes " + "; ".join(
+                              f"{k}: {', '.join(v)}" for k, v in made.items()) + ")")
+
+
+def corpus_sets(data: DataConfig) -> dict[str, Path]:
+    """The prefixes the demo corpus writes (each also with a ``_heldout`` twin): text, captions and
+    instructions (the short-answer VQA set is built on top of them by megavlm.demo.short_vqa). A set
+    name the builder does not make is an error (:func:`check_set_names`)."""
+    from megavlm.demo.short_vqa import NAME as SHORT_VQA
+
+    check_set_names(data)
     inst = next((n for n in data.instructions if n != SHORT_VQA), "instructions")
     return {"text": data.resolve(data.text[0] if data.text else "text"),
             "captions": data.resolve(data.captions[0] if data.captions else "captions"),

@@ -101,3 +101,29 @@ def test_real_demo_corpus_builds_once_and_loads(tmp_path):
     b = ld.next_step()[0]
     assert b.tokens.max() < 8192 and b.image_embeds is not None and b.image_embeds.shape[1:] == (16, 1280)
     assert ld.tokenizer.decode(b.tokens[0, :40].tolist())
+
+
+def test_a_set_the_demo_builder_does_not_make_is_refused_before_anything_is_built(tmp_path, capsys):
+    """``data.instructions=[instuctions]`` (a typo) used to build a fresh copy of the demo
+    instructions under that name and train on it."""
+    from megavlm.cli import main
+
+    root = tmp_path / "demo"
+    rc = main(["train", "--config", "launch/configs/tiny.yaml", "data.instructions=[instuctions]",
+               f"data.root={root}", f"run_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert "'instuctions'" in err and "instructions, instructions_heldout, instructions_vqa" in err
+    assert not root.exists() and not (tmp_path / "run").exists()
+
+
+def test_the_demo_recipes_name_only_sets_the_builder_makes():
+    from pathlib import Path
+
+    from megavlm.config import load_config
+
+    recipes = [p for p in sorted(Path("launch/configs").glob("*.yaml"))
+               if load_config(p).data.build == "demo"]
+    assert recipes
+    for p in recipes:
+        corpus.check_set_names(load_config(p).data)
