@@ -31,12 +31,12 @@ def _load(args):
 
 
 def cmd_plan(args) -> int:
-    from megavlm.train.schedule import plan
+    from megavlm.train.plan import describe_run
 
     run = _load(args)
     if args.check:
         return _check(run, args)
-    p = plan(run)
+    p = describe_run(run)
     if args.memory:
         from megavlm.model.memory import recipe_memory
 

@@ -25,6 +25,7 @@ import yaml
 
 from megavlm.config import RunConfig
 from megavlm.data.indexed import DataError
+from megavlm.train.plan import loader_spec
 
 KINDS = ("text", "captions", "instructions")
 BYTES_PER_PARAM = 16
@@ -99,13 +100,14 @@ def check_data(run: RunConfig) -> list[str]:
 
     problems, tok = check_tokenizer(run)
     d, v = run.data, run.model.vision
-    kw = dict(embed_dim=v.embed_dim, num_patches=v.num_patches, seq_length=run.model.seq_length,
-              too_long=d.too_long, encoder=v.encoder)
-    opened: dict[tuple[str, str], object] = {}
+    opened: dict[tuple[str, str, int], object] = {}
     for st in run.stages:
+        spec = loader_spec(run, st)  # the stage's own row length, as its loader will read the sets
+        kw = dict(embed_dim=v.embed_dim, num_patches=v.num_patches, seq_length=spec.seq_length,
+                  too_long=d.too_long, encoder=v.encoder)
         stage_sources = []
         for kind in KINDS:
-            if getattr(st.mixture, kind) <= 0:
+            if getattr(spec.mixture, kind) <= 0:
                 continue
             names = getattr(d, kind)
             if not names:
@@ -114,7 +116,7 @@ def check_data(run: RunConfig) -> list[str]:
                 continue
             for name in names:
                 prefix = d.resolve(name)
-                key = (kind, str(prefix))
+                key = (kind, str(prefix), spec.seq_length if kind != "text" else 0)
                 if key not in opened:
                     try:
                         if kind == "text":

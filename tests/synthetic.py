@@ -39,12 +39,12 @@ class SyntheticLoader(SyntheticSteps):
 
 
 def factory(run):
-    def make(stage, parallel, nmb):
-        return SyntheticLoader(seed=run.seed, seq=run.stage_seq_length(stage),
+    def make(spec, parallel, nmb):
+        return SyntheticLoader(seed=spec.seed, seq=spec.seq_length,
                                micro_batch=run.train.micro_batch_size, num_microbatches=nmb,
                                dp_rank=parallel.dp_rank, dp_size=parallel.dp,
                                patches=run.model.vision.num_patches, width=run.model.vision.embed_dim,
-                               images=stage.mixture.captions > 0)
+                               images=spec.mixture.captions > 0)
     return make
 
 

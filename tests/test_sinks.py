@@ -16,7 +16,7 @@ from megavlm.config import ConfigError, load_config
 from megavlm.train import checkpoint as ckpt
 from megavlm import sinks
 from megavlm.train import loop
-from megavlm.train.schedule import resolve_schedules, stage_steps
+from megavlm.train.plan import plan_run
 from tests import synthetic
 
 STEPS = 3
@@ -67,8 +67,8 @@ def logged(parallel1, tmp_path_factory):
         run = _run(tmp, tensorboard_dir="tb", wandb={"project": "megavlm-test", "mode": "offline", "dir": str(tmp / "wb")})
         (tmp / "run").mkdir()
         st = run.stages[0]
-        sched = resolve_schedules(run, {st.name: stage_steps(run, st)})[st.name]
-        loop.StageTrainer(run, st, sched, parallel1, synthetic.factory(run), log=lambda s: None).train()
+        sched = plan_run(run)[st.name]
+        loop.StageTrainer(run, sched, parallel1, synthetic.factory(run), log=lambda s: None).train()
     finally:
         mp.undo()
     lines = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -122,7 +122,8 @@ def bench_loader(work: Path, sz: Sizes) -> list[LoaderResult]:
     import torch
 
     from megavlm.config import DataConfig, MixtureConfig, VisionConfig
-    from megavlm.data.mixture import StageLoader
+    from megavlm.data.mixture import LoaderSpec
+    from megavlm.train.plan import build_loader
 
     torch.set_num_threads(1)
     root = synthetic_corpus(work, sz)
@@ -131,9 +132,9 @@ def bench_loader(work: Path, sz: Sizes) -> list[LoaderResult]:
     out = []
     for seq in sz.seqs:
         for name, text, caps in MIXTURES:
-            ld = StageLoader(data, MixtureConfig(text=text, captions=caps), seq_length=seq,
-                             micro_batch_size=sz.micro_batch, num_microbatches=sz.num_microbatches,
-                             dp_rank=0, dp_size=1, seed=0, stage="bench", vision=vision)
+            spec = LoaderSpec(stage="bench", data=data, mixture=MixtureConfig(text=text, captions=caps),
+                              vision=vision, seq_length=seq, seed=0)
+            ld = build_loader(spec, micro_batch_size=sz.micro_batch, num_microbatches=sz.num_microbatches)
             ld.next_step()
             img = 0
             w0, c0 = time.perf_counter(), time.process_time()

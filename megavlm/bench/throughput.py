@@ -140,7 +140,7 @@ class TimedLoader:
 
     @property
     def last_stats(self) -> dict:
-        return getattr(self.inner, "last_stats", {})
+        return self.inner.last_stats
 
 
 # ------------------------------------------------------------------------------------ cases
@@ -201,7 +201,7 @@ def unavailable(case: Case, cuda: bool, te: bool) -> Optional[str]:
 def run_case(base: RunConfig, case: Case, parallel, steps: int, warmup: int,
              attention: str = "full") -> Result:
     from megavlm.train.loop import StageTrainer
-    from megavlm.train.schedule import resolve_schedules, stage_steps
+    from megavlm.train.plan import plan_run
     from megavlm.train.stages import default_loader_factory
 
     res = Result(case)
@@ -209,19 +209,19 @@ def run_case(base: RunConfig, case: Case, parallel, steps: int, warmup: int,
     with tempfile.TemporaryDirectory(prefix="megavlm-bench-") as tmp:
         run = case_config(base, case, warmup + steps + 1, tmp)
         st = run.stages[0]
-        sched = resolve_schedules(run, {st.name: stage_steps(run, st)})[st.name]
+        plan = plan_run(run)[st.name]
         real = default_loader_factory(run) if case.data == "real" else None
         loaders: list[TimedLoader] = []
 
-        def factory(stage, par, nmb):
-            inner = real(stage, par, nmb) if real else SyntheticRows(run, case.stage, nmb, par.dp_rank)
+        def factory(spec, par, nmb):
+            inner = real(spec, par, nmb) if real else SyntheticRows(run, case.stage, nmb, par.dp_rank)
             loaders.append(TimedLoader(inner, run.model.vision.num_patches))
             return loaders[-1]
 
         from megavlm.model.specs import select_backend
 
         res.backend = select_backend(run.model.backend)
-        trainer = StageTrainer(run, st, sched, parallel, factory, log=lambda s: None)
+        trainer = StageTrainer(run, plan, parallel, factory, log=lambda s: None)
         out = trainer.train(stop_after=warmup + steps + 1)
         res.last_loss = out.last_loss
         (ld,) = loaders

@@ -237,13 +237,42 @@ class MixturePlanner:
         return out
 
 
-class StageLoader:
-    """This data-parallel rank's microbatches of one stage, step by step (see module docstring)."""
+@dataclass(frozen=True)
+class LoaderSpec:
+    """Everything a stage's loader is built from, resolved once per stage by
+    megavlm.train.plan (``StagePlan.loader``); :func:`megavlm.train.plan.build_loader` is the one
+    place a StageLoader is made from it, adding only this rank's place in the data-parallel layout."""
 
-    def __init__(self, data: DataConfig, mixture: MixtureConfig, *, seq_length: int,
-                 micro_batch_size: int, num_microbatches: int, dp_rank: int, dp_size: int,
-                 seed: int, stage: str, vision: VisionConfig, epochs: Optional[int] = None,
-                 examples_per_row: Optional[int] = None, pack_window: int = 1):
+    stage: str
+    """Stage name (part of the data order's seed)."""
+    data: DataConfig
+    """Where the prepared sets are, and what to do with a sample longer than a row."""
+    mixture: MixtureConfig
+    """Fractions of the stage's positions per kind of source."""
+    vision: VisionConfig
+    """Embedding width / patch count / encoder the caption stores must have."""
+    seq_length: int
+    """The stage's row length (its own seq_length, else model.seq_length)."""
+    seed: int
+    """The run's seed."""
+    epochs: Optional[int] = None
+    """Passes the stage makes (the loader then counts the positions of one pass up front)."""
+    examples_per_row: Optional[int] = None
+    """1 when a stage counts its batch in examples (one conversation per row), else None."""
+    pack_window: int = 1
+    """Best-fit packing window (1 = strictly in order)."""
+
+
+class StageLoader:
+    """This data-parallel rank's microbatches of one stage, step by step (see module docstring).
+    Built by megavlm.train.plan.build_loader from the stage's :class:`LoaderSpec`."""
+
+    def __init__(self, spec: LoaderSpec, *, micro_batch_size: int, num_microbatches: int,
+                 dp_rank: int, dp_size: int):
+        data, mixture, vision, seq_length = spec.data, spec.mixture, spec.vision, spec.seq_length
+        seed, stage, epochs = spec.seed, spec.stage, spec.epochs
+        examples_per_row, pack_window = spec.examples_per_row, spec.pack_window
+        self.spec = spec
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
         self.seq_length = seq_length

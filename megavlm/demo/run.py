@@ -65,7 +65,7 @@ def train_chain(config: Path, overrides: list[str], run_dir: Path, parallel,
     from megavlm.config import load_config
     from megavlm.experiment.grid import branch_overrides, roles
     from megavlm.experiment.plan import link_stages
-    from megavlm.train.schedule import stage_steps
+    from megavlm.train.plan import plan_run
     from megavlm.train.stages import run_stages
 
     base = load_config(config, overrides)
@@ -79,7 +79,7 @@ def train_chain(config: Path, overrides: list[str], run_dir: Path, parallel,
         run = load_config(config, overrides + extra + [f"run_dir={rd}"])
         if links:
             link_stages(rd, links)
-        bars = StageBars({s.name: stage_steps(run, s) for s in run.stages}, prefix=f"{name}: ")
+        bars = StageBars({n: p.steps for n, p in plan_run(run).items()}, prefix=f"{name}: ")
         try:
             run_stages(run, parallel, only=only, log=bars.write, observer=bars.observe)
         finally:
@@ -153,11 +153,12 @@ def write_outputs(run_dir: Path, base, branches: dict[str, Path], scores: dict[s
     """Plots, summary.md and summary.json in the run directory; returns the markdown and plot paths."""
     from megavlm.experiment.grid import roles
     from megavlm.experiment.plots import demo_figures, read_metrics
-    from megavlm.train.schedule import stage_steps
+    from megavlm.train.plan import plan_run
 
     r = roles(base)
     text = read_metrics(run_dir / SHARED).get(r.text, [])
-    text_tokens = stage_steps(base, base.stage(r.text)) * base.train.global_batch_size * base.model.seq_length
+    text_plan = plan_run(base)[r.text]
+    text_tokens = text_plan.steps * text_plan.tokens_per_step  # positions, at the stage's own row length
     fractions = dict(BRANCHES)
     info = {n: {"metrics": {k: v for k, v in read_metrics(rd).items() if k != r.text},
                 "start_fraction": fractions[n], "stages": [r.image, r.sft]} for n, rd in branches.items()}

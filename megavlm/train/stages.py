@@ -12,25 +12,19 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from megavlm.config import RunConfig, StageConfig
+from megavlm.config import RunConfig, num_microbatches
 from megavlm.parallel.state import Parallel
 from megavlm.train.loop import LoaderFactory, StageOutcome, StageTrainer
-from megavlm.train.budget import training_steps
-from megavlm.train.schedule import num_microbatches, resolve_schedules
+from megavlm.data.mixture import LoaderSpec
+from megavlm.train.plan import build_loader, plan_run
 
 
 def default_loader_factory(run: RunConfig) -> LoaderFactory:
     """Loaders over the prepared data of ``run.data`` (built before training: megavlm.prepare)."""
-    from megavlm.data.mixture import StageLoader
 
-    def make(stage: StageConfig, parallel: Parallel, num_microbatches: int):
-        return StageLoader(run.data, stage.mixture, seq_length=run.stage_seq_length(stage),
-                           micro_batch_size=run.train.micro_batch_size,
-                           num_microbatches=num_microbatches, dp_rank=parallel.dp_rank,
-                           dp_size=parallel.dp, seed=run.seed, stage=stage.name,
-                           vision=run.model.vision, epochs=stage.epochs,
-                           examples_per_row=1 if stage.batch_unit == "examples" else None,
-                           pack_window=stage.pack_window)
+    def make(spec: LoaderSpec, parallel: Parallel, num_microbatches: int):
+        return build_loader(spec, micro_batch_size=run.train.micro_batch_size,
+                            num_microbatches=num_microbatches, dp_rank=parallel.dp_rank, dp_size=parallel.dp)
 
     return make
 
@@ -49,16 +43,19 @@ def run_stages(run: RunConfig, parallel: Parallel, loader_factory: Optional[Load
         preflight.record_run(run, data=loader_factory is None)
     parallel.barrier()
     factory = loader_factory or default_loader_factory(run)
-    steps = {}
-    nmb = num_microbatches(run.train, parallel.dp)
-    for st in run.stages:  # budgets: positions, real tokens or epochs (megavlm.train.budget)
-        steps[st.name] = training_steps(run, st, factory, parallel, nmb)
-    scheds = resolve_schedules(run, steps)
+    sizer = None
+    if loader_factory is not None:  # test / benchmark loaders size the stages they feed
+        nmb = num_microbatches(run.train, parallel.dp)
+        sizer = lambda st, spec: loader_factory(spec, parallel, nmb)  # noqa: E731
+    # budgets (positions, real tokens or epochs), schedules, checkpoints: megavlm.train.plan,
+    # the same resolution `megavlm plan` prints (with the data present, the same steps)
+    plans = plan_run(run, sizer=sizer)
     out = []
     for st in run.stages:
         if only and st.name not in only:
             continue
-        trainer = StageTrainer(run, st, scheds[st.name], parallel, factory, log=log if parallel.is_logging_rank else (lambda s: None))
+        trainer = StageTrainer(run, plans[st.name], parallel, factory,
+                               log=log if parallel.is_logging_rank else (lambda s: None))
         out.append(trainer.train(stop_after=stop_after, observer=observer))
         if stop_after is not None and not out[-1].skipped:
             break

@@ -84,7 +84,8 @@ def _have_assets() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _have_assets(), reason="needs apt-get or the cached demo .deb files")
 def test_real_demo_corpus_builds_once_and_loads(tmp_path):
-    from megavlm.data.mixture import StageLoader
+    from megavlm.data.mixture import LoaderSpec
+    from megavlm.train.plan import build_loader
 
     data = DataConfig(root=str(tmp_path / "demo"), build="demo", instructions=["instructions"])
     vision = VisionConfig(embed_dim=1280, num_patches=16)
@@ -94,9 +95,9 @@ def test_real_demo_corpus_builds_once_and_loads(tmp_path):
     assert time.perf_counter() - t < 1.0
     for name in ("text_heldout.idx", "captions_heldout.embeds.json", "instructions_heldout.meta.json"):
         assert (tmp_path / "demo" / name).is_file()
-    ld = StageLoader(data, MixtureConfig(text=0.5, captions=0.3, instructions=0.2), seq_length=256,
-                     micro_batch_size=2, num_microbatches=2, dp_rank=0, dp_size=1, seed=0, stage="x",
-                     vision=vision)
+    ld = build_loader(LoaderSpec(stage="x", data=data, vision=vision, seq_length=256, seed=0,
+                                 mixture=MixtureConfig(text=0.5, captions=0.3, instructions=0.2)),
+                      micro_batch_size=2, num_microbatches=2)
     assert ld.tokenizer.vocab_size == 8192
     b = ld.next_step()[0]
     assert b.tokens.max() < 8192 and b.image_embeds is not None and b.image_embeds.shape[1:] == (16, 1280)

@@ -17,7 +17,7 @@ from megavlm.config import load_config
 from megavlm.train import checkpoint as ckpt
 from megavlm.train import loop
 from megavlm.train.preemption import EXIT_PREEMPTED, Preempted
-from megavlm.train.schedule import resolve_schedules, stage_steps
+from megavlm.train.plan import plan_run
 from tests import synthetic
 from tests.dist import launch, losses
 
@@ -33,10 +33,10 @@ def _raw(run_dir, **train) -> dict:
 def _trainer(parallel1, tmp_path, **train):
     run = load_config(raw=_raw(tmp_path / "run", **train))
     st = run.stages[0]
-    sched = resolve_schedules(run, {st.name: stage_steps(run, st)})[st.name]
+    sched = plan_run(run)[st.name]
     (tmp_path / "run").mkdir()
     logs: list[str] = []
-    return run, loop.StageTrainer(run, st, sched, parallel1, synthetic.factory(run), log=logs.append), logs
+    return run, loop.StageTrainer(run, sched, parallel1, synthetic.factory(run), log=logs.append), logs
 
 
 def _complete(run) -> list[str]:
