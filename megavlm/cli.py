@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "disk) and list every problem; trains and writes nothing")
             s.add_argument("--force-config", action="store_true",
                            help="continue a run folder made with another config or other data "
-                                "(megavlm.preflight.IGNORED_KEYS never count as a change)")
+                                "(megavlm.preflight.non_identity_keys never count as a change)")
     d = sub.add_parser("demo")
     d.add_argument("--run-dir", default="runs/demo")
     d.add_argument("--config", default=None, help="recipe (default launch/configs/demo.yaml)")

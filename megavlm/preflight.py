@@ -16,6 +16,7 @@ folder is touched, and ``megavlm.train.stages.run_stages`` for library users.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -240,13 +241,36 @@ def require_ready(run: RunConfig, *, output: bool = True, hint: Optional[str] = 
 # ------------------------------------------------------------------ an existing run folder
 
 RECORDED_DATA = "data.json"
-IGNORED_KEYS = ("run_dir", "data.root", "train.log_every", "train.tensorboard_dir", "train.wandb",
-                "train.max_wall_minutes", "train.stop_signals", "train.on_nonfinite",
-                "train.spike_*", "train.on_spike", "stages.*.save_every", "parallel", "train.micro_batch_size")
-"""Keys a re-run may change without refusing to skip or resume: where things are written or
-logged and how often, the guards of a running job, where the data lies (its content is compared
-separately, by fingerprint), and the parallel layout and micro-batch size (checkpoints reshard
-across layouts and the global batch stays the same)."""
+def non_identity_keys() -> tuple[str, ...]:
+    """Dotted keys (``*`` for every stage) a re-run may change without refusing to skip or resume:
+    the config sections that declare ``IDENTITY = False`` (parallel layout, guard, preemption,
+    logging) and the fields marked ``NOT_IDENTITY`` (run_dir, data.root, train.micro_batch_size,
+    stages.*.save_every) — where things are written or logged and how often, the guards of a running
+    job, where the data lies (its content is compared separately, by fingerprint), and the layout
+    (checkpoints reshard; the global batch stays the same). Read from megavlm.config's dataclasses."""
+    import dataclasses
+    import typing
+
+    out: list[str] = []
+
+    def walk(cls, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key = prefix + f.name
+            if not f.metadata.get("identity", True):
+                out.append(key)
+                continue
+            tp = hints[f.name]
+            if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+                walk(typing.get_args(tp)[0], key + ".*.")
+            elif dataclasses.is_dataclass(tp):
+                if getattr(tp, "IDENTITY", True):
+                    walk(tp, key + ".")
+                else:
+                    out.append(key)
+
+    walk(RunConfig, "")
+    return tuple(out)
 
 
 class RunFolderError(DataError):
@@ -270,12 +294,21 @@ def _flatten(obj, prefix: str = "") -> dict[str, object]:
 def _ignored(key: str) -> bool:
     import fnmatch
 
-    return any(key == k or fnmatch.fnmatchcase(key, k) or key.startswith(k + ".") for k in IGNORED_KEYS)
+    return any(key == k or fnmatch.fnmatchcase(key, k) or fnmatchcase_prefix(key, k) for k in non_identity_keys())
+
+
+def fnmatchcase_prefix(key: str, pattern: str) -> bool:
+    import fnmatch
+
+    return fnmatch.fnmatchcase(key, pattern + ".*")
 
 
 def config_differences(recorded: dict, current: dict) -> list[str]:
-    """Dotted keys whose values differ (``IGNORED_KEYS`` left out), as 'key: old -> new'."""
-    a, b = _flatten(recorded), _flatten(current)
+    """Dotted keys whose values differ (:func:`non_identity_keys` left out), as 'key: old -> new'.
+    A ``recorded`` config of the old layout (one train section) is read in the new one."""
+    from megavlm.config import migrate_legacy
+
+    a, b = _flatten(migrate_legacy(copy.deepcopy(recorded), warn=False)), _flatten(current)
     out = []
     for k in sorted(set(a) | set(b)):
         if _ignored(k) or a.get(k, "<unset>") == b.get(k, "<unset>"):

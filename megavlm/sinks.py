@@ -29,12 +29,12 @@ def _missing(module: str) -> bool:
 
 def check_available(run: RunConfig) -> None:
     """Raise ConfigError (one line) when the config asks for a sink whose package is absent."""
-    t = run.train
+    t = run.logging
     if t.tensorboard_dir is not None and _missing("tensorboard"):
-        raise ConfigError("train.tensorboard_dir is set but the tensorboard package is not installed "
+        raise ConfigError("logging.tensorboard_dir is set but the tensorboard package is not installed "
                           "(pip install tensorboard, or pip install 'megavlm[logging]')")
     if t.wandb is not None and t.wandb.mode != "disabled" and _missing("wandb"):
-        raise ConfigError("train.wandb is set but the wandb package is not installed "
+        raise ConfigError("logging.wandb is set but the wandb package is not installed "
                           "(pip install wandb, or pip install 'megavlm[logging]'; or wandb.mode=disabled)")
 
 
@@ -47,7 +47,7 @@ class Sinks:
             return
         check_available(run)
         root = Path(run.run_dir)
-        t = run.train
+        t = run.logging
         if t.tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -128,7 +128,7 @@ def log_eval_report(report: dict) -> bool:
     if not (ck / CONFIG).is_file():
         return False
     run = load_config(ck / CONFIG)
-    if run.train.tensorboard_dir is None and (run.train.wandb is None or run.train.wandb.mode == "disabled"):
+    if run.logging.tensorboard_dir is None and (run.logging.wandb is None or run.logging.wandb.mode == "disabled"):
         return False
     import json
     import warnings

@@ -98,7 +98,7 @@ def test_output_folder_and_disk(tmp_path, corpus, monkeypatch):  # noqa: F811
 
 def test_config_differences_ignore_harmless_keys():
     a = {"run_dir": "a", "train": {"log_every": 1, "lr": 1}, "stages": [{"name": "text", "tokens": 5, "save_every": 1}]}
-    b = {"run_dir": "b", "train": {"log_every": 9, "lr": 1}, "stages": [{"name": "text", "tokens": 6, "save_every": 3}]}
+    b = {"run_dir": "b", "train": {"lr": 1}, "logging": {"log_every": 9}, "stages": [{"name": "text", "tokens": 6, "save_every": 3}]}
     assert preflight.config_differences(a, b) == ["stages.text.tokens: 5 -> 6"]
 
 
@@ -111,7 +111,7 @@ def test_run_folder_of_another_config_or_data_is_refused(tmp_path, corpus):  # n
     step.mkdir(parents=True)
     (step / "meta.json").write_text(json.dumps({"stage": "text", "step": 1, "steps": 3}))
     assert preflight.check_run_folder(run) == []
-    assert preflight.check_run_folder(load_config(_recipe(tmp_path, root), ["train.log_every=7"])) == []
+    assert preflight.check_run_folder(load_config(_recipe(tmp_path, root), ["logging.log_every=7"])) == []
     assert preflight.check_run_folder(load_config(_recipe(tmp_path, root), ["train.micro_batch_size=4"])) == []
     changed = load_config(_recipe(tmp_path, root), ["stages.1.tokens=1024"])
     with pytest.raises(preflight.RunFolderError, match=r"stages.image.tokens: 768 -> 1024.*--force-config"):

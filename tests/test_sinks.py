@@ -122,15 +122,15 @@ def test_absent_package_is_a_one_line_error_before_training(tmp_path, monkeypatc
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("tensorboard", "wandb") else real(name, *a))
-    with pytest.raises(ConfigError, match=r"train.tensorboard_dir is set but the tensorboard package is not installed"):
+    with pytest.raises(ConfigError, match=r"logging.tensorboard_dir is set but the tensorboard package is not installed"):
         sinks.check_available(_run(tmp_path, tensorboard_dir="tb"))
-    with pytest.raises(ConfigError, match=r"train.wandb is set but the wandb package is not installed"):
+    with pytest.raises(ConfigError, match=r"logging.wandb is set but the wandb package is not installed"):
         sinks.check_available(_run(tmp_path, wandb={"mode": "offline"}))
     sinks.check_available(_run(tmp_path, wandb={"mode": "disabled"}))  # disabled needs nothing
 
 
 def test_wandb_config_is_typed():
-    with pytest.raises(ConfigError, match=r"train.wandb.mode: 'cloud' is not one of"):
+    with pytest.raises(ConfigError, match=r"logging.wandb.mode: 'cloud' is not one of"):
         load_config(raw={"train": {"wandb": {"mode": "cloud"}}, "stages": [{"name": "t", "tokens": 10}]})
 
 

@@ -44,7 +44,7 @@ def export(checkpoint: Path, out: Path, parallel, *, dtype: torch.dtype = torch.
     run = load_config(checkpoint / ckpt.CONFIG)
     run.parallel.tp = run.parallel.pp = 1
     run.parallel.vpp, run.parallel.sequence_parallel = None, False
-    run.train.fp8 = "none"
+    run.precision.fp8 = "none"
     chunks, _ = build_model(run, parallel, torch.float32, backend="local")
     ckpt.load_model_weights(checkpoint, chunks)
     full = full_tensors(chunks)

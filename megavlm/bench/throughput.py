@@ -179,14 +179,14 @@ def case_config(base: RunConfig, case: Case, steps: int, run_dir: str) -> RunCon
         first, name=case.stage, tokens=(steps + 2) * per_step, epochs=None, mixture=mixture,
         trainable="all", init=dataclasses.replace(first.init, stage=None, fraction=None, path=None),
         checkpoint_fractions=[1.0], save_every=0)
-    train = dataclasses.replace(base.train, log_every=10 ** 9)
+    logging = dataclasses.replace(base.logging, log_every=10 ** 9)
     if case.precision == "fp32":
-        train = dataclasses.replace(train, precision="fp32", fp8="none")
+        precision = dataclasses.replace(base.precision, dtype="fp32", fp8="none")
     elif case.precision == "bf16":
-        train = dataclasses.replace(train, precision="bf16", fp8="none")
+        precision = dataclasses.replace(base.precision, dtype="bf16", fp8="none")
     else:
-        train = dataclasses.replace(train, precision="bf16", fp8=case.precision.split("-", 1)[1])
-    return dataclasses.replace(base, run_dir=run_dir, stages=[stage], train=train)
+        precision = dataclasses.replace(base.precision, dtype="bf16", fp8=case.precision.split("-", 1)[1])
+    return dataclasses.replace(base, run_dir=run_dir, stages=[stage], logging=logging, precision=precision)
 
 
 def unavailable(case: Case, cuda: bool, te: bool) -> Optional[str]:

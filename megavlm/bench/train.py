@@ -87,7 +87,7 @@ def bench_config(config: Path, overrides: Sequence[str], total_steps: int, run_d
     return dataclasses.replace(
         run, run_dir=run_dir, stages=[stage],
         parallel=dataclasses.replace(run.parallel, tp=1, pp=1, vpp=None, sequence_parallel=False),
-        train=dataclasses.replace(run.train, precision="fp32"))
+        precision=dataclasses.replace(run.precision, dtype="fp32"))
 
 
 def _stage_plan(run: RunConfig):
@@ -217,7 +217,7 @@ class Measured:
 def render(run: RunConfig, results: dict[str, Measured], info: dict[str, str], command: str,
            args) -> str:
     m, t = run.model, run.train
-    o = run.stages[0].optimizer(t)
+    o = _stage_plan(run).optimizer
     tokens = t.global_batch_size * m.seq_length
     mega, plain = results["megavlm"], results["plain"]
     ratio = plain.median() / mega.median()

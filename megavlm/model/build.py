@@ -24,14 +24,14 @@ from megavlm.parallel.state import Parallel
 
 
 def model_dtype(run: RunConfig) -> torch.dtype:
-    """Parameter dtype for ``train.precision`` on this host (auto: bf16 where the GPU has it)."""
-    p = run.train.precision
+    """Parameter dtype for ``precision.dtype`` on this host (auto: bf16 where the GPU has it)."""
+    p = run.precision.dtype
     if p == "fp32":
         return torch.float32
     bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if p == "bf16":
         if not bf16_ok and torch.cuda.is_available():
-            raise RuntimeError("train.precision=bf16 but this GPU has no bf16 support")
+            raise RuntimeError("precision.dtype=bf16 but this GPU has no bf16 support")
         return torch.bfloat16
     return torch.bfloat16 if bf16_ok else torch.float32
 
@@ -66,7 +66,7 @@ def build_model(run: RunConfig, parallel: Parallel, dtype: torch.dtype, backend:
     from megavlm.model.specs import select_backend, transformer_config
 
     backend = select_backend(backend or run.model.backend)
-    t = run.train
+    t = run.precision
     tc = transformer_config(run.model, run.parallel, dtype=dtype, batch_p2p_comm=parallel.p2p_batched,
                             backend=backend, fp8=t.fp8, fp8_format=t.fp8_format,
                             fp8_amax_history_len=t.fp8_amax_history_len)

@@ -88,7 +88,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: t
     """The megatron TransformerConfig of a recipe (DCLM choices spelled out). ``fp8`` is
     ``train.fp8`` and needs the te backend."""
     if fp8 != "none" and backend != "te":
-        raise RuntimeError(f"train.fp8={fp8} needs the Transformer Engine backend (TE and a CUDA "
+        raise RuntimeError(f"precision.fp8={fp8} needs the Transformer Engine backend (TE and a CUDA "
                            f"GPU); this run uses the {backend} layer spec")
     recompute = {"none": {}, "full": dict(recompute_granularity="full", recompute_method="uniform",
                                           recompute_num_layers=1),

@@ -170,7 +170,7 @@ class StageTrainer:
 
         Raises :class:`~megavlm.train.preemption.Preempted` (exit 75) after saving the stop
         checkpoint and :class:`~megavlm.train.guard.TrainingDiverged` (exit 1) on a guard stop."""
-        with StopRequests(self.run.train.stop_signals, self.run.train.max_wall_minutes) as stops, \
+        with StopRequests(self.run.preemption.stop_signals, self.run.preemption.max_wall_minutes) as stops, \
                 Sinks(self.run, self.parallel.is_logging_rank) as sinks:
             return self._train(stop_after, observer, stops, sinks)
 
@@ -227,7 +227,7 @@ class StageTrainer:
         last_loss = None
         end = T if stop_after is None else min(T, start + stop_after)
         wd = self.plan.optimizer.weight_decay
-        guard = LossGuard(run.train, stage.name, guard_window)
+        guard = LossGuard(run.guard, stage.name, guard_window)
         guard_grad_norm(optimizer)
         for step in range(start, end):
             t0 = time.perf_counter()
@@ -276,7 +276,7 @@ class StageTrainer:
             for note in (warn, skip and f"[{stage.name}] step {k}: skipped the update: {skip}"):
                 if note:
                     self.log(note)
-            if par.is_logging_rank and ((step + 1) % run.train.log_every == 0 or step + 1 == T):
+            if par.is_logging_rank and ((step + 1) % run.logging.log_every == 0 or step + 1 == T):
                 self.log(f"[{stage.name}] step {step + 1}/{T} loss {loss:.4f} lr {lr:.3e} "
                          f"grad {rec['grad_norm'] or 0:.3f} tok/s {rec['tokens_per_s']:.0f}")
             periodic = stage.save_every and k % stage.save_every == 0

@@ -126,7 +126,7 @@ def plan_run(run: RunConfig, *, sizer: Optional[Sizer] = None,
         out[st.name] = StagePlan(
             config=st, seq_length=S, tokens_per_step=tokens_per_step(run, S), budget=budget,
             schedule=_schedule(st, budget.steps, out), checkpoints=checkpoint_steps(st, budget.steps),
-            optimizer=st.optimizer(run.train), loader=spec)
+            optimizer=st.optimizer(run.optimizer), loader=spec)
     return out
 
 

@@ -1,5 +1,5 @@
 """Stopping a run cleanly on request: a stop signal (SLURM's warning ahead of a time limit or a
-preemption) or the run's own time budget (``train.max_wall_minutes``).
+preemption) or the run's own time budget (``preemption.max_wall_minutes``).
 
 Why a flag and an agreement: a signal may reach only some ranks, and a rank that stops alone
 hangs the others in their next collective. The handler therefore only records the request (it
@@ -29,7 +29,7 @@ EXIT_FILE_ENV = "MEGAVLM_EXIT_FILE"
 
 NONE, WALL, SIGNAL = 0, 1, 2
 """Stop requests, ordered so that the MAX over ranks keeps the most specific reason."""
-REASONS = {WALL: "time budget (train.max_wall_minutes)", SIGNAL: "stop signal"}
+REASONS = {WALL: "time budget (preemption.max_wall_minutes)", SIGNAL: "stop signal"}
 
 
 class Preempted(SystemExit):

@@ -53,7 +53,7 @@ def test_build_model_returns_the_config_its_chunks_hold(parallel1, tmp_path):
 def test_model_dtype(tmp_path):
     run = _run(tmp_path)
     assert model_dtype(run) == torch.float32
-    run.train.precision = "auto"
+    run.precision.dtype = "auto"
     want = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     assert model_dtype(run) == want
 

@@ -129,7 +129,7 @@ def test_nan_grad_stop_names_grad_norm(parallel1, tmp_path):
 
 def test_spike_rule_over_the_running_median(parallel1, tmp_path):
     run, _, _ = _setup(tmp_path, spike_factor=2.0, spike_window=3, on_spike="skip")
-    g = LossGuard(run.train, "text")
+    g = LossGuard(run.guard, "text")
     for x in (1.0, 3.0):
         assert g.judge_loss(1, x) == (None, None)
         g.accepted(x)
@@ -139,12 +139,12 @@ def test_spike_rule_over_the_running_median(parallel1, tmp_path):
     skip, _ = g.judge_loss(5, 4.5)
     assert skip.startswith("loss spike (4.5 > 2.0 x running median 2")
     assert g.state() == [1.0, 3.0, 2.0]  # skipped losses never join the window
-    warn = LossGuard(load_config(raw={**_raw(tmp_path), "train": {**_raw(tmp_path)["train"], "spike_factor": 2.0,
-                                                                   "spike_window": 1, "on_spike": "warn"}}).train,
+    warn = LossGuard(load_config(raw={**_raw(tmp_path), "guard": {"spike_factor": 2.0, "spike_window": 1,
+                                                                   "on_spike": "warn"}}).guard,
                      "text", window=[1.0])
     skip, note = warn.judge_loss(7, 3.0)
     assert skip is None and "loss spike 3 > 2.0 x running median 1" in note
-    stop = LossGuard(run.train.__class__(**{**run.train.__dict__, "on_spike": "stop"}), "text", window=[1.0, 1.0, 1.0])
+    stop = LossGuard(run.guard.__class__(**{**run.guard.__dict__, "on_spike": "stop"}), "text", window=[1.0, 1.0, 1.0])
     with pytest.raises(TrainingDiverged, match=r"\[text\] step 9: loss=5.0 > 2.0 x running median 1.*on_spike=stop"):
         stop.judge_loss(9, 5.0)
 
@@ -156,11 +156,11 @@ def _raw(tmp_path):
 
 
 def test_guard_config_is_checked():
-    from megavlm.config import ConfigError, TrainConfig
+    from megavlm.config import ConfigError, GuardConfig, PreemptionConfig
 
     with pytest.raises(ConfigError, match="spike_factor=0.5 must be > 1"):
-        TrainConfig(spike_factor=0.5)
+        GuardConfig(spike_factor=0.5)
     with pytest.raises(ConfigError, match="'SIGFOO' is not a signal name"):
-        TrainConfig(stop_signals=["SIGFOO"])
+        PreemptionConfig(stop_signals=["SIGFOO"])
     with pytest.raises(ConfigError, match="max_wall_minutes=0"):
-        TrainConfig(max_wall_minutes=0)
+        PreemptionConfig(max_wall_minutes=0)

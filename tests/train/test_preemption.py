@@ -58,7 +58,7 @@ def test_time_budget_saves_and_exits_75(parallel1, tmp_path, monkeypatch):
     assert _complete(run) == ["step_0000001"]
     assert json.loads((ckpt.stage_dir(run.run_dir, "text") / "step_0000001" / "meta.json").read_text())["step"] == 1
     assert exit_file.read_text().strip() == "75"
-    assert "[text] stopped at step 1 on time budget (train.max_wall_minutes)" in logs[-1]
+    assert "[text] stopped at step 1 on time budget (preemption.max_wall_minutes)" in logs[-1]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are restored afterwards
 
 
