@@ -34,7 +34,7 @@ SMOKE = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=12
 def test_smoke_sweep_end_to_end(tmp_path):
     out = tmp_path / "sw"
     args = ["--config", str(TINY), "--grid", "fraction=0.8,1.0", "--out", str(out), "--jobs", "2",
-            "--eval-limit", "4", "--epoch-tokens", "512"] + SMOKE
+            "--eval-limit", "4"] + SMOKE
     assert sweep_main(args) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["cells_finished"] == 2 == res["cells"]

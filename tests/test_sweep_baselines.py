@@ -77,3 +77,17 @@ def test_epochs_grid_uses_examples(tmp_path):
             assert sft.epochs == j.cell["epochs"] and sft.batch_unit == "examples"
             steps = describe_run(cfg)["stages"][2]["steps"]
             assert steps == -(-j.cell["epochs"] * 665000 // 256)  # 2598 for 1 epoch, 10391 for 4
+
+
+def test_a_cell_sets_the_fine_tuning_epochs_not_a_token_count(tmp_path):
+    """The sweep used to turn epochs into a stages.<sft>.tokens override through its own epoch sizing
+    (at model.seq_length); now a cell sets epochs and the stage plan sizes it from its data."""
+    run = load_config(TINY)
+    full = validate(run, {"epochs": [2]})
+    write_plan(tmp_path, str(TINY), [], full, build_jobs(run, full, tmp_path), None)
+    p = read_plan(tmp_path)
+    assert "epoch_tokens" not in p
+    cell = next(j for j in plan_jobs(p) if j.kind == "cell")
+    sft = job_config(p, cell).stage("sft")
+    assert sft.epochs == 2 and sft.tokens == run.stage("sft").tokens
+    assert not any(".tokens=" in o for o in cell.overrides)

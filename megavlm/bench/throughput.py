@@ -177,6 +177,7 @@ def case_config(base: RunConfig, case: Case, steps: int, run_dir: str) -> RunCon
                dataclasses.replace(first.mixture, text=0.0, captions=1.0, instructions=0.0))
     stage = dataclasses.replace(
         first, name=case.stage, tokens=(steps + 2) * per_step, epochs=None, mixture=mixture,
+        seq_length=None,  # rows of model.seq_length: what the synthetic rows and the FLOP count use
         trainable="all", init=dataclasses.replace(first.init, stage=None, fraction=None, path=None),
         checkpoint_fractions=[1.0], save_every=0)
     logging = dataclasses.replace(base.logging, log_every=10 ** 9)

@@ -80,7 +80,7 @@ def bench_config(config: Path, overrides: Sequence[str], total_steps: int, run_d
     first = run.stages[0]
     per_step = run.train.global_batch_size * run.model.seq_length
     stage = dataclasses.replace(
-        first, name="bench", tokens=(total_steps + 1) * per_step, epochs=None,
+        first, name="bench", tokens=(total_steps + 1) * per_step, epochs=None, seq_length=None,
         mixture=dataclasses.replace(first.mixture, text=1.0, captions=0.0, instructions=0.0),
         init=dataclasses.replace(first.init, stage=None, fraction=None, path=None),
         checkpoint_fractions=[1.0], save_every=0)
