@@ -43,8 +43,9 @@ def run_stages(run: RunConfig, parallel: Parallel, loader_factory: Optional[Load
         preflight.record_run(run, data=loader_factory is None)
     parallel.barrier()
     factory = loader_factory or default_loader_factory(run)
-    sizer = None
-    if loader_factory is not None:  # test / benchmark loaders size the stages they feed
+    if loader_factory is None:  # the data must be there: a missing set is the loader's error, no estimate
+        sizer = lambda st, spec: build_loader(spec)  # noqa: E731
+    else:  # test / benchmark loaders size the stages they feed
         nmb = num_microbatches(run.train, parallel.dp)
         sizer = lambda st, spec: loader_factory(spec, parallel, nmb)  # noqa: E731
     # budgets (positions, real tokens or epochs), schedules, checkpoints: megavlm.train.plan,
