@@ -213,10 +213,24 @@ def check_init(run: RunConfig) -> list[str]:
 
 def check_run(run: RunConfig, *, output: bool = True) -> list[str]:
     """Every problem the recipe would meet, one line each (empty: ready to train). Reads only."""
-    problems = check_data(run) + check_init(run) + check_sinks(run)
+    problems = check_demo_sets(run) + check_data(run) + check_init(run) + check_sinks(run)
     if output:
         problems += check_output(run)
     return list(dict.fromkeys(problems))
+
+
+def check_demo_sets(run: RunConfig) -> list[str]:
+    """With ``data.build: demo``, a set name the demo builder does not make (a typo)."""
+    if run.data.build != "demo":
+        return []
+    from megavlm.config import ConfigError
+    from megavlm.demo.corpus import check_set_names
+
+    try:
+        check_set_names(run.data)
+    except ConfigError as e:
+        return [str(e)]
+    return []
 
 
 def check_sinks(run: RunConfig) -> list[str]:

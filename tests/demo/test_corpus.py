@@ -116,6 +116,11 @@ def test_a_set_the_demo_builder_does_not_make_is_refused_before_anything_is_buil
     assert rc != 0
     assert "'instuctions'" in err and "instructions, instructions_heldout, instructions_vqa" in err
     assert not root.exists() and not (tmp_path / "run").exists()
+    # `train --check` names it too (among every other problem), and builds nothing either
+    assert main(["train", "--config", "launch/configs/tiny.yaml", "--check", "data.instructions=[instuctions]",
+                 f"data.root={root}", f"run_dir={tmp_path / 'run'}"]) == 2
+    assert "'instuctions' is not one of them" in capsys.readouterr().err
+    assert not root.exists()
 
 
 def test_the_demo_recipes_name_only_sets_the_builder_makes():
