@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from megavlm.config import RunConfig, num_microbatches
+from megavlm.data.mixture import LoaderSpec
 from megavlm.parallel.state import Parallel
 from megavlm.train.loop import LoaderFactory, StageOutcome, StageTrainer
-from megavlm.data.mixture import LoaderSpec
 from megavlm.train.plan import build_loader, plan_run
 
 
