@@ -350,7 +350,7 @@ def _raw(root: Path, cache: Optional[Path], full: bool) -> dict:
 def _build(data: DataConfig, vision: VisionConfig, full: bool, cache: Optional[Path], progress: bool,
            vocab_size: int) -> list[str]:
     from megavlm.prep.conversations import preprocess_conversations
-    from megavlm.prep.encoders import EfficientNetLite0, encode_images, read_image_list
+    from megavlm.encoders import EfficientNetLite0, encode_images, read_image_list
     from megavlm.prep.textprep import preprocess_text
     from megavlm.data.tokenizer import load_tokenizer, train_sentencepiece
 

