@@ -34,6 +34,7 @@ import torch
 from megavlm.data.indexed import DataError, EmbeddingStore, EmbeddingWriter, IndexedWriter, token_dtype
 from megavlm.data.tokenizer import Tokenizer
 from megavlm.progress import bars_enabled
+from megavlm.run_folder import EMBEDS_META
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 
@@ -328,7 +329,7 @@ class EncodeStats:
 
 
 def _shard_done(prefix: Path, captions: bool) -> bool:
-    return Path(f"{prefix}.embeds.json").is_file() and (
+    return Path(f"{prefix}{EMBEDS_META}").is_file() and (
         not captions or Path(f"{prefix}.idx").is_file())
 
 
@@ -513,7 +514,7 @@ def _encode_shards(records, out_prefix: Path, shard_dir: Path, encoder: ImageEnc
 def _finished(out_prefix: Path, encoder: ImageEncoder, dtype: str, records: Sequence[ImageRecord],
               captions: bool, resize: str = "square") -> Optional[EncodeStats]:
     """Stats of an already complete output for exactly this job (same encoder, images), else None."""
-    meta = Path(f"{out_prefix}.embeds.json")
+    meta = Path(f"{out_prefix}{EMBEDS_META}")
     if not meta.is_file() or (captions and not Path(f"{out_prefix}.idx").is_file()):
         return None
     try:

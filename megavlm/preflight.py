@@ -25,6 +25,7 @@ import yaml
 
 from megavlm.config import RunConfig
 from megavlm.data.indexed import DataError
+from megavlm.run_folder import CONFIG, RECORDED_DATA  # noqa: F401  (RECORDED_DATA: re-exported)
 
 KINDS = ("text", "captions", "instructions")
 BYTES_PER_PARAM = 16
@@ -237,7 +238,7 @@ def require_ready(run: RunConfig, *, output: bool = True, hint: Optional[str] = 
 
 # ------------------------------------------------------------------ an existing run folder
 
-RECORDED_DATA = "data.json"
+
 IGNORED_KEYS = ("run_dir", "data.root", "train.log_every", "train.tensorboard_dir", "train.wandb",
                 "train.max_wall_minutes", "train.stop_signals", "train.on_nonfinite",
                 "train.spike_*", "train.on_spike", "stages.*.save_every", "parallel", "train.micro_batch_size")
@@ -320,7 +321,7 @@ def check_run_folder(run: RunConfig) -> list[str]:
     the folder holds no checkpoint yet). The recorded ``config.yaml`` and ``data.json`` are those
     written by the run that made the checkpoints."""
     rd = Path(run.run_dir).expanduser()
-    cfg = rd / "config.yaml"
+    cfg = rd / CONFIG
     if not cfg.is_file() or not _has_checkpoints(rd, [s.name for s in run.stages]):
         return []
     try:
@@ -358,7 +359,7 @@ def record_run(run: RunConfig, data: bool = True) -> None:
 
     rd = Path(run.run_dir).expanduser()
     rd.mkdir(parents=True, exist_ok=True)
-    run.dump(rd / "config.yaml")
+    run.dump(rd / CONFIG)
     if not data:
         return
     tmp = rd / (RECORDED_DATA + ".tmp")

@@ -16,12 +16,15 @@ Encoding uses the data pipeline's own code (megavlm.encoders).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Iterable, Optional
 
 from megavlm.data.indexed import DataError, EmbeddingStore
+from megavlm.encoders import ImageRecord, encode_images, make_encoder
 from megavlm.eval.runner import CheckpointModel, EvalError
 from megavlm.eval.vision import ImageBank, training_encoder
 
@@ -52,11 +55,6 @@ def recorded_encoder(model: CheckpointModel) -> tuple[str, Optional[int]]:
 
 def load_encoder(model: CheckpointModel):
     """The checkpoint's encoder (megavlm.encoders), checked against the config's shape."""
-    import contextlib
-    import sys
-
-    from megavlm.encoders import make_encoder
-
     spec, size = recorded_encoder(model)
     try:
         # efficientnet-lite-pytorch prints its loading message: keep stdout for the JSON summary
@@ -98,8 +96,6 @@ def _covers(prefix: Path, encoder, keys: set[str]) -> bool:
 def cached_bank(data_root: str | Path, folder: str | Path, keys: Iterable[str], encoder,
                 progress: bool = False) -> ImageBank:
     """An ImageBank of ``keys`` (paths relative to ``folder``), encoding them when the cache lacks any."""
-    from megavlm.encoders import ImageRecord, encode_images
-
     root, folder = Path(data_root), Path(folder)
     prefix = cache_prefix(root, encoder, folder)
     want = set(keys)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from megavlm.eval import formats
+from megavlm.eval.images import cached_bank, load_encoder
 from megavlm.eval.questions import VisionQuestion
 from megavlm.eval.runner import CheckpointModel, EvalError
 from megavlm.eval.vision import TaskResult, score_task
@@ -151,8 +152,6 @@ def run_paper_suite(model: CheckpointModel, data_root: str | Path, tasks: Option
     """Score every present task, questions asked as ``template``; returns the results and the
     skipped tasks. Images are encoded
     by rank 0 into the cache (the other ranks wait for it), then every rank reads the cache."""
-    from megavlm.eval.images import cached_bank, load_encoder
-
     root = Path(data_root)
     enc = load_encoder(model)  # a checkpoint without an encoder record fails before any file is read
     found, absent = discover(root, tasks, strict, limit)

@@ -30,9 +30,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import yaml
 from torch import Tensor
 
+from megavlm.checkpoint_format import resolve_checkpoint, tokenizer_file
+from megavlm.config import DEFAULT_PROMPT_TEMPLATE, ParallelConfig
+from megavlm.data.batch import image_head
 from megavlm.data.tokenizer import Tokenizer, load_tokenizer
+from megavlm.run_folder import CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +68,9 @@ def recorded_prompt(run, path: Optional[Path] = None) -> tuple[str, str]:
     """(template, where it comes from): ``data.prompt_template`` of the checkpoint's config.yaml,
     or the default for checkpoints older than that field. The model object never carries a
     template: evaluation passes it explicitly (megavlm.eval.api.resolve_prompt)."""
-    from megavlm.config import DEFAULT_PROMPT_TEMPLATE
-
     recorded = True
-    if path is not None and (path / "config.yaml").is_file():
-        import yaml
-
-        raw = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    if path is not None and (path / CONFIG).is_file():
+        raw = yaml.safe_load((path / CONFIG).read_text()) or {}
         recorded = "prompt_template" in (raw.get("data") or {})
     t = getattr(getattr(run, "data", None), "prompt_template", None)
     if t and recorded:
@@ -105,8 +106,8 @@ class CheckpointModel:
         """Load a checkpoint directory (``<run>/<stage>/checkpoints/step_…``). The tokenizer is
         checked first so that a checkpoint without one fails before the model is built. Under
         torchrun every rank loads the whole model (tp = pp = 1): the world is data parallel."""
-        from megavlm.checkpoint_format import resolve_checkpoint, tokenizer_file
-        from megavlm.config import ParallelConfig
+        # megatron-core (model building, process groups): imported when a model is loaded, not
+        # when the scorers and readers of this package are
         from megavlm.model.build import load_for_inference
         from megavlm.parallel.state import Parallel
 
@@ -120,8 +121,6 @@ class CheckpointModel:
 
     def image_prefix(self) -> list[int]:
         """Token ids in front of the text of an image row: P placeholders, then SEP."""
-        from megavlm.data.batch import image_head
-
         return image_head(self.tok, self.num_patches).tolist()
 
     def _fit(self, ids: list[int], keep_from: int, has_image: bool,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -38,6 +39,7 @@ from megavlm.eval.formats import (READERS, read_generic, read_gqa, read_ocid_ref
                                   read_refcoco, read_refer, read_textvqa, read_vqav2)
 from megavlm.eval.questions import VisionQuestion
 from megavlm.eval.runner import CheckpointModel, EvalError, ScoreRequest
+from megavlm.run_folder import EMBEDS_META
 
 if TYPE_CHECKING:
     from megavlm.eval.distributed import EvalShards
@@ -75,7 +77,7 @@ def check_store(store: EmbeddingStore, model: CheckpointModel) -> None:
 def training_encoder(run) -> Optional[dict]:
     """Metadata of the run's first training caption store, if that file is still there."""
     for prefix in run.data.captions:
-        meta = Path(f"{run.data.resolve(prefix)}.embeds.json")
+        meta = Path(f"{run.data.resolve(prefix)}{EMBEDS_META}")
         if meta.is_file():
             try:
                 return json.loads(meta.read_text())
@@ -233,8 +235,6 @@ def score_task(task: str, model: CheckpointModel, questions: Sequence[VisionQues
     the question template (always explicit: a checkpoint is asked as it was trained). With
     ``shards`` this rank answers only its share of the questions and every rank returns the
     result of all of them."""
-    import time
-
     if not questions:
         raise EvalError(f"{source}: no questions")
     _validate(task, questions, source)

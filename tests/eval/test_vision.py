@@ -242,3 +242,31 @@ def test_cli_refcoco_from_refs_pickle(tiny_checkpoint, tmp_path, capsys):
     assert res["n"] == 2 and [p["qid"] for p in res["predictions"]] == ["0-0", "0-1"]
     assert all(p["score"] == scorers.box_accuracy(p["prediction"], (0.1, 0.1, 0.6, 0.6), 0.5)
                for p in res["predictions"])
+
+
+def test_scoring_calls_the_library_with_an_explicit_template(tiny_checkpoint, demo_root, tmp_path, capsys,
+                                                             monkeypatch):
+    """experiment.scoring (the sweep's and the demo's seam) reaches evaluation through
+    megavlm.eval.api.evaluate, not an argv: the template given is the one every vision question
+    was asked with and the report records it; nothing is printed."""
+    from megavlm.experiment import scoring
+
+    seen = []
+    real = vision.generate_answers
+
+    def spy(m, qs, b, r, n, template):
+        seen.append(template)
+        return real(m, qs, b, r, n, template)
+
+    monkeypatch.setattr(vision, "generate_answers", spy)
+    out = scoring.evaluate_checkpoint(tiny_checkpoint, tmp_path / "ev", demo_root=str(demo_root), limit=2,
+                                      batch_size=4, prompt_template="\nQ: {question}")
+    assert capsys.readouterr().out == ""
+    assert seen and set(seen) == {"\nQ: {question}"}
+    assert out["prompt"] == {"template": "\nQ: {question}", "source": "argument"}
+    assert set(out["text"]) == set(suites.TEXT_SUITE) and "fashion_vqa" in out["vision"]
+    rep = json.loads(Path(out["report"]).read_text())
+    assert rep["prompt_template"] == "\nQ: {question}"
+    with pytest.raises(scoring.ScoringError, match="must contain"):
+        scoring.evaluate_checkpoint(tiny_checkpoint, tmp_path / "ev", demo_root=str(demo_root),
+                                    prompt_template="no placeholder")
