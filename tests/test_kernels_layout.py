@@ -78,3 +78,24 @@ def test_wheel_install_has_the_kernels_and_their_tests_pass(tmp_path):
                          timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_editable_install_finds_the_top_level_sources(tmp_path):
+    """``pip install -e`` (PEP 660, in a venv that sees this machine's packages) imports
+    megavlm.kernels from the checkout's kernels/ folder."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs the git checkout to list the sources")
+    src = _source_tree(tmp_path / "src")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    done = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(src)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = subprocess.run([str(py), "-c", "import megavlm, megavlm.kernels.masked_ce as m; "
+                          "print(megavlm.__file__); print(m.__file__)"],
+                         cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert [Path(p) for p in out.stdout.split()] == [src / "megavlm" / "__init__.py", src / "kernels" / "masked_ce.py"]

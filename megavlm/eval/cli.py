@@ -13,6 +13,10 @@ question file and an embedding store of its images. ``all`` runs text + vision (
 unless ``--tasks`` names lm-eval tasks) and writes the JSON + markdown report into the run
 directory. Bad input ends with one line ``megavlm eval: error: …`` and exit status 2.
 
+``all`` is a thin layer over the library entry ``megavlm.eval.api.evaluate`` (``spec_of`` turns the
+flags into its EvalSpec); the offline suites are the demo's (megavlm.demo.suites.OfflineSuite),
+handed to ``main`` by ``megavlm eval`` (megavlm.cli) so that this package never imports the demo.
+
 Checkpoints: ``--checkpoint`` takes a checkpoint (``<run>/<stage>/checkpoints/step_…``), a stage
 folder (``runs/x/sft``) or a run folder (``runs/x``: its last stage), each optionally ending in
 ``/latest``: the newest complete checkpoint. A folder that is none of these is "not a checkpoint".
