@@ -92,7 +92,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from megavlm.demo.run import main as demo_main
+    from megavlm.experiment.demo import main as demo_main
 
     return demo_main(args)
 
@@ -183,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return prepare_main(argv[1:])
     if argv[:1] == ["eval"]:
+        from megavlm.demo.suites import OfflineSuite
         from megavlm.eval.cli import main as eval_main
 
-        return eval_main(argv[1:])
+        return eval_main(argv[1:], offline=OfflineSuite.default)  # the offline suites are the demo's
     if argv[:1] == ["bench"] and argv[1:2] and argv[1] in BENCHES:  # its own --help and options
         args, rest = argparse.Namespace(cmd="bench", what=argv[1]), argv[2:]
     else:

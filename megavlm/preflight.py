@@ -26,6 +26,7 @@ import yaml
 
 from megavlm.config import RunConfig
 from megavlm.data.indexed import DataError
+from megavlm.run_folder import CONFIG, RECORDED_DATA  # noqa: F401  (RECORDED_DATA: re-exported)
 from megavlm.train.plan import loader_spec
 
 KINDS = ("text", "captions", "instructions")
@@ -254,7 +255,7 @@ def require_ready(run: RunConfig, *, output: bool = True, hint: Optional[str] = 
 
 # ------------------------------------------------------------------ an existing run folder
 
-RECORDED_DATA = "data.json"
+
 def non_identity_keys() -> tuple[str, ...]:
     """Dotted keys (``*`` for every stage) a re-run may change without refusing to skip or resume:
     the config sections that declare ``IDENTITY = False`` (parallel layout, guard, preemption,
@@ -369,7 +370,7 @@ def check_run_folder(run: RunConfig) -> list[str]:
     the folder holds no checkpoint yet). The recorded ``config.yaml`` and ``data.json`` are those
     written by the run that made the checkpoints."""
     rd = Path(run.run_dir).expanduser()
-    cfg = rd / "config.yaml"
+    cfg = rd / CONFIG
     if not cfg.is_file() or not _has_checkpoints(rd, [s.name for s in run.stages]):
         return []
     try:
@@ -407,7 +408,7 @@ def record_run(run: RunConfig, data: bool = True) -> None:
 
     rd = Path(run.run_dir).expanduser()
     rd.mkdir(parents=True, exist_ok=True)
-    run.dump(rd / "config.yaml")
+    run.dump(rd / CONFIG)
     if not data:
         return
     tmp = rd / (RECORDED_DATA + ".tmp")

@@ -121,7 +121,7 @@ def report_scores(report: dict) -> dict[str, float]:
 def log_eval_report(report: dict) -> bool:
     """Log an evaluation report's scores to the sinks its checkpoint's run config enables (at the
     checkpoint's step); returns whether any sink was enabled. Called by ``megavlm eval all``."""
-    from megavlm.checkpoint_format import CONFIG
+    from megavlm.run_folder import CHECKPOINTS, CONFIG, META
     from megavlm.config import load_config
 
     ck = Path(report["checkpoint"])
@@ -138,10 +138,10 @@ def log_eval_report(report: dict) -> bool:
     except ConfigError as e:
         warnings.warn(f"evaluation scores not logged: {e}")
         return False
-    if ck.parent.name == "checkpoints":  # the run folder where it is now, wherever it was trained
+    if ck.parent.name == CHECKPOINTS:  # the run folder where it is now, wherever it was trained
         run.run_dir = str(ck.parents[2])
 
-    meta = json.loads((ck / "meta.json").read_text()) if (ck / "meta.json").is_file() else {}
+    meta = json.loads((ck / META).read_text()) if (ck / META).is_file() else {}
     sinks = Sinks(run, enabled=True)
     try:
         sinks.scores(report_scores(report), int(meta.get("step", 0)), prefix=f"eval/{report.get('stage')}")

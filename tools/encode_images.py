@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megavlm.prep.encoders import encode_images, make_encoder, read_image_list  # noqa: E402
+from megavlm.encoders import encode_images, make_encoder, read_image_list  # noqa: E402
 from megavlm.data.indexed import DataError  # noqa: E402
 from megavlm.data.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
 

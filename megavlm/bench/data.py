@@ -185,7 +185,7 @@ def bench_text(root: Path, work: Path) -> list[str]:
 def bench_images(root: Path, work: Path, n: int) -> list[str]:
     """encode_images images/s (EfficientNet-Lite0) with the PIL (and DALI, if present) decoder."""
     from megavlm.data.tokenizer import load_tokenizer
-    from megavlm.prep.encoders import EfficientNetLite0, dali_available, encode_images, read_image_list
+    from megavlm.encoders import EfficientNetLite0, dali_available, encode_images, read_image_list
 
     recs = [r for r in read_image_list(root / "raw/captions.jsonl") if "tuxpaint" in str(r.path)][:n]
     tok = load_tokenizer(root / "tokenizer.model")

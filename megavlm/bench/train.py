@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from megavlm.bench.artifact import load_average, machine_info, write_report
 from megavlm.bench.synthetic import SyntheticSteps
 from megavlm.config import RunConfig, load_config
+from megavlm.run_folder import METRICS
 from megavlm.data.batch import Batch, Sample, collate
 from megavlm.model.reference import ReferenceDCLM, document_bounds, document_mask, to_openlm_names
 from megavlm.ops.masked_ce import masked_cross_entropy_reference
@@ -125,7 +126,7 @@ def run_megavlm(run: RunConfig, parallel, total_steps: int) -> tuple[list[tuple[
     Path(run.run_dir).mkdir(parents=True, exist_ok=True)
     trainer = StageTrainer(run, _stage_plan(run), parallel, factory, log=lambda s: None)
     trainer.train(stop_after=total_steps)
-    metrics = [json.loads(line) for line in (Path(run.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (Path(run.run_dir) / METRICS).read_text().splitlines()]
     return loaders[0].step_seconds(), [m["loss"] for m in metrics]
 
 

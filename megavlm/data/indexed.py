@@ -23,6 +23,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from megavlm.run_folder import EMBEDS_META
+
 FORMAT = "megavlm-embeds/1"
 _IDX_HEADER = b"MMIDIDX\x00\x00"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,7 +62,7 @@ def store_prefix(path: str | Path) -> Path:
         p = Path(str(p)[:-5])  # the metadata file itself
     if Path(f"{p}.json").is_file() or p.name.endswith(".embeds"):
         return p
-    if Path(f"{p}.embeds.json").is_file():
+    if Path(f"{p}{EMBEDS_META}").is_file():
         return Path(f"{p}.embeds")
     return p
 

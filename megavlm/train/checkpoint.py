@@ -23,6 +23,7 @@ from megavlm.checkpoint_format import (  # noqa: F401  (re-exported for existing
     CONFIG, META, TOKENIZER_DIR, CheckpointError, CheckpointInfo, at_fraction, latest,
     list_checkpoints, load_model_weights, model_sharded_state, put_model_state, require_complete,
     shape_check, stage_dir, tokenizer_file)
+from megavlm import run_folder
 from megavlm.parallel import megatron_compat
 
 
@@ -46,8 +47,8 @@ def save(path: Path, chunks: list, optimizer, meta: dict, loader_state: dict, dp
     with megatron_compat.in_process_write_queue():
         dist_checkpointing.save(state, str(tmp))
     if write_loader:
-        (tmp / "loader").mkdir(exist_ok=True)
-        (tmp / "loader" / f"dp{dp_rank}.json").write_text(json.dumps(loader_state))
+        run_folder.loader_state_file(tmp, dp_rank).parent.mkdir(exist_ok=True)
+        run_folder.loader_state_file(tmp, dp_rank).write_text(json.dumps(loader_state))
     dist.barrier()
     if rank0:
         # a checkpoint describes itself: the resolved config and the tokenizer travel with it
@@ -104,7 +105,7 @@ def load(info_path: Path, chunks: list, optimizer=None) -> None:
 
 
 def read_loader_state(path: Path, dp_rank: int) -> dict:
-    f = path / "loader" / f"dp{dp_rank}.json"
+    f = run_folder.loader_state_file(path, dp_rank)
     if not f.is_file():
         raise CheckpointError(f"{path}: no data position for data-parallel rank {dp_rank} ({f.name}); "
                               f"was it saved with a different data-parallel size?")

@@ -29,6 +29,7 @@ from megavlm.config import RunConfig, num_microbatches
 from megavlm.data.mixture import LoaderSpec
 from megavlm.model.build import build_model, model_dtype
 from megavlm.parallel.state import Parallel
+from megavlm import run_folder
 from megavlm.train import checkpoint as ckpt
 from megavlm.train.guard import LossGuard, NonFiniteGradNorm, guard_grad_norm
 from megavlm.train.preemption import REASONS, Preempted, StopRequests, report_exit_code, EXIT_PREEMPTED
@@ -157,7 +158,7 @@ class StageTrainer:
         self.stage, self.sched = plan.config, plan.schedule
         self.loader_factory, self.log = loader_factory, log
         self.run_dir = Path(run.run_dir)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", parallel.is_logging_rank)
+        self.metrics = MetricsLog(self.run_dir / run_folder.METRICS, parallel.is_logging_rank)
         check_available(run)  # an asked-for sink that is not installed fails before any training
 
     def train(self, stop_after: Optional[int] = None,
@@ -284,7 +285,7 @@ class StageTrainer:
                 meta = {"stage": stage.name, "step": k, "steps": T, "fractions": fractions.get(k, []),
                         "tokens": k * step_tokens, "seed": run.seed, "schedule": recorded(self.sched),
                         "guard_window": guard.state()}
-                path = ckpt.stage_dir(run.run_dir, stage.name) / f"step_{k:07d}"
+                path = ckpt.stage_dir(run.run_dir, stage.name) / run_folder.step_dir_name(k)
                 ckpt.save(path, model, optimizer, meta, loader.state_dict(), par.dp_rank,
                           write_loader=par.tp_rank == 0 and par.pp_rank == 0,
                           run_config=run, tokenizer=run.data.resolve(run.data.tokenizer))

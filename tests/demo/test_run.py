@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from megavlm.demo import run as demo
+from megavlm.experiment import demo
 from megavlm.config import load_config
 from megavlm.experiment.plots import read_metrics, sweep_figures
 from megavlm.train.plan import plan_run

@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import yaml
 
 from megavlm.config import DEFAULT_PROMPT_TEMPLATE
 from megavlm.eval import cli, vision
-from megavlm.eval.runner import CheckpointModel
+from megavlm.eval.api import ExtraTask, resolve_prompt
+from megavlm.eval.runner import CheckpointModel, EvalError
 from tests.eval.test_vision import write_store
 
 
@@ -30,19 +32,23 @@ def test_template_is_recorded_in_the_checkpoint_and_used(tiny_checkpoint, tmp_pa
     raw["data"]["prompt_template"] = "\nQ: {question}"
     (own / "config.yaml").write_text(yaml.safe_dump(raw))
     model = CheckpointModel.load(own, batch_size=2)
-    assert (model.prompt_template, model.prompt_source) == ("\nQ: {question}", "checkpoint (data.prompt_template)")
+    prompt = resolve_prompt(model)  # None: the checkpoint's own
+    assert (prompt.template, prompt.source) == ("\nQ: {question}", "checkpoint (data.prompt_template)")
+    assert not hasattr(model, "prompt_template")  # the template is an argument, never the model's attribute
     seen = []
     real = vision.generate_answers
     monkeypatch.setattr(vision, "generate_answers", lambda m, qs, b, r, n, template: seen.append(template)
                         or real(m, qs, b, r, n, template))
     bank = vision.ImageBank(write_store(tmp_path / "imgs.embeds", ["a.png"]))
     qs = vision.read_generic(_questions(tmp_path))
-    vision.score_task("generic", model, qs, bank, "qs", max_new_tokens=2)
+    vision.score_task("generic", model, qs, bank, "qs", max_new_tokens=2, template=prompt.template)
     assert seen == ["\nQ: {question}"]
+    with pytest.raises(EvalError, match="must contain"):
+        resolve_prompt(model, "no placeholder")
     del raw["data"]["prompt_template"]  # a checkpoint older than the field: the default, said so
     (own / "config.yaml").write_text(yaml.safe_dump(raw))
-    old = CheckpointModel.load(own, batch_size=2)
-    assert old.prompt_template == DEFAULT_PROMPT_TEMPLATE and old.prompt_source.startswith("default")
+    old = resolve_prompt(CheckpointModel.load(own, batch_size=2))
+    assert old.template == DEFAULT_PROMPT_TEMPLATE and old.source.startswith("default")
 
 
 def test_own_task_with_either_store_spelling_and_prompt_override(tiny_checkpoint, tmp_path, capsys):
@@ -66,7 +72,10 @@ def test_misuse_fails_before_loading(tmp_path, capsys):
 
 
 def test_extra_task_specs():
-    assert cli.extra_tasks(["generic:data/q.jsonl:data/own"]) == [("generic", "data/q.jsonl", "data/own", "generic:q")]
+    assert cli.extra_tasks(["generic:data/q.jsonl:data/own"]) == [ExtraTask("generic", "data/q.jsonl", "data/own",
+                                                                             "generic:q")]
+    with pytest.raises(EvalError, match="unknown task 'vqav2'"):
+        cli.extra_tasks(["vqav2:q.json:data/own"])
 
 
 def test_latest_shortcut_resolves_run_and_stage_folders(tiny_checkpoint, tmp_path, capsys):

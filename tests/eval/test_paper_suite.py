@@ -56,7 +56,7 @@ def test_suite_paper_end_to_end(encoder_checkpoint, data_root, tmp_path, capsys)
     assert store.meta.keys == [f"COCO_val2014_{42 + i:012d}.jpg" for i in range(3)]
     from PIL import Image
 
-    from megavlm.prep.encoders import decode_pil, make_encoder
+    from megavlm.encoders import decode_pil, make_encoder
 
     enc = make_encoder("efficientnet-lite0", 64)
     capsys.readouterr()  # the library's loading message

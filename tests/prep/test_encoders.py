@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from megavlm.prep.encoders import (DaliDecoder, EfficientNetLite0, ImageEncoder, SiglipEncoder, dali_available,
+from megavlm.encoders import (DaliDecoder, EfficientNetLite0, ImageEncoder, SiglipEncoder, dali_available,
                                    decode_pil, encode_images, read_image_list)
 from megavlm.data.indexed import DataError, EmbeddingStore, TokenData
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from megavlm.config import DataConfig, MixtureConfig, VisionConfig
-from megavlm.prep.encoders import decode_pil, letterbox, make_decoder, mean_fill
+from megavlm.encoders import decode_pil, letterbox, make_decoder, mean_fill
 from megavlm.data.indexed import DataError, EmbeddingStore
 from megavlm.data.mixture import LoaderSpec
 from megavlm.train.plan import build_loader
