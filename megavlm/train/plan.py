@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 from megavlm.config import RunConfig, StageConfig, StageOptimizer
 from megavlm.data.mixture import LoaderSpec
+from megavlm.run_folder import META
 from megavlm.train.budget import StageBudget, needs_data, positions_steps, stage_budget, tokens_per_step
 from megavlm.train.loader import SizedLoader
 from megavlm.train.schedule import ScheduleError, StageSchedule, continued, cosine, lr_from_description, rewarm
@@ -171,7 +172,7 @@ def read_checkpoint_source(path: str | Path) -> dict:
     """The source of a continue from one of our checkpoints: the schedule its meta.json records
     (written at save time by megavlm.train.loop) and the fraction step/steps it stands at. Reads
     only the JSON, so plan needs neither megatron nor the weights."""
-    meta_path = Path(path).expanduser() / "meta.json"
+    meta_path = Path(path).expanduser() / META
     if not meta_path.is_file():
         raise ScheduleError(f"{meta_path} not found: a continue from init.path={path} without "
                             "schedule.source needs a checkpoint of ours (state schedule.source instead)")
