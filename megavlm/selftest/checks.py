@@ -143,6 +143,25 @@ def masked_ce_benchmark(env: Environment, size: str, out_dir: Path) -> Check:
     return Check(name, "passed", detail, artifacts=[str(path)])
 
 
+def _packed_attention(r) -> str:
+    """Which kernel attended inside the documents of the packed rows."""
+    if not r.document_masks:
+        return "no document boundaries reached the model"
+    if r.backend != "local":
+        return f"document boundaries, {r.backend} attention"
+    from megavlm.model.attention import _varlen_for
+
+    why = None
+    if torch.cuda.is_available():
+        _, why = _varlen_for("cuda", torch.cuda.current_device())
+        if why is None and r.case.precision == "fp32":
+            why = "fp32 inputs"
+    else:
+        why = "no CUDA"
+    return ("document boundaries, torch varlen flash attention" if why is None else
+            f"document boundaries, SDPA per document group: {why}")
+
+
 @timed
 def throughput(env: Environment, size: str, out_dir: Path, config: Optional[Path] = None) -> Check:
     """A short training run of the text and image-text stages through the real engine, with MFU."""
@@ -196,7 +215,8 @@ def throughput(env: Environment, size: str, out_dir: Path, config: Optional[Path
             wrong.append(f"{label}: loss {r.last_loss}, {r.tokens_per_s_per_gpu} tokens/s")
         u = tp.mfu(r, info, peak_of)
         parts.append(f"{label} {r.tokens_per_s_per_gpu:,.0f} tok/s"
-                     + (f", MFU {u:.1%} of {peak_of} peak" if u is not None else ""))
+                     + (f", MFU {u:.1%} of {peak_of} peak" if u is not None else "")
+                     + (f" ({_packed_attention(r)})" if r.case.stage == "packed" else ""))
     if wrong:
         return Check(name, "failed", "; ".join(wrong), artifacts=[str(path)])
     return Check(name, "passed", "; ".join(parts), artifacts=[str(path)])
