@@ -44,7 +44,8 @@ def _recipe(env: Environment, workdir: Path, config: Optional[Path]):
     run = tp.case_config(base, tp.Case("packed", prec, "synthetic"), STEPS - 2, str(workdir))
     per_step = run.train.global_batch_size * run.model.seq_length
     stage = dataclasses.replace(run.stages[0], tokens=STEPS * per_step, checkpoint_fractions=[0.5, 1.0])
-    run = dataclasses.replace(run, stages=[stage])
+    # the local layer spec: its attention seat holds the KV cache (TE's does not)
+    run = dataclasses.replace(run, stages=[stage], model=dataclasses.replace(run.model, backend="local"))
     sched = resolve_schedules(run, {stage.name: stage_steps(run, stage)})[stage.name]
     return run, stage, sched
 
