@@ -4,7 +4,6 @@ The TP > 1 qk-norm (statistics all-reduced over the group) is checked here on a 
 against torch's layer norm in float64, forward and backward (gradcheck); tests/parallel's TP 2
 parity test runs it over two ranks."""
 
-import dataclasses
 
 import pytest
 import torch
