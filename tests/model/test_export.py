@@ -58,3 +58,14 @@ def test_gathered_tensors_come_back_on_the_host_in_fp32(monkeypatch):
     assert seen == [(torch.device("cpu"), torch.bfloat16)]
     w.add_(1)  # a snapshot, not a view of the live parameter
     assert not torch.equal(w[:3], chunk.output_layer.weight.float())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gather_on_cuda_hands_nccl_cuda_tensors(monkeypatch):
+    seen = []
+    _fake_group(monkeypatch, seen, stop=False)
+    chunk = _Chunk("cuda", torch.bfloat16)
+    out = export.full_tensors([chunk], tp_group=object())
+    assert seen == [(chunk.output_layer.weight.device, torch.bfloat16)]
+    assert out["output_layer.weight"].device.type == "cpu"
