@@ -67,9 +67,13 @@ def optimizer_metadata(optimizer) -> dict:
     gloo group onto its DP rank 0 only. Without it megatron all-gathers the whole state onto the
     host of *every* DP rank (~17 GB per rank at 1.4B, ~84 GB at 7B). The two forms read each
     other's checkpoints (distrib_optimizer.py:1690 sharded_param_state_fully_reshardable)."""
+    plain = {"distrib_optim_sharding_type": "fully_reshardable"}
+    inner = [o for o in getattr(optimizer, "chained_optimizers", [optimizer])
+             if hasattr(o, "data_parallel_group_gloo")]
+    if all(dist.get_world_size(o.data_parallel_group) == 1 for o in inner):
+        return plain  # one DP rank: the exchange moves nothing, and no gloo group is needed
     attach_gloo_dp_groups(optimizer)
-    return {"distrib_optim_sharding_type": "fully_reshardable",
-            "distrib_optim_fully_reshardable_mem_efficient": True}
+    return dict(plain, distrib_optim_fully_reshardable_mem_efficient=True)
 
 
 def attach_gloo_dp_groups(optimizer) -> None:
@@ -84,7 +88,11 @@ def attach_gloo_dp_groups(optimizer) -> None:
             continue  # not a DistributedOptimizer: its state is whole on every rank
         if inner.data_parallel_group_gloo is not None:
             continue
-        gloo = ps.get_data_parallel_group_gloo(with_context_parallel=True)
+        try:
+            gloo = ps.get_data_parallel_group_gloo(with_context_parallel=True)
+        except AssertionError as e:
+            raise CheckpointError(f"no gloo data-parallel group to gather the optimizer state over "
+                                  f"({e}); megavlm.parallel.state creates one for several processes") from e
         want = dist.get_process_group_ranks(inner.data_parallel_group)
         have = dist.get_process_group_ranks(gloo)
         if want != have:
