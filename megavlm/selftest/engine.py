@@ -33,10 +33,10 @@ RESUME_AT = 2
 
 
 def _recipe(env: Environment, workdir: Path, config: Optional[Path]):
-    """(run config, stage, schedule) of the tiny recipe's one packed-row stage in ``workdir``."""
+    """(run config, stage, stage plan) of the tiny recipe's one packed-row stage in ``workdir``."""
     from megavlm.bench import throughput as tp
     from megavlm.config import load_config
-    from megavlm.train.schedule import resolve_schedules, stage_steps
+    from megavlm.train.plan import plan_run
 
     config = config or ROOT / "launch" / "configs" / "tiny.yaml"
     base = load_config(config, ["train.global_batch_size=8", "train.micro_batch_size=4"])
@@ -46,16 +46,15 @@ def _recipe(env: Environment, workdir: Path, config: Optional[Path]):
     stage = dataclasses.replace(run.stages[0], tokens=STEPS * per_step, checkpoint_fractions=[0.5, 1.0])
     # the local layer spec: its attention seat holds the KV cache (TE's does not)
     run = dataclasses.replace(run, stages=[stage], model=dataclasses.replace(run.model, backend="local"))
-    sched = resolve_schedules(run, {stage.name: stage_steps(run, stage)})[stage.name]
-    return run, stage, sched
+    return run, stage, plan_run(run)[stage.name]
 
 
-def _trainer(run, stage, sched, parallel):
+def _trainer(run, plan, parallel):
     from megavlm.bench.throughput import SyntheticRows
     from megavlm.train.loop import StageTrainer
 
     factory = lambda st, par, nmb: SyntheticRows(run, "packed", nmb, par.dp_rank)  # noqa: E731
-    return StageTrainer(run, stage, sched, parallel, factory, log=lambda s: None)
+    return StageTrainer(run, plan, parallel, factory, log=lambda s: None)
 
 
 def _grads_at(step: int, into: dict):
@@ -82,12 +81,12 @@ def checkpoint_resume(env: Environment, size: str, workdir: Path, config: Option
     from megavlm.train import checkpoint as ckpt
 
     name = "checkpoint write + resume"
-    run, stage, sched = _recipe(env, workdir, config)
+    run, stage, plan = _recipe(env, workdir, config)
     parallel = Parallel.initialize(run.parallel, run.seed)
     try:
         straight: dict = {}
         t0 = time.perf_counter()
-        a = _trainer(run, stage, sched, parallel).train(stop_after=RESUME_AT + 1,
+        a = _trainer(run, plan, parallel).train(stop_after=RESUME_AT + 1,
                                                         observer=_grads_at(RESUME_AT + 1, straight))
         t_straight = time.perf_counter() - t0
         kept = ckpt.latest(run.run_dir, stage.name)
@@ -97,7 +96,7 @@ def checkpoint_resume(env: Environment, size: str, workdir: Path, config: Option
         size_b = _dir_bytes(kept.path)
         resumed: dict = {}
         t0 = time.perf_counter()
-        b = _trainer(run, stage, sched, parallel).train(stop_after=1,
+        b = _trainer(run, plan, parallel).train(stop_after=1,
                                                         observer=_grads_at(RESUME_AT + 1, resumed))
         t_resume = time.perf_counter() - t0
     finally:
@@ -154,12 +153,12 @@ def generation(env: Environment, size: str, workdir: Path, config: Optional[Path
     from megavlm.train import checkpoint as ckpt
 
     name = "cached generation"
-    run, stage, sched = _recipe(env, workdir, config)
+    run, stage, plan = _recipe(env, workdir, config)
     parallel = Parallel.initialize(run.parallel, run.seed)
     try:
         found = ckpt.latest(run.run_dir, stage.name)
         if found is None:  # the checkpoint check did not run: make the checkpoint here
-            _trainer(run, stage, sched, parallel).train(stop_after=RESUME_AT)
+            _trainer(run, plan, parallel).train(stop_after=RESUME_AT)
             found = ckpt.latest(run.run_dir, stage.name)
         g = torch.Generator().manual_seed(run.seed)
         new = 8 if size == "small" else 32

@@ -40,13 +40,14 @@ def _storages(tensors) -> dict[int, int]:
 @pytest.mark.parametrize("trainable", ["projector+lm", "lm"])
 def test_parameter_gradient_and_optimizer_bytes_are_exact(parallel1, trainable):
     from megavlm.train.loop import build_model, build_optimizer, set_trainable, wrap_ddp
+    from megavlm.train.plan import plan_run
 
     run = _run(trainable=trainable)
     stage = run.stages[0]
     chunks, tc = build_model(run, parallel1, torch.float32)
     set_trainable(chunks, stage.trainable)
     model = wrap_ddp(chunks, tc)
-    optimizer = build_optimizer(run, stage, model, torch.float32)
+    optimizer = build_optimizer(plan_run(run)[stage.name], model, torch.float32)
     layout = memory.layout_of(run, dp=1, precision="fp32")
     want = memory.state_bytes(run.model, layout, stage=0)
 
