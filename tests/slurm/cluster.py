@@ -140,7 +140,8 @@ class SlurmCluster:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.socket}",
+            # cred_expire: a requeued job waits this long + 1 s before it may start again (default 120)
+            f"AuthInfo=socket={self.socket},cred_expire=10",
             f"StateSaveLocation={self.dir / 'state'}",
             f"SlurmdSpoolDir={self.dir / 'spool'}",
             f"SlurmctldPidFile={self.dir / 'slurmctld.pid'}",
