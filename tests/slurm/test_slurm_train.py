@@ -95,7 +95,7 @@ def test_sbatch_trains_to_completion(uninterrupted):
 
 
 def _preempted_and_requeued(cluster, corpus, tmp_path, uninterrupted, hold: str, signal_it,  # noqa: F811
-                            *sbatch_args: str) -> tuple[str, str]:
+                            *sbatch_args: str, requeues: int = 1) -> tuple[str, str]:
     recipe = write_recipe(tmp_path / "recipe.yaml", corpus, tmp_path / "run")
     held = tmp_path / "held"
     jid = submit(cluster, tmp_path, recipe, *sbatch_args, MEGAVLM_ENTRY="tests.slurm.entry",
@@ -105,7 +105,9 @@ def _preempted_and_requeued(cluster, corpus, tmp_path, uninterrupted, hold: str,
     info = cluster.wait_job(jid, 600, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"))
     log = job_log(tmp_path, jid)
     assert info["JobState"] == "COMPLETED", (info, log[-6000:])
-    assert info["Restarts"] == "1", (info, log[-6000:])  # requeued once, by the script
+    assert int(info["Restarts"]) >= requeues, (info, log[-6000:])  # requeued by the script
+    if requeues == 1:
+        assert info["Restarts"] == "1", (info, log[-6000:])
     assert f"requeueing job {jid}" in log, log[-6000:]
     # the same run folder, resumed: every step once, losses bitwise equal to the uninterrupted run
     assert losses(tmp_path / "run") == losses(uninterrupted["dir"] / "run"), log[-6000:]
@@ -130,10 +132,12 @@ def test_signal_between_stages_is_caught_and_requeued(slurm_cluster, corpus, tmp
     assert "[text] complete (4 steps), skipping" in log and "[image] resumed from" in log, log[-6000:]
 
 
-@pytest.mark.slow  # SLURM sends the time-limit notice on its own ~30 s clock: ~1-2 min
+@pytest.mark.slow  # the notice comes 120-150 s into the job (SLURM checks limits every 30 s): ~4 min
 def test_time_limit_notice_checkpoints_requeues_and_resumes_exactly(slurm_cluster, corpus, tmp_path,
                                                                      uninterrupted):  # noqa: F811
+    # a 5-minute limit, notice 180 s ahead (120-150 s in): the workers started long before, held at text
+    # step 2 until it comes; the requeued attempt gets a fresh limit (and maybe a notice again)
     jid, log = _preempted_and_requeued(
         slurm_cluster, corpus, tmp_path, uninterrupted, "text:2", lambda j: None,
-        "--time=3", "--signal=B:USR1@150")
+        "--time=5", "--signal=B:USR1@180", requeues=1)
     assert "megavlm: got SIGUSR1" in log and "[text] stopped at step 2 on stop signal" in log, log[-6000:]
