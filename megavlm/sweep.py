@@ -2,7 +2,7 @@
 
     megavlm sweep --config C --grid fraction=0.8,1.0 --grid seed=1,2 [--grid epochs=1,2]
                   [--out DIR] [--jobs N] [--eval-limit N] [--rewarm-peak LR] [--dry-run]
-                  [--slurm [--sbatch-arg=--partition=x ...]] [key.path=value ...]
+                  [--slurm [--wait] [--sbatch-arg=--partition=x ...]] [key.path=value ...]
 
 Variables: fraction, image_ratio, instruct_ratio, epochs, seed (see megavlm.experiment.grid);
 ``--grid`` also takes a YAML/JSON file mapping variables to lists. The whole grid is checked
