@@ -132,7 +132,7 @@ def test_signal_between_stages_is_caught_and_requeued(slurm_cluster, corpus, tmp
     assert "[text] complete (4 steps), skipping" in log and "[image] resumed from" in log, log[-6000:]
 
 
-@pytest.mark.slow  # the notice comes 120-150 s into the job (SLURM checks limits every 30 s): ~4 min
+@pytest.mark.slow  # the notice comes 120-150 s into the job (SLURM checks limits every 30 s): ~3.5 min
 def test_time_limit_notice_checkpoints_requeues_and_resumes_exactly(slurm_cluster, corpus, tmp_path,
                                                                      uninterrupted):  # noqa: F811
     # a 5-minute limit, notice 180 s ahead (120-150 s in): the workers started long before, held at text
