@@ -3,7 +3,8 @@ grid (fraction x epochs: 1 text job, 2 image jobs, 4 cells, collect). The jobs a
 (each records when it started and ended, sleeps a second and writes its job.json) so the test
 is about the executor: SLURM runs them in dependency order; when one fails, SLURM cancels the
 jobs that need it and wait_slurm names the failed one and the cancelled ones; re-submitting skips
-the finished jobs and runs only the rest."""
+the finished jobs and runs only the rest, and once more while those still run submits no second
+copies."""
 
 from __future__ import annotations
 
@@ -83,10 +84,15 @@ def test_sweep_chain_on_slurm(slurm_cluster, tmp_path, monkeypatch):
     record.write_text("")
     again = executors.submit_slurm(tmp_path / "sweep", jobs, cpus=1)
     assert set(again) == {image08.id, *needs_it, "collect"}, again
+    # submitting once more while those are queued or running waits on them: no second copies
+    third = executors.submit_slurm(tmp_path / "sweep", jobs, cpus=1)
+    assert {k: third[k] for k in (image08.id, *needs_it)} == {k: again[k] for k in (image08.id, *needs_it)}
+    again["collect 2"] = third["collect"]
     final = executors.wait_slurm(tmp_path / "sweep", jobs, again, poll_s=0.5, timeout_s=300)
     assert set(final.values()) == {"COMPLETED"}, final
     ev = _events(record)
     assert [jid for what, jid, _ in ev if what == "start"][0] == image08.id
-    assert {jid for what, jid, _ in ev if what == "start"} == {image08.id, *needs_it, "collect"}
+    assert sorted(jid for what, jid, _ in ev if what == "start") == sorted([image08.id, *needs_it, "collect",
+                                                                            "collect"])  # each once
     assert all(j.done() for j in jobs)
     assert executors.submit_slurm(tmp_path / "sweep", jobs, cpus=1).keys() == {"collect"}  # nothing left
