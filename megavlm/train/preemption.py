@@ -109,11 +109,11 @@ _active: list[StopRequests] = []
 
 def spanning_run(fn):
     """Decorate ``fn(run, ...)`` (megavlm.train.stages.run_stages) so that the stop signals of
-    ``run.train.stop_signals`` are caught from its start to its end, between stages included."""
+    ``run.preemption.stop_signals`` are caught from its start to its end, between stages included."""
 
     @functools.wraps(fn)
     def wrapper(run, *args, **kwargs):
-        with StopRequests(run.train.stop_signals, None):
+        with StopRequests(run.preemption.stop_signals, None):
             return fn(run, *args, **kwargs)
 
     return wrapper

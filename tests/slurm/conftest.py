@@ -42,7 +42,8 @@ def write_recipe(path: Path, data_root: Path, run_dir: Path, steps: int = 4, **t
     raw["model"]["vocab_size"] = 512  # the corpus tokenizer has 400 ids
     raw["stages"][0]["checkpoint_fractions"] = [0.5, 1.0]
     raw["stages"][1]["init"]["fraction"] = 0.5  # 'continue' from 1.0 is refused by the config
-    raw["train"].update(log_every=1, **train)
+    raw["train"].update(**train)
+    raw.setdefault("logging", {})["log_every"] = 1
     raw["data"] = {"root": str(data_root), "build": "none", "tokenizer": "tokenizer.model"}
     path.write_text(yaml.safe_dump(raw))
     return path
