@@ -2,7 +2,7 @@
 
     megavlm sweep --config C --grid fraction=0.8,1.0 --grid seed=1,2 [--grid epochs=1,2]
                   [--out DIR] [--jobs N] [--eval-limit N] [--rewarm-peak LR] [--dry-run]
-                  [--slurm [--sbatch-arg=--partition=x ...]] [key.path=value ...]
+                  [--slurm [--wait] [--sbatch-arg=--partition=x ...]] [key.path=value ...]
 
 Variables: fraction, image_ratio, instruct_ratio, epochs, seed (see megavlm.experiment.grid);
 ``--grid`` also takes a YAML/JSON file mapping variables to lists. The whole grid is checked
@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sbatch", default="sbatch", help="sbatch executable")
     p.add_argument("--sbatch-arg", action="append", default=[], help="extra #SBATCH line, e.g. --partition=cpu")
     p.add_argument("--cpus-per-job", type=int, default=2, help="SLURM --cpus-per-task")
+    p.add_argument("--wait", action="store_true", help="with --slurm: follow the jobs to their end and "
+                   "name the failed ones and the ones cancelled because of them (status 1)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the recipe")
     return p
 
@@ -100,6 +102,16 @@ def run_sweep(args) -> int:
     if args.slurm:
         ids = submit_slurm(sweep_dir, jobs, cpus=args.cpus_per_job, extra=args.sbatch_arg, sbatch=args.sbatch)
         print(f"submitted {len(ids)} SLURM jobs (ids in {sweep_dir / 'slurm' / 'submitted.json'})")
+        if args.wait:
+            from megavlm.experiment.executors import JobFailed, wait_slurm
+
+            scontrol = str(Path(args.sbatch).with_name("scontrol")) if "/" in args.sbatch else "scontrol"
+            try:
+                wait_slurm(sweep_dir, jobs, ids, scontrol=scontrol)
+            except JobFailed as e:
+                print(f"megavlm sweep: {e}", file=sys.stderr)
+                return 1
+            print(f"all {len(ids)} SLURM jobs finished")
         return 0
     from tqdm.auto import tqdm
     from megavlm.progress import bars_enabled

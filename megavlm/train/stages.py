@@ -17,6 +17,7 @@ from megavlm.data.mixture import LoaderSpec
 from megavlm.parallel.state import Parallel
 from megavlm.train.loop import LoaderFactory, StageOutcome, StageTrainer
 from megavlm.train.plan import build_loader, plan_run
+from megavlm.train.preemption import spanning_run
 
 
 def default_loader_factory(run: RunConfig) -> LoaderFactory:
@@ -29,6 +30,7 @@ def default_loader_factory(run: RunConfig) -> LoaderFactory:
     return make
 
 
+@spanning_run  # stop signals are caught between stages too (megavlm.train.preemption)
 def run_stages(run: RunConfig, parallel: Parallel, loader_factory: Optional[LoaderFactory] = None,
                log: Callable[[str], None] = print, only: Optional[list[str]] = None,
                stop_after: Optional[int] = None, observer=None, force_config: bool = False,

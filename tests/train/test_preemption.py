@@ -103,3 +103,29 @@ def test_sigterm_on_one_rank_stops_all_saves_and_resumes_exactly(tmp_path, monke
     resumed = launch(2, {"config": cfg, "only": ["text"]}, tmp_path)
     assert losses(resumed, "text") == losses(full, "text")  # bitwise on CPU
     assert f"[text] resumed from {ckdir / 'step_0000003'} at step 3/4" in resumed["log"], resumed["log"]
+
+
+def test_signal_between_stages_stops_the_next_stage_at_its_first_step(parallel1, tmp_path, monkeypatch):
+    """run_stages keeps the handlers installed between stages: a SIGUSR1 after the text stage
+    finished (before the image stage built anything) neither kills the process nor is lost — the
+    image stage saves at its step 1 and stops with exit 75 (what launch/slurm.sbatch requeues)."""
+    from megavlm.train import stages
+
+    monkeypatch.setenv("MEGAVLM_EXIT_FILE", str(tmp_path / "exit-code"))
+    raw = synthetic.tiny_run(str(tmp_path / "run"), steps=2, layers=2)
+    run = load_config(raw=raw)
+    real = loop.StageTrainer.train
+
+    def train_then_signal(self, *a, **kw):
+        out = real(self, *a, **kw)
+        if self.stage.name == "text":  # between the stages: no stage's handler is installed
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return out
+
+    monkeypatch.setattr(loop.StageTrainer, "train", train_then_signal)
+    with pytest.raises(Preempted) as e:
+        stages.run_stages(run, parallel1, synthetic.factory(run), log=lambda s: None, check=False)
+    assert (e.value.stage, e.value.step, e.value.reason) == ("image", 1, "stop signal")
+    assert (ckpt.stage_dir(run.run_dir, "image") / "step_0000001" / "meta.json").is_file()
+    assert (tmp_path / "exit-code").read_text().strip() == "75"
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the run-wide handlers are gone too
