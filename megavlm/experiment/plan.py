@@ -147,7 +147,8 @@ def epoch_tokens(run: RunConfig, stage: StageConfig) -> int:
     loader = StageLoader(run.data, stage.mixture, seq_length=run.model.seq_length,
                          micro_batch_size=t.micro_batch_size,
                          num_microbatches=num_microbatches(t), dp_rank=0, dp_size=1,
-                         seed=run.seed, stage=stage.name, vision=run.model.vision, epochs=1)
+                         seed=run.seed, stage=stage.name, vision=run.model.vision, epochs=1,
+                         text_attention=stage.text_attention)  # issue 25: per-stage text attention
     return int(loader.tokens_per_epoch)
 
 

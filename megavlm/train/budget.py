@@ -115,7 +115,8 @@ def plan_loader(run: RunConfig, st: StageConfig):
                            num_microbatches=1, dp_rank=0, dp_size=1, seed=run.seed, stage=st.name,
                            vision=run.model.vision,
                            examples_per_row=1 if st.batch_unit == "examples" else None,
-                           pack_window=st.pack_window), ""
+                           pack_window=st.pack_window,
+                           text_attention=st.text_attention), ""  # issue 25: per-stage text attention
     except (DataError, TokenizerError, FileNotFoundError, OSError) as e:
         return None, str(e).splitlines()[0][:200]
 

@@ -124,6 +124,7 @@ def plan(run: RunConfig, steps: Optional[dict[str, int]] = None, points: int = 1
             "name": st.name,
             "tokens": st.tokens,
             "seq_length": run.stage_seq_length(st),
+            "text_attention": st.text_attention,  # issue 25: document | window
             "tokens_per_step": tokens_per_step(run, st),
             "steps": T,
             "checkpoints": [[f, k] for f, k in checkpoint_steps(st, T)],

@@ -30,7 +30,8 @@ def default_loader_factory(run: RunConfig) -> LoaderFactory:
                            dp_size=parallel.dp, seed=run.seed, stage=stage.name,
                            vision=run.model.vision, epochs=stage.epochs,
                            examples_per_row=1 if stage.batch_unit == "examples" else None,
-                           pack_window=stage.pack_window)
+                           pack_window=stage.pack_window,
+                           text_attention=stage.text_attention)  # issue 25: per-stage text attention
 
     return make
 
