@@ -122,7 +122,7 @@ def check_rotary(buffers: dict[str, Tensor], cfg: ModelConfig, where: str = "sta
             base = _base_of(got, cfg.head_dim)
             raise ConversionError(
                 f"{where}: rotary buffer {name} was computed with rope_base "
-                f"{'≈ %.6g' % base if base else '(unrecognisable)'}, but the recipe's model.rope_base is "
+                f"{'≈ %g' % float('%.4g' % base) if base else '(unrecognisable)'}, but the recipe's model.rope_base is "
                 f"{cfg.rope_base:g} (largest relative difference {rel:.3g}); set model.rope_base to the "
                 "checkpoint's base, or import the checkpoint the recipe means")
     return checked
