@@ -399,7 +399,10 @@ def text_window(samples: list[Sample]) -> list[Sample]:
     ``collate`` then gives it one causal window (one ``cu_seqlens`` segment), positions 0..n-1
     running through the documents, and the last token of a document (its EOD) predicting the
     first token of the next — open_lm's plain windows over concatenated documents, with which
-    DCLM was trained. Caption and instruction samples pass through unchanged (per document)."""
+    DCLM was trained. Caption and instruction samples pass through unchanged (per document).
+    One difference stays: open_lm reads S + 1 tokens for S positions, so its last position also
+    has a label; here the stream continues in the next row and a row's last text position
+    predicts nothing (one loss token in S fewer)."""
     out: list[Sample] = []
     run: list[Sample] = []
     for s in samples + [None]:  # type: ignore[list-item]
