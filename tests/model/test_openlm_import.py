@@ -104,7 +104,7 @@ def test_rotary_base_mismatch_is_refused(source, parallel1, tmp_path):
     assert not (tmp_path / "no").exists()
     openlm_io.read_state_dict(wrong)  # without a config nothing is checked (export read-back)
     half = tmp_path / "bf16.pt"
-    torch.save({f"module.layers.0.attention.pos_embed.inv_freq": inv_freq(hd, 10000.0).bfloat16(),
+    torch.save({"module.layers.0.attention.pos_embed.inv_freq": inv_freq(hd, 10000.0).bfloat16(),
                 **wrapped}, half)
     openlm_io.read_state_dict(half, run.model)
     shape = tmp_path / "shape.pt"
