@@ -47,7 +47,8 @@ def cmd_plan(args) -> int:
     else:
         for s in p["stages"]:
             sc = s["schedule"]
-            print(f"{s['name']}: {s['steps']} steps, {s['tokens']:.3g} tokens, schedule {sc['kind']}"
+            print(f"{s['name']}: {s['steps']} steps, {s['tokens']:.3g} tokens, "
+                  f"text attention {s['text_attention']}, schedule {sc['kind']}"
                   f" (lr {s['lr'][0][1]:.3g} → {s['lr'][-1][1]:.3g}), checkpoints at "
                   + ", ".join(f"{f:g}→step {k}" for f, k in s["checkpoints"]))
         for m in p.get("memory", []):

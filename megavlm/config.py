@@ -493,6 +493,8 @@ class ScheduleConfig:
 
 TRAINABLE = ("lm", "projector", "all")
 """What a stage can train (StageConfig.trainable)."""
+TEXT_ATTENTION = ("document", "window")
+"""How a stage's plain-text rows attend (StageConfig.text_attention)."""
 TRAINABLE_ALIASES = {"projector+lm": "all"}
 """Deprecated spellings of a TRAINABLE value, still read (old recipes, saved config.yaml)."""
 
@@ -557,6 +559,14 @@ class StageConfig:
     epoch_examples: Optional[int] = None
     """Examples in one pass when the data is not at hand (plan estimates with it, e.g. 665000 for
     the LLaVA mix, paper Appendix D); training always counts the real data."""
+    text_attention: Literal["document", "window"] = "document"
+    """How plain-text rows attend (issue 25). ``document``: every document piece in a row is its
+    own sequence — attention and RoPE positions restart at each document (our own text
+    pre-training). ``window``: the text of a row is ONE causal window over the concatenated
+    documents, positions running 0..n-1 through it and the last token of a document predicting
+    the first of the next — how open_lm trained DCLM, so a stage continuing a DCLM checkpoint
+    keeps the attention pattern it was trained with. Image-caption and instruction samples stay
+    per document in both modes; the data order and the mixture's counts are the same."""
 
     def optimizer(self, opt: OptimizerConfig) -> "StageOptimizer":
         """The AdamW settings this stage trains with: its overrides over the run's ``optimizer``
@@ -605,6 +615,9 @@ class StageConfig:
             raise ConfigError(f"stage {self.name}: pack_window must be >= 1")
         if self.epoch_examples is not None and self.epoch_examples <= 0:
             raise ConfigError(f"stage {self.name}: epoch_examples must be > 0")
+        if self.text_attention not in TEXT_ATTENTION:
+            raise ConfigError(f"stage {self.name}: text_attention {self.text_attention!r} is not one "
+                              f"of {list(TEXT_ATTENTION)}")
 
 
 @dataclass

@@ -288,6 +288,22 @@ def non_identity_keys() -> tuple[str, ...]:
     return tuple(out)
 
 
+ADDED_DEFAULTS = {"stages.*.text_attention": "document"}
+"""Keys added since a run folder may have been recorded, with the behaviour every older run had:
+a recorded config without the key equals a current one holding that value (so an older run folder
+still resumes), and any other value is a change that refuses it (issue 25: ``window`` text rows
+attend differently from the ``document`` rows an older run trained with)."""
+
+
+def _added_default(key: str) -> object:
+    import fnmatch
+
+    for pattern, value in ADDED_DEFAULTS.items():
+        if fnmatch.fnmatchcase(key, pattern):
+            return value
+    return "<unset>"
+
+
 class RunFolderError(DataError):
     """The run folder holds checkpoints of another config or other data."""
 
@@ -330,6 +346,8 @@ def config_differences(recorded: dict, current: dict) -> list[str]:
             continue
         if k not in a and b[k] is None:
             continue  # a field added since (default None) is not a change
+        if k not in a and b[k] == _added_default(k):
+            continue  # a field added since, at the value older runs had (ADDED_DEFAULTS)
         out.append(f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}")
     return out
 

@@ -34,7 +34,7 @@ def loader_spec(run: RunConfig, stage: StageConfig) -> LoaderSpec:
     return LoaderSpec(stage=stage.name, data=run.data, mixture=stage.mixture, vision=run.model.vision,
                       seq_length=run.stage_seq_length(stage), seed=run.seed, epochs=stage.epochs,
                       examples_per_row=1 if stage.batch_unit == "examples" else None,
-                      pack_window=stage.pack_window)
+                      pack_window=stage.pack_window, text_attention=stage.text_attention)
 
 
 def build_loader(spec: LoaderSpec, *, micro_batch_size: int = 1, num_microbatches: int = 1,
@@ -94,6 +94,7 @@ class StagePlan:
         T = self.steps
         xs = [(T - 1) * i / (points - 1) for i in range(points)]
         return {"name": self.name, "tokens": self.config.tokens, "seq_length": self.seq_length,
+                "text_attention": self.loader.text_attention,
                 "tokens_per_step": self.tokens_per_step, "steps": T,
                 "checkpoints": [[f, k] for f, k in self.checkpoints],
                 "lr": [[x, self.schedule.lr(x)] for x in xs], "schedule": self.schedule.describe(),
