@@ -35,8 +35,8 @@ def parallel_env() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", nargs="+", required=True, help="files, globs, brace ranges")
-    ap.add_argument("--tokenizer", required=True, help="sentencepiece .model or tokenizer.json")
+    ap.add_argument("--input", nargs="+", help="files, globs, brace ranges")
+    ap.add_argument("--tokenizer", help="sentencepiece .model or tokenizer.json")
     ap.add_argument("--output", required=True, help="output prefix (writes PREFIX.bin and PREFIX.idx)")
     ap.add_argument("--workers", type=int, default=1, help="tokenizer processes (single-job mode)")
     ap.add_argument("--field", default="text", help="JSON field / parquet column of the text")
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge", action="store_true", help="join the finished parts of OUTPUT.parts")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    if not a.merge and (not a.input or not a.tokenizer):
+        ap.error("--input and --tokenizer are required (unless --merge)")
     from megavlm.prep.inputs import expand_inputs, my_shards, worker_rank
     from megavlm.prep import parts as P
 
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             tok = load_tokenizer(a.tokenizer)
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
             P.write_job(a.output, {"kind": "text", "outputs": ["tokens"], "inputs": [str(p) for p in inputs],
-                                   "tokenizer": str(a.tokenizer), "field": a.field, "bad_input": a.bad_input})
+                                   "tokenizer": str(a.tokenizer), "field": a.field})
             from megavlm.prep.textparts import tokenize_part
 
             st = P.run_parts(a.output, my_shards(inputs, rank, world),

@@ -27,7 +27,7 @@ def expand_inputs(patterns: Sequence[str | Path]) -> list[Path]:
         for one in braceexpand(str(pat)):
             if glob.has_magic(one):
                 hits += [h for h in glob.glob(one) if Path(h).is_file()]
-            elif Path(one).is_file():
+            elif Path(one).exists():  # a file, or a folder for the tools that take one
                 hits.append(one)
             else:
                 raise DataError(f"{one}: no such file (from input {pat})")

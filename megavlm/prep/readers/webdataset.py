@@ -91,6 +91,27 @@ def _image_of(sample: dict) -> Optional[bytes]:
     return None
 
 
+def _truncation(path: Path, problem: Callable[[str], None]) -> Optional[str]:
+    """A tar is a whole number of 512-byte blocks; when the file is not, the stream reader may end
+    quietly inside the last member. Report it (naming the last member) and return that member's
+    key, whose sample must not be used."""
+    from webdataset.tariterators import base_plus_ext
+
+    size = path.stat().st_size
+    if size % 512 == 0:
+        return None
+    last = "(none)"
+    try:
+        with tarfile.open(path, "r|*") as t:
+            for m in t:
+                last = m.name
+    except (tarfile.TarError, EOFError, OSError):
+        pass
+    problem(f"{path}: corrupt or truncated tar after member {last} ({size} bytes is not a whole "
+            f"number of 512-byte tar blocks)")
+    return base_plus_ext(last)[0]
+
+
 def read_tar_shard(path: str | Path, rule: Optional[CaptionRule] = CaptionRule(),
                    reject: Optional[Callable[[str], None]] = None) -> list[TarSample]:
     """Every sample of one shard in member order (``rule=None``: images only, no captions)."""
@@ -107,6 +128,7 @@ def read_tar_shard(path: str | Path, rule: Optional[CaptionRule] = CaptionRule()
 
     out: list[TarSample] = []
     seen: set[str] = set()
+    bad_key = _truncation(path, problem)
     last = "(start of the shard)"
     read = ["(none)"]
 
@@ -120,6 +142,8 @@ def read_tar_shard(path: str | Path, rule: Optional[CaptionRule] = CaptionRule()
         try:
             for sample in group_by_keys(members):
                 key = sample["__key__"]
+                if key == bad_key:
+                    continue  # the sample cut by the truncation (reported above)
                 where = f"{path}: member {key}"
                 last = key
                 if key in seen:
@@ -142,6 +166,8 @@ def read_tar_shard(path: str | Path, rule: Optional[CaptionRule] = CaptionRule()
                         problem(f"{where}: no caption ({', '.join(rule.sources)})")
                         continue
                 out.append(TarSample(key, img, cap, where))
+        except DataError:
+            raise
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
             msg = str(e.args[0]) if e.args else type(e).__name__
             if "duplicate file name" in msg:
