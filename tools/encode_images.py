@@ -119,7 +119,9 @@ def _tar_parts(a, inputs, tok) -> int:
     rank, world = worker_rank()
     rule = CaptionRule.parse(a.caption, a.caption_choice, a.caption_seed)
     source = {"format": "webdataset", **(rule.meta() if tok is not None else {})}
-    enc = make_encoder(a.encoder, a.image_size)
+    from megavlm.prep.imageparts import on_worker_device
+
+    enc = on_worker_device(make_encoder(a.encoder, a.image_size))  # cuda:LOCAL_RANK under torchrun
     P.write_job(a.output, {"kind": "images", "outputs": ["embeds"] + (["tokens"] if tok is not None else []),
                            "inputs": [str(p) for p in inputs], "encoder": enc.name,
                            "image_size": enc.image_size, "dtype": a.dtype, "resize": a.resize,

@@ -86,3 +86,34 @@ def encode_tar_part(shard: Path, prefix: Path, reject: Optional[Callable[[str], 
         if tw is not None:
             tw.close()
         return ew._w.count
+
+
+class OnDevice:
+    """The frozen encoder on this worker's GPU (``cuda:LOCAL_RANK``, as torchrun sets it): pixels are
+    normalised on the CPU as the encoder does, moved over, encoded, and the embeddings come back
+    as float32 on the CPU for the writer. Without CUDA the encoder itself is returned unchanged."""
+
+    def __init__(self, encoder, device):
+        self.inner, self.device = encoder, device
+        self.__dict__.update({k: getattr(encoder, k) for k in ("name", "image_size", "num_patches", "embed_dim",
+                                                                "mean", "std")})
+        encoder.model.to(device)
+
+    def __call__(self, images: np.ndarray):
+        import torch
+
+        with torch.inference_mode():
+            x = self.inner._normalize(images).to(self.device, non_blocking=True)
+            return self.inner._forward(x).float().cpu()
+
+
+def on_worker_device(encoder):
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return encoder
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    return OnDevice(encoder, torch.device("cuda", local))
