@@ -62,6 +62,9 @@ setup(
         # `pip install --no-deps lmms-eval==0.7.3`, then this extra for what its import and tasks need
         "lmms": ["loguru", "accelerate>=0.29.1", "jsonlines", "tenacity>=8.3.0"],
         "dali": ["nvidia-dali-cuda130"],
+        # readers of the paper's published formats (docs/paper-data.md): DCLM .jsonl.zst / parquet
+        # text, DataComp-DR WebDataset tar shards, brace-range shard lists
+        "prep": ["webdataset>=1.0", "zstandard", "pyarrow", "braceexpand"],
         "kernels": ["triton>=3.0"],  # never replaces an installed Triton (see above)
         # TensorBoard events / Weights & Biases runs (train.tensorboard_dir, train.wandb)
         "logging": ["tensorboard", "wandb"],

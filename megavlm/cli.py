@@ -5,7 +5,7 @@
     megavlm plan  --config C [overrides] [--json]     steps, checkpoints and LR schedule, no training
     megavlm prepare --config C | demo [--root D]      build a recipe's data (before training)
     megavlm demo  [--run-dir D]                       the offline three-stage demo
-    megavlm bench {train,masked-ce,throughput,data,attention,eval}  benchmarks (markdown under benchmarks/)
+    megavlm bench {train,masked-ce,throughput,data,attention,eval,prep}  benchmarks (markdown under benchmarks/)
     megavlm sweep --config C --grid name=v1,v2 [...]  the paper's experiment grid (megavlm.sweep)
     megavlm eval  {text,vision,all} --checkpoint D     lm-eval text tasks, vision tasks, stable score
     megavlm selftest [--size small|full] [--out-dir D] acceptance run on a new machine (megavlm.selftest)
@@ -103,6 +103,8 @@ def cmd_bench(args, rest: list[str]) -> int:
         from megavlm.bench.train import main as bench_main
     elif args.what == "data":
         from megavlm.bench.data import main as bench_main
+    elif args.what == "prep":
+        from megavlm.bench.prep import main as bench_main
     elif args.what == "throughput":
         from megavlm.bench.throughput import main as bench_main
     elif args.what == "attention":
@@ -154,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-BENCHES = ["train", "masked-ce", "throughput", "data", "attention", "eval"]
+BENCHES = ["train", "masked-ce", "throughput", "data", "attention", "eval", "prep"]
 """``megavlm bench NAME``: each benchmark has its own options (``megavlm bench NAME --help``)."""
 
 

@@ -18,6 +18,7 @@ before it builds a model, with the files named.
 
     megavlm prepare --config RECIPE [key.path=value ...]
     megavlm prepare demo [--root DIR] [--num-patches 16] [--full] [--cache DIR]
+    megavlm prepare --plan --config RECIPE [--dtype float8_e4m3] [--inputs KIND=GLOB]   (disk plan)
 """
 
 from __future__ import annotations
@@ -123,6 +124,10 @@ def demo_parser(prog: str = "megavlm prepare demo") -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--plan" in argv:
+        from megavlm.prep.plan import main as plan_main
+
+        return plan_main(argv)
     try:
         if argv[:1] == ["demo"]:
             a = demo_parser().parse_args(argv[1:])

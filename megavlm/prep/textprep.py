@@ -25,40 +25,12 @@ from megavlm.data.indexed import DataError, IndexedWriter, token_dtype
 from megavlm.data.tokenizer import Tokenizer, load_tokenizer
 
 
-def read_documents(path: str | Path, field: str = "text") -> Iterator[tuple[str, str]]:
-    """Yield (where, text) for each non-empty document of a JSONL or plain-text file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    jsonl = path.suffix in (".jsonl", ".json")
-    with open(path, "rb") as f:
-        para: list[str] = []
-        start = 1
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{n}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
-            if jsonl:
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-                    raise DataError(f"{path}:{n}: expected an object with a string field {field!r}")
-                if rec[field].strip():
-                    yield f"{path}:{n}", rec[field]
-            elif line.strip():
-                if not para:
-                    start = n
-                para.append(line)
-            elif para:
-                yield f"{path}:{start}", "".join(para).strip("\n")
-                para = []
-        if para:
-            yield f"{path}:{start}", "".join(para).strip("\n")
+def read_documents(path: str | Path, field: str = "text", reject=None) -> Iterator[tuple[str, str]]:
+    """Yield (where, text) for each non-empty document of a JSONL (also ``.jsonl.zst``/``.jsonl.gz``),
+    parquet or plain-text file (megavlm.prep.readers.text)."""
+    from megavlm.prep.readers.text import read_documents as _read
+
+    return _read(path, field, reject)
 
 
 _worker_tok: Optional[Tokenizer] = None
@@ -113,8 +85,9 @@ class TextStats:
 
 def preprocess_text(inputs: Sequence[str | Path], out_prefix: str | Path, tokenizer: str | Path, *,
                     workers: int = 1, field: str = "text", chunk_docs: int = 256,
-                    progress: bool = True) -> TextStats:
-    """Tokenize every document of ``inputs`` into ``<out_prefix>.{bin,idx}`` (EOD appended)."""
+                    progress: bool = True, reject=None) -> TextStats:
+    """Tokenize every document of ``inputs`` into ``<out_prefix>.{bin,idx}`` (EOD appended).
+    ``reject(message)``, when given, receives bad lines instead of an error (the skip policy)."""
     from tqdm import tqdm
     from megavlm.progress import bars_enabled
 
@@ -127,7 +100,7 @@ def preprocess_text(inputs: Sequence[str | Path], out_prefix: str | Path, tokeni
 
     def docs() -> Iterator[tuple[str, str]]:
         for p in inputs:
-            yield from read_documents(p, field)
+            yield from read_documents(p, field, reject)
 
     bar = tqdm(unit="tok", unit_scale=True, disable=not (progress and bars_enabled()), desc=f"tokenize {Path(out_prefix).name}")
     with IndexedWriter(out_prefix, token_dtype(tok.vocab_size)) as w:
