@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 def _tar_parts(a, inputs, tok) -> int:
     """WebDataset shards: this worker's parts, then the merge when it is the only worker."""
     from megavlm.prep import parts as P
-    from megavlm.prep.encoders import make_decoder, mean_fill
+    from megavlm.encoders import make_decoder, mean_fill
     from megavlm.prep.imageparts import encode_tar_part
     from megavlm.prep.inputs import my_shards, worker_rank
     from megavlm.prep.readers.webdataset import CaptionRule

@@ -125,7 +125,7 @@ def bench_images(work: Path, quick: bool) -> dict:
     import webdataset as wds
     from PIL import Image
 
-    from megavlm.prep.encoders import decode_pil
+    from megavlm.encoders import decode_pil
     from megavlm.prep.readers.webdataset import read_tar_shard
 
     n, side, size = (24, 256, 64) if quick else (160, 512, 384)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megavlm.data.indexed import EmbeddingStore
-from megavlm.prep.encoders import DaliDecoder, dali_available, decode_pil
+from megavlm.encoders import DaliDecoder, dali_available, decode_pil
 from megavlm.prep.readers.webdataset import read_tar_shard
 from tests.prep.test_readers_webdataset import _args, siglip_dir, write_shard  # noqa: F401
 from tools import encode_images as tool

@@ -75,7 +75,7 @@ def image_records(inputs: Sequence[str | Path], image_root: str | Path,
     """The distinct images the conversations name, as encoder input records (key = the ``image``
     field, path under the root), in first-use order; text-only records contribute nothing."""
     from megavlm.prep.conversations import load_llava
-    from megavlm.prep.encoders import ImageRecord
+    from megavlm.encoders import ImageRecord
 
     root = Path(image_root)
     if not root.is_dir():
