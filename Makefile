@@ -50,7 +50,7 @@ install-online:
 	$(PIP) install -q --no-deps lmms-eval==$(LMMS_EVAL_VERSION)
 	@# dev tools, the `kernels` extra (unpinned Triton: satisfied by the one above), transformers
 	@# (a tiny random SigLIP in tests), DALI (CPU-only decode pipelines), lm-eval and lmms-eval
-	$(PIP) install -q -e ".[dev,kernels,siglip,dali,eval,lmms,logging]"
+	$(PIP) install -q -e ".[dev,kernels,siglip,dali,eval,lmms,logging,prep]"
 
 # Offline (GPU clusters): installs nothing from a registry. torch and Triton must already be
 # there; megatron-core comes from WHEELS=dir when it is not importable; megavlm itself is

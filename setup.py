@@ -5,18 +5,40 @@ pin would pull a multi-GB CUDA build onto CPU hosts (and replace the CUDA torch 
 megatron-core 0.19.2 must be installed with --no-deps --ignore-requires-python on Python 3.11.
 Triton is the ``kernels`` extra without a pin: ``pip`` then keeps a Triton that is already installed
 (GPU hosts carry the one that matches their torch), and ``make install`` installs the tested 3.9.0
-first where none is importable. The fused kernels are the ``megavlm.kernels`` subpackage, so a
-wheel, an editable install and a plain checkout on PYTHONPATH all have them.
+first where none is importable. The fused kernels' sources are the top-level ``kernels/`` folder,
+installed as the ``megavlm.kernels`` subpackage through ``package_dir`` (a wheel holds them under
+megavlm/kernels/); in a checkout or an editable install, megavlm/kernels/__init__.py points the
+package at that folder (its docstring says why), so every form imports ``megavlm.kernels``.
 """
 
+import shutil
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPy(build_py):
+    """The package ``megavlm.kernels`` is built from ``kernels/`` (``package_dir``), which has no
+    ``__init__.py`` so that it never shadows the PyPI package ``kernels`` from the repository root;
+    its ``__init__`` is megavlm/kernels/__init__.py, copied beside the sources here."""
+
+    def run(self):
+        super().run()
+        dest = Path(self.build_lib, "megavlm", "kernels", "__init__.py")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(__file__).parent / "megavlm" / "kernels" / "__init__.py", dest)
+
 
 setup(
     name="megavlm",
     version="0.1.0",
     description="Megatron-core trainer for vision-language models: text → image-text → instruction stages",
     python_requires=">=3.10",
-    packages=find_packages(include=["megavlm", "megavlm.*"]),
+    # megavlm.kernels comes from kernels/ (its megavlm/kernels/ is the checkout's pointer, not packaged)
+    packages=find_packages(include=["megavlm", "megavlm.*"], exclude=["megavlm.kernels"]) + ["megavlm.kernels"],
+    package_dir={"megavlm.kernels": "kernels"},
+    cmdclass={"build_py": BuildPy},
     install_requires=[
         "numpy",
         "packaging",
@@ -40,6 +62,9 @@ setup(
         # `pip install --no-deps lmms-eval==0.7.3`, then this extra for what its import and tasks need
         "lmms": ["loguru", "accelerate>=0.29.1", "jsonlines", "tenacity>=8.3.0"],
         "dali": ["nvidia-dali-cuda130"],
+        # readers of the paper's published formats (docs/paper-data.md): DCLM .jsonl.zst / parquet
+        # text, DataComp-DR WebDataset tar shards, brace-range shard lists
+        "prep": ["webdataset>=1.0", "zstandard", "pyarrow", "braceexpand"],
         "kernels": ["triton>=3.0"],  # never replaces an installed Triton (see above)
         # TensorBoard events / Weights & Biases runs (train.tensorboard_dir, train.wandb)
         "logging": ["tensorboard", "wandb"],

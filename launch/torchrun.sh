@@ -56,6 +56,17 @@ if [[ -z "${MEGAVLM_EXIT_FILE:-}" ]]; then
 fi
 : > "$MEGAVLM_EXIT_FILE"
 
+# Traps first: a signal that comes while torchrun starts is passed on once it runs (otherwise it
+# would end this script and leave torchrun running in its own process group).
+PID=
+STOP_SIG=
+stop() {
+    STOP_SIG=$1
+    if [[ -n "$PID" ]]; then kill -s "$1" "$PID" 2>/dev/null || true; fi
+}
+trap 'stop USR1' USR1
+trap 'stop TERM' TERM
+trap 'stop TERM' INT
 set -m  # torchrun in its own process group: Ctrl-C reaches this script, which asks for a clean stop
 set -x
 "$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node="$NPROC" \
@@ -63,9 +74,7 @@ set -x
     -m "$ENTRY" $CMD --config "$CONFIG" "$@" &
 { set +x; } 2>/dev/null
 PID=$!
-trap 'kill -s USR1 "$PID" 2>/dev/null || true' USR1
-trap 'kill -s TERM "$PID" 2>/dev/null || true' TERM
-trap 'kill -s TERM "$PID" 2>/dev/null || true' INT
+if [[ -n "$STOP_SIG" ]]; then kill -s "$STOP_SIG" "$PID" 2>/dev/null || true; fi
 rc=0
 while :; do  # a trapped signal ends `wait` early: wait again until torchrun is gone
     wait "$PID" && rc=0 || rc=$?

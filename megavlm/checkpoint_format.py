@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-META = "meta.json"
-CONFIG = "config.yaml"
-TOKENIZER_DIR = "tokenizer"
+import yaml
+
+from megavlm.run_folder import CHECKPOINTS, CONFIG, LATEST, META, STEP_PREFIX, TOKENIZER_DIR  # noqa: F401
 
 
 class CheckpointError(RuntimeError):
@@ -51,14 +51,14 @@ class CheckpointInfo:
 
 
 def stage_dir(run_dir: str | Path, stage: str) -> Path:
-    return Path(run_dir) / stage / "checkpoints"
+    return Path(run_dir) / stage / CHECKPOINTS
 
 
 def list_checkpoints(run_dir: str | Path, stage: str) -> list[CheckpointInfo]:
     d = stage_dir(run_dir, stage)
     if not d.is_dir():
         return []
-    out = [CheckpointInfo.read(p) for p in d.glob("step_*") if (p / META).is_file()]
+    out = [CheckpointInfo.read(p) for p in d.glob(f"{STEP_PREFIX}*") if (p / META).is_file()]
     return sorted(out, key=lambda c: c.step)
 
 
@@ -87,7 +87,6 @@ def require_complete(path: Path, *, config: bool = False) -> None:
         raise CheckpointError(f"{path}: checkpoint has no {CONFIG}")
 
 
-LATEST = "latest"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -102,19 +101,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return p
     if not p.exists():
         raise CheckpointError(f"{path}: no such checkpoint, stage or run folder")
-    for stage_ckpts in (p, p / "checkpoints"):
-        if stage_ckpts.is_dir() and stage_ckpts.name == "checkpoints":
-            cps = sorted((d for d in stage_ckpts.glob("step_*") if (d / META).is_file()), key=lambda d: d.name)
+    for stage_ckpts in (p, p / CHECKPOINTS):
+        if stage_ckpts.is_dir() and stage_ckpts.name == CHECKPOINTS:
+            cps = sorted((d for d in stage_ckpts.glob(f"{STEP_PREFIX}*") if (d / META).is_file()), key=lambda d: d.name)
             if cps:
                 return cps[-1]
             raise CheckpointError(f"{path}: not a checkpoint, and {stage_ckpts} holds no complete one")
-    stages = [d.name for d in sorted(p.iterdir()) if (d / "checkpoints").is_dir()] if p.is_dir() else []
+    stages = [d.name for d in sorted(p.iterdir()) if (d / CHECKPOINTS).is_dir()] if p.is_dir() else []
     if stages:
         order = stages
         cfg = p / CONFIG
         if cfg.is_file():
-            import yaml
-
             names = [s.get("name") for s in (yaml.safe_load(cfg.read_text()) or {}).get("stages", [])]
             order = [n for n in names if n in stages] + [n for n in stages if n not in names]
         for st in reversed(order):

@@ -5,7 +5,7 @@
     megavlm plan  --config C [overrides] [--json]     steps, checkpoints and LR schedule, no training
     megavlm prepare --config C | demo [--root D]      build a recipe's data (before training)
     megavlm demo  [--run-dir D]                       the offline three-stage demo
-    megavlm bench {train,masked-ce,throughput,data,attention,eval}  benchmarks (markdown under benchmarks/)
+    megavlm bench {train,masked-ce,throughput,data,attention,eval,prep}  benchmarks (markdown under benchmarks/)
     megavlm sweep --config C --grid name=v1,v2 [...]  the paper's experiment grid (megavlm.sweep)
     megavlm eval  {text,vision,all} --checkpoint D     lm-eval text tasks, vision tasks, stable score
     megavlm selftest [--size small|full] [--out-dir D] acceptance run on a new machine (megavlm.selftest)
@@ -31,12 +31,12 @@ def _load(args):
 
 
 def cmd_plan(args) -> int:
-    from megavlm.train.schedule import plan
+    from megavlm.train.plan import describe_run
 
     run = _load(args)
     if args.check:
         return _check(run, args)
-    p = plan(run)
+    p = describe_run(run)
     if args.memory:
         from megavlm.model.memory import recipe_memory
 
@@ -47,7 +47,8 @@ def cmd_plan(args) -> int:
     else:
         for s in p["stages"]:
             sc = s["schedule"]
-            print(f"{s['name']}: {s['steps']} steps, {s['tokens']:.3g} tokens, schedule {sc['kind']}"
+            print(f"{s['name']}: {s['steps']} steps, {s['tokens']:.3g} tokens, "
+                  f"text attention {s['text_attention']}, schedule {sc['kind']}"
                   f" (lr {s['lr'][0][1]:.3g} → {s['lr'][-1][1]:.3g}), checkpoints at "
                   + ", ".join(f"{f:g}→step {k}" for f, k in s["checkpoints"]))
         for m in p.get("memory", []):
@@ -92,7 +93,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from megavlm.demo.run import main as demo_main
+    from megavlm.experiment.demo import main as demo_main
 
     return demo_main(args)
 
@@ -102,6 +103,8 @@ def cmd_bench(args, rest: list[str]) -> int:
         from megavlm.bench.train import main as bench_main
     elif args.what == "data":
         from megavlm.bench.data import main as bench_main
+    elif args.what == "prep":
+        from megavlm.bench.prep import main as bench_main
     elif args.what == "throughput":
         from megavlm.bench.throughput import main as bench_main
     elif args.what == "attention":
@@ -138,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "disk) and list every problem; trains and writes nothing")
             s.add_argument("--force-config", action="store_true",
                            help="continue a run folder made with another config or other data "
-                                "(megavlm.preflight.IGNORED_KEYS never count as a change)")
+                                "(megavlm.preflight.non_identity_keys never count as a change)")
     d = sub.add_parser("demo")
     d.add_argument("--run-dir", default="runs/demo")
     d.add_argument("--config", default=None, help="recipe (default launch/configs/demo.yaml)")
@@ -153,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-BENCHES = ["train", "masked-ce", "throughput", "data", "attention", "eval"]
+BENCHES = ["train", "masked-ce", "throughput", "data", "attention", "eval", "prep"]
 """``megavlm bench NAME``: each benchmark has its own options (``megavlm bench NAME --help``)."""
 
 
@@ -183,9 +186,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return prepare_main(argv[1:])
     if argv[:1] == ["eval"]:
+        from megavlm.demo.suites import OfflineSuite
         from megavlm.eval.cli import main as eval_main
 
-        return eval_main(argv[1:])
+        return eval_main(argv[1:], offline=OfflineSuite.default)  # the offline suites are the demo's
     if argv[:1] == ["bench"] and argv[1:2] and argv[1] in BENCHES:  # its own --help and options
         args, rest = argparse.Namespace(cmd="bench", what=argv[1]), argv[2:]
     else:

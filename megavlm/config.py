@@ -11,6 +11,7 @@ are applied to the raw tree before conversion, so they go through the same check
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -19,7 +20,7 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 
@@ -105,6 +106,9 @@ class ModelConfig:
 class ParallelConfig:
     """How the world is split; data parallel size is whatever is left of the world."""
 
+    IDENTITY: ClassVar[bool] = False
+    """Not identity: checkpoints reshard across layouts (the global batch stays the same)."""
+
     tp: int = 1
     """Tensor-parallel size."""
     pp: int = 1
@@ -140,16 +144,37 @@ class WandbConfig:
     """Where W&B writes its files (default: run_dir)."""
 
 
+NOT_IDENTITY = {"identity": False}
+"""Field metadata: a re-run may change this field and still skip or resume the run's stages
+(megavlm.preflight.non_identity_keys reads it)."""
+
+
 @dataclass
 class TrainConfig:
-    """Batching, precision and optimizer settings shared by all stages (a stage may override some)."""
+    """Batching shared by all stages."""
 
-    micro_batch_size: int = 4
-    """Sequences per microbatch per data-parallel rank."""
+    IDENTITY: ClassVar[bool] = True
+    """Part of run identity: a run folder's checkpoints belong to these values."""
+
+    micro_batch_size: int = field(default=4, metadata=NOT_IDENTITY)
+    """Sequences per microbatch per data-parallel rank (not identity: the global batch stays)."""
     global_batch_size: int = 8
     """Sequences per optimizer step over all microbatches and data-parallel ranks."""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """auto = bf16 on GPUs that support it, fp32 on CPU."""
+    deterministic: bool = True
+    """Use deterministic kernels so a resumed run reproduces the uninterrupted one."""
+
+    def __post_init__(self):
+        _positive(self, "micro_batch_size", "global_batch_size")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError("train.global_batch_size must be a multiple of train.micro_batch_size")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW settings shared by all stages (a stage may override weight_decay and adam_beta2)."""
+
+    IDENTITY: ClassVar[bool] = True
+
     weight_decay: float = 0.1
     """AdamW decoupled weight decay (not applied to norms)."""
     adam_beta1: float = 0.9
@@ -160,10 +185,16 @@ class TrainConfig:
     """AdamW epsilon."""
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables clipping."""
-    log_every: int = 1
-    """Print a progress line every this many steps (metrics.jsonl always gets every step)."""
-    deterministic: bool = True
-    """Use deterministic kernels so a resumed run reproduces the uninterrupted one."""
+
+
+@dataclass
+class PrecisionConfig:
+    """Training precision and FP8."""
+
+    IDENTITY: ClassVar[bool] = True
+
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto = bf16 on GPUs that support it, fp32 on CPU."""
     fp8: Literal["none", "delayed", "current"] = "none"
     """FP8 matmuls in the transformer layers through Transformer Engine recipes: delayed = scales
     from an amax history (TE DelayedScaling), current = per-tensor scales of the tensor at hand
@@ -174,12 +205,20 @@ class TrainConfig:
     fp8_amax_history_len: int = 1024
     """Delayed scaling: amax history length (the scale uses the max over it)."""
 
-    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
-    """Signals that ask the run to stop cleanly: every rank finishes the current step, the run saves
-    a complete checkpoint at it and exits with megavlm.train.preemption.EXIT_PREEMPTED (75).
-    SLURM sends them ahead of a time limit or preemption (launch/slurm.sbatch). [] = none."""
-    max_wall_minutes: Optional[float] = None
-    """Stop the same way once this process has trained for this many minutes (None = no budget)."""
+    def __post_init__(self):
+        _positive(self, "fp8_amax_history_len")
+        if self.fp8 != "none" and self.dtype == "fp32":
+            raise ConfigError("precision.fp8 needs precision.dtype bf16 or auto (fp8 recipes train "
+                              "bf16 master-precision layers), not fp32")
+
+
+@dataclass
+class GuardConfig:
+    """What a non-finite or spiking loss does to the run (megavlm.train.guard)."""
+
+    IDENTITY: ClassVar[bool] = False
+    """Not identity: the guards of a running job may change between restarts."""
+
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A NaN/Inf loss or gradient norm: stop (exit non-zero, nothing saved, the last good checkpoint
     stays the newest) or skip (drop the step's update on every rank; the step still counts)."""
@@ -190,6 +229,46 @@ class TrainConfig:
     """Steps in the running median of the spike rule (it starts judging once the window is full)."""
     on_spike: Literal["skip", "stop", "warn"] = "skip"
     """What a spike does: skip its update, stop as for a non-finite loss, or only warn and log it."""
+
+    def __post_init__(self):
+        _positive(self, "spike_window")
+        if self.spike_factor is not None and self.spike_factor <= 1:
+            raise ConfigError(f"guard.spike_factor={self.spike_factor} must be > 1 (or null)")
+
+
+@dataclass
+class PreemptionConfig:
+    """Stopping cleanly on request (megavlm.train.preemption)."""
+
+    IDENTITY: ClassVar[bool] = False
+
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that ask the run to stop cleanly: every rank finishes the current step, the run saves
+    a complete checkpoint at it and exits with megavlm.train.preemption.EXIT_PREEMPTED (75).
+    SLURM sends them ahead of a time limit or preemption (launch/slurm.sbatch). [] = none."""
+    max_wall_minutes: Optional[float] = None
+    """Stop the same way once this process has trained for this many minutes (None = no budget)."""
+
+    def __post_init__(self):
+        import signal as _signal
+
+        for s in self.stop_signals:
+            if not s.startswith("SIG") or not isinstance(getattr(_signal, s, None), _signal.Signals):
+                raise ConfigError(f"preemption.stop_signals: {s!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
+            if s in ("SIGKILL", "SIGSTOP"):
+                raise ConfigError(f"preemption.stop_signals: {s} cannot be caught")
+        if self.max_wall_minutes is not None and self.max_wall_minutes <= 0:
+            raise ConfigError(f"preemption.max_wall_minutes={self.max_wall_minutes} must be > 0 (or null)")
+
+
+@dataclass
+class LoggingConfig:
+    """Where and how often a run reports (metrics.jsonl always gets every step; megavlm.sinks)."""
+
+    IDENTITY: ClassVar[bool] = False
+
+    log_every: int = 1
+    """Print a progress line every this many steps (metrics.jsonl always gets every step)."""
     tensorboard_dir: Optional[str] = None
     """Also log every step (and evaluation scores) as TensorBoard events here; relative to run_dir.
     Needs the tensorboard package (pip install 'megavlm[logging]')."""
@@ -197,24 +276,54 @@ class TrainConfig:
     """Also log to Weights & Biases (needs the wandb package)."""
 
     def __post_init__(self):
-        _positive(self, "micro_batch_size", "global_batch_size", "log_every", "fp8_amax_history_len",
-                  "spike_window")
-        import signal as _signal
+        _positive(self, "log_every")
 
-        for s in self.stop_signals:
-            if not s.startswith("SIG") or not isinstance(getattr(_signal, s, None), _signal.Signals):
-                raise ConfigError(f"train.stop_signals: {s!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
-            if s in ("SIGKILL", "SIGSTOP"):
-                raise ConfigError(f"train.stop_signals: {s} cannot be caught")
-        if self.max_wall_minutes is not None and self.max_wall_minutes <= 0:
-            raise ConfigError(f"train.max_wall_minutes={self.max_wall_minutes} must be > 0 (or null)")
-        if self.spike_factor is not None and self.spike_factor <= 1:
-            raise ConfigError(f"train.spike_factor={self.spike_factor} must be > 1 (or null)")
-        if self.fp8 != "none" and self.precision == "fp32":
-            raise ConfigError("train.fp8 needs train.precision bf16 or auto (fp8 recipes train "
-                              "bf16 master-precision layers), not fp32")
-        if self.global_batch_size % self.micro_batch_size:
-            raise ConfigError("train.global_batch_size must be a multiple of train.micro_batch_size")
+
+LEGACY_KEYS = {
+    **{f"train.{k}": f"optimizer.{k}" for k in ("weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "grad_clip")},
+    "train.precision": "precision.dtype",
+    **{f"train.{k}": f"precision.{k}" for k in ("fp8", "fp8_format", "fp8_amax_history_len")},
+    **{f"train.{k}": f"guard.{k}" for k in ("on_nonfinite", "spike_factor", "spike_window", "on_spike")},
+    **{f"train.{k}": f"preemption.{k}" for k in ("stop_signals", "max_wall_minutes")},
+    **{f"train.{k}": f"logging.{k}" for k in ("log_every", "tensorboard_dir", "wandb")},
+}
+"""Keys of the single train section before it was split by concern (old recipes, saved config.yaml
+files): still read for one release, with a DeprecationWarning naming the new key."""
+
+
+def legacy_key(dotted: str) -> Optional[str]:
+    """The new spelling of an old dotted key (or of a key below one, e.g. train.wandb.project), else None."""
+    for old, new in LEGACY_KEYS.items():
+        if dotted == old or dotted.startswith(old + "."):
+            return new + dotted[len(old):]
+    return None
+
+
+def migrate_legacy(tree: dict, *, warn: bool = True, where: str = "config") -> dict:
+    """Move the old train.* keys of a raw tree to their sections (in place; returns the tree).
+    A key given both ways is an error naming both."""
+    train = tree.get("train") if isinstance(tree, dict) else None
+    if not isinstance(train, dict):
+        return tree
+    moved = []
+    for old, new in LEGACY_KEYS.items():
+        key = old.split(".", 1)[1]
+        if key not in train:
+            continue
+        section, field_name = new.split(".", 1)
+        dest = tree.get(section)
+        if dest is None:
+            dest = tree[section] = {}
+        if not isinstance(dest, dict):
+            raise ConfigError(f"{where}: {section} is {dest!r}, not a mapping")
+        if field_name in dest:
+            raise ConfigError(f"{where}: both {old} (old spelling) and {new} are set; keep {new}")
+        dest[field_name] = train.pop(key)
+        moved.append(f"{old} -> {new}")
+    if moved and warn:
+        warnings.warn(f"{where}: deprecated keys, read for one more release: " + ", ".join(moved),
+                      DeprecationWarning, stacklevel=3)
+    return tree
 
 
 def num_microbatches(train: TrainConfig, dp: int = 1) -> int:
@@ -240,7 +349,7 @@ DEFAULT_PROMPT_TEMPLATE = "\n{question}\nAnswer the question using a single word
 class DataConfig:
     """Where the preprocessed data of a run lives (produced by tools/, never by the trainer)."""
 
-    root: str = "~/.cache/megavlm/demo"
+    root: str = field(default="~/.cache/megavlm/demo", metadata=NOT_IDENTITY)
     """Folder holding the prepared corpora; relative paths below are resolved against it."""
     build: Literal["none", "demo"] = "none"
     """'demo': `megavlm prepare` (also run first by `megavlm train`, the demo and the sweep) builds the
@@ -384,6 +493,8 @@ class ScheduleConfig:
 
 TRAINABLE = ("lm", "projector", "all")
 """What a stage can train (StageConfig.trainable)."""
+TEXT_ATTENTION = ("document", "window")
+"""How a stage's plain-text rows attend (StageConfig.text_attention)."""
 TRAINABLE_ALIASES = {"projector+lm": "all"}
 """Deprecated spellings of a TRAINABLE value, still read (old recipes, saved config.yaml)."""
 
@@ -421,14 +532,14 @@ class StageConfig:
     """Learning-rate schedule."""
     checkpoint_fractions: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8, 1.0])
     """Schedule fractions at which a checkpoint is kept (a later stage may start from one)."""
-    save_every: int = 0
+    save_every: int = field(default=0, metadata=NOT_IDENTITY)
     """Also save a resumable checkpoint every this many steps (0 = only at the fractions)."""
     epochs: Optional[int] = None
     """For fine-tuning: passes over the data; when set, the budget is epochs x the data's tokens."""
     weight_decay: Optional[float] = None
-    """Override of train.weight_decay for this stage."""
+    """Override of optimizer.weight_decay for this stage."""
     adam_beta2: Optional[float] = None
-    """Override of train.adam_beta2 for this stage."""
+    """Override of optimizer.adam_beta2 for this stage."""
     seq_length: Optional[int] = None
     """Positions per row in this stage (e.g. text at 2048, image-text at 1024, as the paper);
     None = model.seq_length. Steps follow from it (tokens / (global_batch * seq_length))."""
@@ -448,15 +559,23 @@ class StageConfig:
     epoch_examples: Optional[int] = None
     """Examples in one pass when the data is not at hand (plan estimates with it, e.g. 665000 for
     the LLaVA mix, paper Appendix D); training always counts the real data."""
+    text_attention: Literal["document", "window"] = "document"
+    """How plain-text rows attend (issue 25). ``document``: every document piece in a row is its
+    own sequence — attention and RoPE positions restart at each document (our own text
+    pre-training). ``window``: the text of a row is ONE causal window over the concatenated
+    documents, positions running 0..n-1 through it and the last token of a document predicting
+    the first of the next — how open_lm trained DCLM, so a stage continuing a DCLM checkpoint
+    keeps the attention pattern it was trained with. Image-caption and instruction samples stay
+    per document in both modes; the data order and the mixture's counts are the same."""
 
-    def optimizer(self, train: TrainConfig) -> "StageOptimizer":
-        """The AdamW settings this stage trains with: its overrides over ``train``'s values (the
-        one place the overrides are resolved)."""
+    def optimizer(self, opt: OptimizerConfig) -> "StageOptimizer":
+        """The AdamW settings this stage trains with: its overrides over the run's ``optimizer``
+        values (the one place the overrides are resolved)."""
         return StageOptimizer(
-            weight_decay=train.weight_decay if self.weight_decay is None else self.weight_decay,
-            adam_beta1=train.adam_beta1,
-            adam_beta2=train.adam_beta2 if self.adam_beta2 is None else self.adam_beta2,
-            adam_eps=train.adam_eps, grad_clip=train.grad_clip)
+            weight_decay=opt.weight_decay if self.weight_decay is None else self.weight_decay,
+            adam_beta1=opt.adam_beta1,
+            adam_beta2=opt.adam_beta2 if self.adam_beta2 is None else self.adam_beta2,
+            adam_eps=opt.adam_eps, grad_clip=opt.grad_clip)
 
     def __post_init__(self):
         if self.trainable in TRAINABLE_ALIASES:
@@ -496,13 +615,16 @@ class StageConfig:
             raise ConfigError(f"stage {self.name}: pack_window must be >= 1")
         if self.epoch_examples is not None and self.epoch_examples <= 0:
             raise ConfigError(f"stage {self.name}: epoch_examples must be > 0")
+        if self.text_attention not in TEXT_ATTENTION:
+            raise ConfigError(f"stage {self.name}: text_attention {self.text_attention!r} is not one "
+                              f"of {list(TEXT_ATTENTION)}")
 
 
 @dataclass
 class RunConfig:
     """A whole run: the model, how it is parallelised and trained, its data and its stages."""
 
-    run_dir: str = "runs/tiny"
+    run_dir: str = field(default="runs/tiny", metadata=NOT_IDENTITY)
     """Output folder: resolved config, metrics.jsonl, checkpoints per stage."""
     seed: int = 1234
     """Seed for weights (layout-independent) and data order."""
@@ -511,7 +633,17 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Tensor / pipeline / data parallel layout."""
     train: TrainConfig = field(default_factory=TrainConfig)
-    """Batching, precision, optimizer."""
+    """Batching."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW settings (a stage may override some)."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Training precision and FP8."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    """Non-finite loss and spike rules."""
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    """Stop signals and time budget."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Progress lines, TensorBoard, W&B."""
     data: DataConfig = field(default_factory=DataConfig)
     """Prepared data locations."""
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(tokens=1_000_000)])
@@ -540,8 +672,8 @@ class RunConfig:
                               f"parallel.tp={self.parallel.tp}")
         if self.model.num_attention_heads % self.parallel.tp:
             raise ConfigError("model.num_attention_heads must be divisible by parallel.tp")
-        if self.train.fp8 != "none" and self.model.backend == "local":
-            raise ConfigError(f"train.fp8={self.train.fp8} needs model.backend te or auto "
+        if self.precision.fp8 != "none" and self.model.backend == "local":
+            raise ConfigError(f"precision.fp8={self.precision.fp8} needs model.backend te or auto "
                               "(FP8 runs through Transformer Engine layers)")
         if self.parallel.sequence_parallel:
             for s in self.stages:
@@ -682,12 +814,15 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
             else:
                 node = node[idx]
         else:
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted}: {'.'.join(parts[:i]) or 'config'} is "
+                                  f"{node!r}, not a mapping")
             if last:
                 node[p] = value
             else:
-                node = node.setdefault(p, {})
-                if node is None:
-                    node = {}
+                if node.get(p) is None:  # absent or YAML null: the override creates the section
+                    node[p] = {}
+                node = node[p]
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -702,7 +837,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     """Read a YAML recipe, apply dotted overrides, and validate into a RunConfig."""
     tree: dict = {}
     if raw is not None:
-        tree = raw
+        tree = copy.deepcopy(raw)  # overrides and the legacy-key migration edit the tree
     elif path is not None:
         p = Path(path)
         if not p.is_file():
@@ -715,8 +850,15 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     if defaults is not None:  # a recipe may inherit from another file next to it
         base = yaml.safe_load((Path(path).parent / defaults).read_text()) or {}
         tree = _merge(base, tree)
+    where = str(path) if path is not None else "config"
+    migrate_legacy(tree, where=where)
     for o in overrides or []:
         k, v = parse_override(o)
+        new = legacy_key(k)
+        if new is not None:
+            warnings.warn(f"override {k} is deprecated, write {new} (read for one more release)",
+                          DeprecationWarning, stacklevel=2)
+            k = new
         _set_dotted(tree, k, v)
     return _build(RunConfig, tree, "")
 

@@ -16,6 +16,7 @@ folder is touched, and ``megavlm.train.stages.run_stages`` for library users.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -25,6 +26,8 @@ import yaml
 
 from megavlm.config import RunConfig
 from megavlm.data.indexed import DataError
+from megavlm.run_folder import CONFIG, RECORDED_DATA  # noqa: F401  (RECORDED_DATA: re-exported)
+from megavlm.train.plan import loader_spec
 
 KINDS = ("text", "captions", "instructions")
 BYTES_PER_PARAM = 16
@@ -99,13 +102,14 @@ def check_data(run: RunConfig) -> list[str]:
 
     problems, tok = check_tokenizer(run)
     d, v = run.data, run.model.vision
-    kw = dict(embed_dim=v.embed_dim, num_patches=v.num_patches, seq_length=run.model.seq_length,
-              too_long=d.too_long, encoder=v.encoder)
-    opened: dict[tuple[str, str], object] = {}
+    opened: dict[tuple[str, str, int], object] = {}
     for st in run.stages:
+        spec = loader_spec(run, st)  # the stage's own row length, as its loader will read the sets
+        kw = dict(embed_dim=v.embed_dim, num_patches=v.num_patches, seq_length=spec.seq_length,
+                  too_long=d.too_long, encoder=v.encoder)
         stage_sources = []
         for kind in KINDS:
-            if getattr(st.mixture, kind) <= 0:
+            if getattr(spec.mixture, kind) <= 0:
                 continue
             names = getattr(d, kind)
             if not names:
@@ -114,7 +118,7 @@ def check_data(run: RunConfig) -> list[str]:
                 continue
             for name in names:
                 prefix = d.resolve(name)
-                key = (kind, str(prefix))
+                key = (kind, str(prefix), spec.seq_length if kind != "text" else 0)
                 if key not in opened:
                     try:
                         if kind == "text":
@@ -210,10 +214,24 @@ def check_init(run: RunConfig) -> list[str]:
 
 def check_run(run: RunConfig, *, output: bool = True) -> list[str]:
     """Every problem the recipe would meet, one line each (empty: ready to train). Reads only."""
-    problems = check_data(run) + check_init(run) + check_sinks(run)
+    problems = check_demo_sets(run) + check_data(run) + check_init(run) + check_sinks(run)
     if output:
         problems += check_output(run)
     return list(dict.fromkeys(problems))
+
+
+def check_demo_sets(run: RunConfig) -> list[str]:
+    """With ``data.build: demo``, a set name the demo builder does not make (a typo)."""
+    if run.data.build != "demo":
+        return []
+    from megavlm.config import ConfigError
+    from megavlm.demo.corpus import check_set_names
+
+    try:
+        check_set_names(run.data)
+    except ConfigError as e:
+        return [str(e)]
+    return []
 
 
 def check_sinks(run: RunConfig) -> list[str]:
@@ -237,14 +255,53 @@ def require_ready(run: RunConfig, *, output: bool = True, hint: Optional[str] = 
 
 # ------------------------------------------------------------------ an existing run folder
 
-RECORDED_DATA = "data.json"
-IGNORED_KEYS = ("run_dir", "data.root", "train.log_every", "train.tensorboard_dir", "train.wandb",
-                "train.max_wall_minutes", "train.stop_signals", "train.on_nonfinite",
-                "train.spike_*", "train.on_spike", "stages.*.save_every", "parallel", "train.micro_batch_size")
-"""Keys a re-run may change without refusing to skip or resume: where things are written or
-logged and how often, the guards of a running job, where the data lies (its content is compared
-separately, by fingerprint), and the parallel layout and micro-batch size (checkpoints reshard
-across layouts and the global batch stays the same)."""
+
+def non_identity_keys() -> tuple[str, ...]:
+    """Dotted keys (``*`` for every stage) a re-run may change without refusing to skip or resume:
+    the config sections that declare ``IDENTITY = False`` (parallel layout, guard, preemption,
+    logging) and the fields marked ``NOT_IDENTITY`` (run_dir, data.root, train.micro_batch_size,
+    stages.*.save_every) — where things are written or logged and how often, the guards of a running
+    job, where the data lies (its content is compared separately, by fingerprint), and the layout
+    (checkpoints reshard; the global batch stays the same). Read from megavlm.config's dataclasses."""
+    import dataclasses
+    import typing
+
+    out: list[str] = []
+
+    def walk(cls, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key = prefix + f.name
+            if not f.metadata.get("identity", True):
+                out.append(key)
+                continue
+            tp = hints[f.name]
+            if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+                walk(typing.get_args(tp)[0], key + ".*.")
+            elif dataclasses.is_dataclass(tp):
+                if getattr(tp, "IDENTITY", True):
+                    walk(tp, key + ".")
+                else:
+                    out.append(key)
+
+    walk(RunConfig, "")
+    return tuple(out)
+
+
+ADDED_DEFAULTS = {"stages.*.text_attention": "document"}
+"""Keys added since a run folder may have been recorded, with the behaviour every older run had:
+a recorded config without the key equals a current one holding that value (so an older run folder
+still resumes), and any other value is a change that refuses it (issue 25: ``window`` text rows
+attend differently from the ``document`` rows an older run trained with)."""
+
+
+def _added_default(key: str) -> object:
+    import fnmatch
+
+    for pattern, value in ADDED_DEFAULTS.items():
+        if fnmatch.fnmatchcase(key, pattern):
+            return value
+    return "<unset>"
 
 
 class RunFolderError(DataError):
@@ -268,18 +325,29 @@ def _flatten(obj, prefix: str = "") -> dict[str, object]:
 def _ignored(key: str) -> bool:
     import fnmatch
 
-    return any(key == k or fnmatch.fnmatchcase(key, k) or key.startswith(k + ".") for k in IGNORED_KEYS)
+    return any(key == k or fnmatch.fnmatchcase(key, k) or fnmatchcase_prefix(key, k) for k in non_identity_keys())
+
+
+def fnmatchcase_prefix(key: str, pattern: str) -> bool:
+    import fnmatch
+
+    return fnmatch.fnmatchcase(key, pattern + ".*")
 
 
 def config_differences(recorded: dict, current: dict) -> list[str]:
-    """Dotted keys whose values differ (``IGNORED_KEYS`` left out), as 'key: old -> new'."""
-    a, b = _flatten(recorded), _flatten(current)
+    """Dotted keys whose values differ (:func:`non_identity_keys` left out), as 'key: old -> new'.
+    A ``recorded`` config of the old layout (one train section) is read in the new one."""
+    from megavlm.config import migrate_legacy
+
+    a, b = _flatten(migrate_legacy(copy.deepcopy(recorded), warn=False)), _flatten(current)
     out = []
     for k in sorted(set(a) | set(b)):
         if _ignored(k) or a.get(k, "<unset>") == b.get(k, "<unset>"):
             continue
         if k not in a and b[k] is None:
             continue  # a field added since (default None) is not a change
+        if k not in a and b[k] == _added_default(k):
+            continue  # a field added since, at the value older runs had (ADDED_DEFAULTS)
         out.append(f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}")
     return out
 
@@ -320,7 +388,7 @@ def check_run_folder(run: RunConfig) -> list[str]:
     the folder holds no checkpoint yet). The recorded ``config.yaml`` and ``data.json`` are those
     written by the run that made the checkpoints."""
     rd = Path(run.run_dir).expanduser()
-    cfg = rd / "config.yaml"
+    cfg = rd / CONFIG
     if not cfg.is_file() or not _has_checkpoints(rd, [s.name for s in run.stages]):
         return []
     try:
@@ -358,7 +426,7 @@ def record_run(run: RunConfig, data: bool = True) -> None:
 
     rd = Path(run.run_dir).expanduser()
     rd.mkdir(parents=True, exist_ok=True)
-    run.dump(rd / "config.yaml")
+    run.dump(rd / CONFIG)
     if not data:
         return
     tmp = rd / (RECORDED_DATA + ".tmp")

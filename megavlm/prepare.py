@@ -18,6 +18,7 @@ before it builds a model, with the files named.
 
     megavlm prepare --config RECIPE [key.path=value ...]
     megavlm prepare demo [--root DIR] [--num-patches 16] [--full] [--cache DIR]
+    megavlm prepare --plan --config RECIPE [--dtype float8_e4m3] [--inputs KIND=GLOB]   (disk plan)
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megavlm.config import DataConfig, RunConfig, VisionConfig
+from megavlm.config import ConfigError, DataConfig, RunConfig, VisionConfig, load_config
+from megavlm.data.indexed import DataError
+from megavlm.data.tokenizer import TokenizerError
+from megavlm.demo import corpus, short_vqa
+from megavlm.run_folder import set_files
 
 
 def _command(config: Optional[str], overrides: Sequence[str] = ()) -> str:
@@ -45,20 +50,12 @@ def needed_files(run: RunConfig) -> list[Path]:
         if kind not in kinds:
             continue
         for name in getattr(d, kind):
-            p = d.resolve(name)
-            out += [Path(f"{p}.bin"), Path(f"{p}.idx")]
-            if kind == "captions":
-                out.append(Path(f"{p}.embeds.json"))
-            if kind == "instructions":
-                out += [Path(f"{p}.mask.bin"), Path(f"{p}.mask.idx"), Path(f"{p}.images.npy"),
-                        Path(f"{p}.meta.json")]
+            out += set_files(kind, d.resolve(name), embeds=False)
     return out
 
 
 def unprepared(run: RunConfig) -> list[str]:
     """One line per thing the recipe needs that is not prepared (empty: ready to train)."""
-    from megavlm.demo import corpus, short_vqa
-
     problems = []
     if run.data.build == "demo":
         stale = corpus.stale_sets(run.data, run.model.vision, vocab_size=run.model.vocab_size)
@@ -91,8 +88,6 @@ def own_data_hint(run: RunConfig) -> str:
 
 def require_prepared(run: RunConfig, config: Optional[str] = None, overrides: Sequence[str] = ()) -> None:
     """Raise one DataError naming what is missing and the command that prepares it."""
-    from megavlm.data.indexed import DataError
-
     problems = unprepared(run)
     if problems:
         how = (f"run `{_command(config, overrides)}` first" if run.data.build == "demo"
@@ -104,20 +99,15 @@ def prepare_recipe(run: RunConfig, progress: bool = False) -> None:
     """Build what ``run.data.build`` says (cached, under file locks); a no-op for ``build: none``."""
     if run.data.build != "demo":
         return
-    from megavlm.demo.corpus import ensure_demo_corpus
-    from megavlm.demo.short_vqa import ensure_short_vqa
-
-    ensure_demo_corpus(run.data, run.model.vision, progress=progress, vocab_size=run.model.vocab_size)
-    ensure_short_vqa(run.data)
+    corpus.ensure_demo_corpus(run.data, run.model.vision, progress=progress, vocab_size=run.model.vocab_size)
+    short_vqa.ensure_short_vqa(run.data)
 
 
 def prepare_demo(root: str, num_patches: int = 16, *, full: bool = False, cache: Optional[Path] = None,
                  progress: bool = True) -> Path:
     """The demo corpus alone (text, captions, conversations + held-out splits) into ``root``."""
-    from megavlm.demo.corpus import ensure_demo_corpus
-
     data = DataConfig(root=root, build="demo", instructions=["instructions"])
-    ensure_demo_corpus(data, VisionConfig(embed_dim=1280, num_patches=num_patches), full=full,
+    corpus.ensure_demo_corpus(data, VisionConfig(embed_dim=1280, num_patches=num_patches), full=full,
                        cache=cache, progress=progress)
     return Path(root).expanduser()
 
@@ -133,11 +123,11 @@ def demo_parser(prog: str = "megavlm prepare demo") -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from megavlm.config import ConfigError, load_config
-    from megavlm.data.indexed import DataError
-    from megavlm.data.tokenizer import TokenizerError
-
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--plan" in argv:
+        from megavlm.prep.plan import main as plan_main
+
+        return plan_main(argv)
     try:
         if argv[:1] == ["demo"]:
             a = demo_parser().parse_args(argv[1:])

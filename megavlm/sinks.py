@@ -29,12 +29,12 @@ def _missing(module: str) -> bool:
 
 def check_available(run: RunConfig) -> None:
     """Raise ConfigError (one line) when the config asks for a sink whose package is absent."""
-    t = run.train
+    t = run.logging
     if t.tensorboard_dir is not None and _missing("tensorboard"):
-        raise ConfigError("train.tensorboard_dir is set but the tensorboard package is not installed "
+        raise ConfigError("logging.tensorboard_dir is set but the tensorboard package is not installed "
                           "(pip install tensorboard, or pip install 'megavlm[logging]')")
     if t.wandb is not None and t.wandb.mode != "disabled" and _missing("wandb"):
-        raise ConfigError("train.wandb is set but the wandb package is not installed "
+        raise ConfigError("logging.wandb is set but the wandb package is not installed "
                           "(pip install wandb, or pip install 'megavlm[logging]'; or wandb.mode=disabled)")
 
 
@@ -47,7 +47,7 @@ class Sinks:
             return
         check_available(run)
         root = Path(run.run_dir)
-        t = run.train
+        t = run.logging
         if t.tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -121,14 +121,14 @@ def report_scores(report: dict) -> dict[str, float]:
 def log_eval_report(report: dict) -> bool:
     """Log an evaluation report's scores to the sinks its checkpoint's run config enables (at the
     checkpoint's step); returns whether any sink was enabled. Called by ``megavlm eval all``."""
-    from megavlm.checkpoint_format import CONFIG
+    from megavlm.run_folder import CHECKPOINTS, CONFIG, META
     from megavlm.config import load_config
 
     ck = Path(report["checkpoint"])
     if not (ck / CONFIG).is_file():
         return False
     run = load_config(ck / CONFIG)
-    if run.train.tensorboard_dir is None and (run.train.wandb is None or run.train.wandb.mode == "disabled"):
+    if run.logging.tensorboard_dir is None and (run.logging.wandb is None or run.logging.wandb.mode == "disabled"):
         return False
     import json
     import warnings
@@ -138,10 +138,10 @@ def log_eval_report(report: dict) -> bool:
     except ConfigError as e:
         warnings.warn(f"evaluation scores not logged: {e}")
         return False
-    if ck.parent.name == "checkpoints":  # the run folder where it is now, wherever it was trained
+    if ck.parent.name == CHECKPOINTS:  # the run folder where it is now, wherever it was trained
         run.run_dir = str(ck.parents[2])
 
-    meta = json.loads((ck / "meta.json").read_text()) if (ck / "meta.json").is_file() else {}
+    meta = json.loads((ck / META).read_text()) if (ck / META).is_file() else {}
     sinks = Sinks(run, enabled=True)
     try:
         sinks.scores(report_scores(report), int(meta.get("step", 0)), prefix=f"eval/{report.get('stage')}")

@@ -1,8 +1,8 @@
 """``megavlm sweep``: the paper's experiment grid over a three-stage recipe, locally or on SLURM.
 
     megavlm sweep --config C --grid fraction=0.8,1.0 --grid seed=1,2 [--grid epochs=1,2]
-                  [--out DIR] [--jobs N] [--eval-limit N] [--epoch-tokens N] [--rewarm-peak LR] [--dry-run]
-                  [--slurm [--sbatch-arg=--partition=x ...]] [key.path=value ...]
+                  [--out DIR] [--jobs N] [--eval-limit N] [--rewarm-peak LR] [--dry-run]
+                  [--slurm [--wait] [--sbatch-arg=--partition=x ...]] [key.path=value ...]
 
 Variables: fraction, image_ratio, instruct_ratio, epochs, seed (see megavlm.experiment.grid);
 ``--grid`` also takes a YAML/JSON file mapping variables to lists. The whole grid is checked
@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cores", type=int, default=None, help="cores to split (default: all)")
     p.add_argument("--eval-limit", type=int, default=None, help="examples per evaluation task (default all)")
     p.add_argument("--epoch-tokens", type=int, default=None,
-                   help="token positions per fine-tuning epoch (default: one pass over the instruction data)")
+                   help="deprecated, ignored: a cell's fine-tuning stage runs `epochs` passes of its data "
+                        "(stages.<sft>.epochs); removed in the next release")
     p.add_argument("--rewarm-peak", type=float, default=None,
                    help="peak LR of the re-warmed image stage at fraction 0.0 and 1.0 "
                         "(default 3e-3, the paper's re-warm peak, line 149)")
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sbatch", default="sbatch", help="sbatch executable")
     p.add_argument("--sbatch-arg", action="append", default=[], help="extra #SBATCH line, e.g. --partition=cpu")
     p.add_argument("--cpus-per-job", type=int, default=2, help="SLURM --cpus-per-task")
+    p.add_argument("--wait", action="store_true", help="with --slurm: follow the jobs to their end and "
+                   "name the failed ones and the ones cancelled because of them (status 1)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the recipe")
     return p
 
@@ -56,6 +59,9 @@ def prepare(args) -> tuple[Path, list]:
     from megavlm.experiment.plan import build_jobs, write_plan
 
     run = load_config(args.config, args.overrides)
+    if args.epoch_tokens is not None:
+        print("megavlm sweep: --epoch-tokens is deprecated and ignored: each cell sets the fine-tuning "
+              "stage's epochs and its steps follow from its data; it goes in the next release", file=sys.stderr)
     full = validate(run, parse_grid(args.grid))
     if not args.dry_run:
         from megavlm.experiment.plan import ensure_data
@@ -63,8 +69,7 @@ def prepare(args) -> tuple[Path, list]:
         ensure_data(run)  # once, before jobs start side by side
     sweep_dir = Path(args.out or Path(run.run_dir) / "sweep").resolve()
     jobs = build_jobs(run, full, sweep_dir, rewarm_peak=args.rewarm_peak)
-    write_plan(sweep_dir, args.config, list(args.overrides), full, jobs, args.eval_limit, args.epoch_tokens,
-               args.rewarm_peak, args.tag)
+    write_plan(sweep_dir, args.config, list(args.overrides), full, jobs, args.eval_limit, args.rewarm_peak, args.tag)
     return sweep_dir, jobs
 
 
@@ -97,6 +102,16 @@ def run_sweep(args) -> int:
     if args.slurm:
         ids = submit_slurm(sweep_dir, jobs, cpus=args.cpus_per_job, extra=args.sbatch_arg, sbatch=args.sbatch)
         print(f"submitted {len(ids)} SLURM jobs (ids in {sweep_dir / 'slurm' / 'submitted.json'})")
+        if args.wait:
+            from megavlm.experiment.executors import JobFailed, wait_slurm
+
+            scontrol = str(Path(args.sbatch).with_name("scontrol")) if "/" in args.sbatch else "scontrol"
+            try:
+                wait_slurm(sweep_dir, jobs, ids, scontrol=scontrol)
+            except JobFailed as e:
+                print(f"megavlm sweep: {e}", file=sys.stderr)
+                return 1
+            print(f"all {len(ids)} SLURM jobs finished")
         return 0
     from tqdm.auto import tqdm
     from megavlm.progress import bars_enabled

@@ -39,12 +39,12 @@ class SyntheticLoader(SyntheticSteps):
 
 
 def factory(run):
-    def make(stage, parallel, nmb):
-        return SyntheticLoader(seed=run.seed, seq=run.stage_seq_length(stage),
+    def make(spec, parallel, nmb):
+        return SyntheticLoader(seed=spec.seed, seq=spec.seq_length,
                                micro_batch=run.train.micro_batch_size, num_microbatches=nmb,
                                dp_rank=parallel.dp_rank, dp_size=parallel.dp,
                                patches=run.model.vision.num_patches, width=run.model.vision.embed_dim,
-                               images=stage.mixture.captions > 0)
+                               images=spec.mixture.captions > 0)
     return make
 
 
@@ -58,7 +58,7 @@ def tiny_run(run_dir: str, tp: int = 1, pp: int = 1, vpp=None, sp: bool = False,
                   "ffn_hidden_size": 96, "vocab_size": 128, "seq_length": 32,
                   "vision": {"embed_dim": 24, "num_patches": 4}},
         "parallel": {"tp": tp, "pp": pp, "vpp": vpp, "sequence_parallel": sp},
-        "train": {"micro_batch_size": 2, "global_batch_size": 8, "precision": "fp32"},
+        "train": {"micro_batch_size": 2, "global_batch_size": 8}, "precision": {"dtype": "fp32"},
         "stages": [
             {"name": "text", "tokens": steps * tokens_per_step, "mixture": {"text": 1.0},
              "schedule": {"kind": "cosine", "peak": 1e-3, "final": 1e-5, "warmup_steps": 1},

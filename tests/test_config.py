@@ -94,9 +94,82 @@ def test_dump_roundtrip(tmp_path):
 
 
 def test_stage_optimizer_resolves_overrides():
-    from megavlm.config import StageConfig, TrainConfig
+    from megavlm.config import OptimizerConfig, StageConfig
 
-    t = TrainConfig(weight_decay=0.1, adam_beta2=0.95)
+    t = OptimizerConfig(weight_decay=0.1, adam_beta2=0.95)
     assert StageConfig(tokens=1).optimizer(t).weight_decay == 0.1
     o = StageConfig(tokens=1, weight_decay=0.0, adam_beta2=0.999).optimizer(t)
     assert (o.weight_decay, o.adam_beta2, o.adam_beta1, o.grad_clip) == (0.0, 0.999, t.adam_beta1, t.grad_clip)
+
+
+def test_override_below_a_yaml_null_creates_the_section(tmp_path):
+    """``logging.wandb.project=x`` over ``wandb: null`` used to be dropped (the override went into a
+    detached dict); the same held for ``schedule.source`` below ``source: null``."""
+    import yaml
+
+    from megavlm.config import load_config
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "logging": {"wandb": None},
+        "stages": [{"name": "text", "tokens": 1000},
+                   {"name": "img", "tokens": 1000, "init": {"path": "/x"},
+                    "schedule": {"kind": "continue", "source": None}}]}))
+    run = load_config(recipe, ["logging.wandb.project=x", "stages.img.schedule.source.peak=0.01",
+                               "stages.img.schedule.source.final=1e-5",
+                               "stages.img.schedule.source.warmup_steps=5",
+                               "stages.img.schedule.source.steps=100",
+                               "stages.img.schedule.source.fraction=0.8"])
+    assert run.logging.wandb is not None and run.logging.wandb.project == "x"
+    assert run.stage("img").schedule.source.fraction == 0.8
+
+
+def test_override_into_a_scalar_is_an_error_naming_it(tmp_path):
+    import pytest
+
+    from megavlm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="seed"):
+        load_config(None, ["seed.x=1"])
+
+
+def test_old_train_keys_still_read_for_one_release_with_a_warning(tmp_path):
+    """The single train section was split by concern; old recipes, overrides and saved config.yaml
+    files keep working (with a DeprecationWarning naming the new key) for one release."""
+    import pytest
+    import yaml
+
+    from megavlm.config import ConfigError, load_config
+
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text(yaml.safe_dump({"train": {"micro_batch_size": 2, "global_batch_size": 4, "precision": "fp32",
+                                                "weight_decay": 0.05, "log_every": 7, "wandb": None,
+                                                "spike_factor": 3.0, "stop_signals": ["SIGUSR1"]},
+                                      "stages": [{"name": "t", "tokens": 10}]}))
+    with pytest.warns(DeprecationWarning, match=r"train.precision -> precision.dtype"):
+        run = load_config(recipe)
+    assert (run.precision.dtype, run.optimizer.weight_decay, run.logging.log_every) == ("fp32", 0.05, 7)
+    assert run.guard.spike_factor == 3.0 and run.preemption.stop_signals == ["SIGUSR1"]
+    assert run.train.micro_batch_size == 2
+    with pytest.warns(DeprecationWarning, match=r"override train.wandb.project is deprecated, write logging.wandb.project"):
+        assert load_config(recipe, ["train.wandb.project=x"]).logging.wandb.project == "x"
+    with pytest.raises(ConfigError, match="both train.log_every .* and logging.log_every"):
+        load_config(raw={"train": {"log_every": 1}, "logging": {"log_every": 2}})
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.weight_decy'"):
+        load_config(raw={"train": {"weight_decy": 1}})
+    with pytest.raises(ConfigError, match=r"unknown config key 'optimizer.weight_decy'; did you mean 'weight_decay'"):
+        load_config(raw={"optimizer": {"weight_decy": 1}})
+
+
+def test_run_identity_is_declared_by_the_sections():
+    from megavlm.preflight import config_differences, non_identity_keys
+
+    keys = non_identity_keys()
+    assert {"run_dir", "parallel", "guard", "preemption", "logging", "train.micro_batch_size",
+            "data.root", "stages.*.save_every"} == set(keys)
+    old = {"train": {"global_batch_size": 8, "log_every": 1, "weight_decay": 0.1}, "stages": [{"name": "t"}]}
+    new = {"train": {"global_batch_size": 8}, "logging": {"log_every": 5}, "optimizer": {"weight_decay": 0.1},
+           "stages": [{"name": "t"}]}
+    assert config_differences(old, new) == []  # a run folder of the old layout resumes unchanged
+    new["optimizer"]["weight_decay"] = 0.2
+    assert config_differences(old, new) == ["optimizer.weight_decay: 0.1 -> 0.2"]

@@ -127,7 +127,9 @@ def write_recipe(root: Path, steps: dict[str, int]) -> dict:
     m = recipe["model"]
     m.update(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, vocab_size=512, seq_length=32)
     m["vision"].update(num_patches=4, projector_mult=1)
-    recipe["train"].update(micro_batch_size=8, global_batch_size=8, precision="fp32", log_every=100)
+    recipe["train"].update(micro_batch_size=8, global_batch_size=8)
+    recipe["precision"] = {"dtype": "fp32"}
+    recipe["logging"] = {**recipe.get("logging", {}), "log_every": 100}
     for st in recipe["stages"]:
         st["tokens"] = steps[st["name"]] * 8 * 32
         if "warmup_steps" in st["schedule"]:
@@ -224,8 +226,7 @@ def test_own_data_page_end_to_end_the_documented_eval_is_as_good_as_the_best_tem
     bank = vision.ImageBank(store_prefix(in_tmp / "mydata" / "test"))
     scores = {}
     for t in ("{question}", "\n{question}", "Question: {question}", DEFAULT_PROMPT_TEMPLATE):
-        model.prompt_template = t
-        scores[t] = vision.score_task("generic", model, qs, bank, "qs", max_new_tokens=16).accuracy
+        scores[t] = vision.score_task("generic", model, qs, bank, "qs", max_new_tokens=16, template=t).accuracy
     with capsys.disabled():
         print(f"\ndocumented {documented:.3f}; templates {scores}")
         print("\n".join(line for line in out.out.splitlines() if line.startswith("[data]")))

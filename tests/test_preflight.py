@@ -98,7 +98,7 @@ def test_output_folder_and_disk(tmp_path, corpus, monkeypatch):  # noqa: F811
 
 def test_config_differences_ignore_harmless_keys():
     a = {"run_dir": "a", "train": {"log_every": 1, "lr": 1}, "stages": [{"name": "text", "tokens": 5, "save_every": 1}]}
-    b = {"run_dir": "b", "train": {"log_every": 9, "lr": 1}, "stages": [{"name": "text", "tokens": 6, "save_every": 3}]}
+    b = {"run_dir": "b", "train": {"lr": 1}, "logging": {"log_every": 9}, "stages": [{"name": "text", "tokens": 6, "save_every": 3}]}
     assert preflight.config_differences(a, b) == ["stages.text.tokens: 5 -> 6"]
 
 
@@ -111,10 +111,25 @@ def test_run_folder_of_another_config_or_data_is_refused(tmp_path, corpus):  # n
     step.mkdir(parents=True)
     (step / "meta.json").write_text(json.dumps({"stage": "text", "step": 1, "steps": 3}))
     assert preflight.check_run_folder(run) == []
-    assert preflight.check_run_folder(load_config(_recipe(tmp_path, root), ["train.log_every=7"])) == []
+    assert preflight.check_run_folder(load_config(_recipe(tmp_path, root), ["logging.log_every=7"])) == []
     assert preflight.check_run_folder(load_config(_recipe(tmp_path, root), ["train.micro_batch_size=4"])) == []
     changed = load_config(_recipe(tmp_path, root), ["stages.1.tokens=1024"])
     with pytest.raises(preflight.RunFolderError, match=r"stages.image.tokens: 768 -> 1024.*--force-config"):
         preflight.require_same_run(changed)
     np.save(root / "instructions.images.npy", np.zeros(3, dtype=np.int64))
     assert preflight.check_run_folder(run) == ["data instructions.images.npy: changed"]
+
+
+def test_a_stage_with_its_own_seq_length_is_checked_at_that_length(tmp_path, corpus):  # noqa: F811
+    """Preflight opens each stage's sets at the stage's own row length (it used model.seq_length, so a
+    stage whose shorter rows refuse a long caption passed preflight and failed when the stage began)."""
+    cfg = _recipe(tmp_path, corpus)
+    base = ["data.too_long=reject", "model.seq_length=256"]
+    assert preflight.check_run(load_config(cfg, base)) == []
+    problems = preflight.check_run(load_config(cfg, base + ["stages.image.seq_length=12"]))
+    assert len(problems) == 1, problems
+    assert "captions.bin: record" in problems[0] and "(12)" in problems[0] and "stage image" in problems[0]
+    # the same check through the command: refused before anything is written
+    with pytest.raises(preflight.PreflightError, match="stage image"):
+        preflight.require_ready(load_config(cfg, base + ["stages.image.seq_length=12"]))
+    assert not (tmp_path / "run").exists()

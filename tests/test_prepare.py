@@ -83,12 +83,13 @@ def test_prepare_builds_before_and_training_never_builds(tmp_path, monkeypatch):
     prepare.prepare_recipe(run)
     assert calls == [str(tmp_path / "empty")]
     # the trainer's loader factory only reads: a missing corpus is a DataError naming the file
+    from megavlm.train.plan import loader_spec
     from megavlm.train.stages import default_loader_factory
 
     from megavlm.data.tokenizer import TokenizerError
 
     with pytest.raises((DataError, TokenizerError), match="empty"):
-        default_loader_factory(run)(run.stages[0], _OneRank(), 1)
+        default_loader_factory(run)(loader_spec(run, run.stages[0]), _OneRank(), 1)
     assert calls == [str(tmp_path / "empty")]
 
 

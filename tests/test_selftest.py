@@ -1,7 +1,8 @@
 """``megavlm selftest`` on this CPU: the real checks at small sizes, the report, the exit status.
 
 The end-to-end run is a subprocess (it initialises its own process group, as on a fresh
-machine) and takes about 25 s here; the other tests drive ``main`` and the checks in-process.
+machine) and takes about 35-45 s here (kernel, masked-CE, throughput with a packed-row case,
+checkpoint write + bitwise resume, cached generation); the SIGTERM tests (slow) kill it mid-check; the other tests drive ``main`` and the checks in-process.
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ def test_cpu_selftest_runs_every_check_and_writes_the_report(tmp_path):
     assert "- attention path: local layer spec" in text
     rows = dict(re.findall(r"^\| ([^|]+?) \| (passed|skipped|failed) \|", text, re.M))
     assert rows == {"masked-CE kernel vs reference": "passed", "TE vs local layer spec": "skipped",
-                    "masked-CE benchmark": "passed", "training throughput": "passed"}
+                    "masked-CE benchmark": "passed", "training throughput": "passed",
+                    "checkpoint write + resume": "passed", "cached generation": "passed"}
+    assert re.search(r"packed fp32 [\d,]+ tok/s", text)  # several documents per row
+    assert "bitwise equal" in text and "cached greedy tokens equal" in text
     assert re.search(r"TE vs local layer spec \| skipped .*Transformer Engine is not installed", text)
     assert re.search(r"text fp32 [\d,]+ tok/s, MFU [\d.]+% .*image-text fp32 [\d,]+ tok/s", text)
     # the benchmark and throughput reports it links were written beside it
@@ -103,3 +107,44 @@ def test_environment_names_every_optional_piece():
     for label in labels:
         assert f"- {label}: " in text
     assert dataclasses.is_dataclass(env)
+
+
+@pytest.mark.slow  # ~25 s each here
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU sizes are tested here")
+@pytest.mark.parametrize("only, at, delay", [("throughput", "training throughput", 4.0),
+                                             ("checkpoint,generation", "checkpoint write + resume", 2.5)])
+def test_sigterm_leaves_the_report_and_no_checkpoint(tmp_path, only, at, delay):
+    """SIGTERM mid-check: the report of what ran so far, exit 128 + 15, and no checkpoint anywhere
+    (neither a trainer's stop checkpoint nor the checkpoint check's own)."""
+    import signal
+    import time
+
+    tmp, out = tmp_path / "tmp", tmp_path / "out"
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MEGAVLM_MASKED_CE")}
+    env.update(TMPDIR=str(tmp), PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "megavlm", "selftest", "--size", "small", "--only",
+                             only, "--out-dir", str(out)], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith(f"[running] {at}"):
+                break
+        time.sleep(delay)
+        assert proc.poll() is None, "".join(seen)[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = "".join(seen) + rest
+    assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+    (report,) = out.glob("*-cpu-selftest.md")
+    text = report.read_text()
+    assert re.search(rf"\| {re.escape(at)} \| interrupted \| [\d.]+ \| stopped by SIGTERM", text), text
+    assert "INTERRUPTED during" in text
+    assert list(out.iterdir()) == [report]
+    left = [p for p in tmp.rglob("*") if p.name.startswith(("megavlm-", "step_", ".tmp-step", "metrics"))]
+    assert left == [], left  # no checkpoint, no stop checkpoint, no run folder

@@ -16,7 +16,7 @@ from megavlm.config import ConfigError, load_config
 from megavlm.train import checkpoint as ckpt
 from megavlm import sinks
 from megavlm.train import loop
-from megavlm.train.schedule import resolve_schedules, stage_steps
+from megavlm.train.plan import plan_run
 from tests import synthetic
 
 STEPS = 3
@@ -67,8 +67,8 @@ def logged(parallel1, tmp_path_factory):
         run = _run(tmp, tensorboard_dir="tb", wandb={"project": "megavlm-test", "mode": "offline", "dir": str(tmp / "wb")})
         (tmp / "run").mkdir()
         st = run.stages[0]
-        sched = resolve_schedules(run, {st.name: stage_steps(run, st)})[st.name]
-        loop.StageTrainer(run, st, sched, parallel1, synthetic.factory(run), log=lambda s: None).train()
+        sched = plan_run(run)[st.name]
+        loop.StageTrainer(run, sched, parallel1, synthetic.factory(run), log=lambda s: None).train()
     finally:
         mp.undo()
     lines = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -122,15 +122,15 @@ def test_absent_package_is_a_one_line_error_before_training(tmp_path, monkeypatc
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("tensorboard", "wandb") else real(name, *a))
-    with pytest.raises(ConfigError, match=r"train.tensorboard_dir is set but the tensorboard package is not installed"):
+    with pytest.raises(ConfigError, match=r"logging.tensorboard_dir is set but the tensorboard package is not installed"):
         sinks.check_available(_run(tmp_path, tensorboard_dir="tb"))
-    with pytest.raises(ConfigError, match=r"train.wandb is set but the wandb package is not installed"):
+    with pytest.raises(ConfigError, match=r"logging.wandb is set but the wandb package is not installed"):
         sinks.check_available(_run(tmp_path, wandb={"mode": "offline"}))
     sinks.check_available(_run(tmp_path, wandb={"mode": "disabled"}))  # disabled needs nothing
 
 
 def test_wandb_config_is_typed():
-    with pytest.raises(ConfigError, match=r"train.wandb.mode: 'cloud' is not one of"):
+    with pytest.raises(ConfigError, match=r"logging.wandb.mode: 'cloud' is not one of"):
         load_config(raw={"train": {"wandb": {"mode": "cloud"}}, "stages": [{"name": "t", "tokens": 10}]})
 
 

@@ -34,7 +34,7 @@ SMOKE = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=12
 def test_smoke_sweep_end_to_end(tmp_path):
     out = tmp_path / "sw"
     args = ["--config", str(TINY), "--grid", "fraction=0.8,1.0", "--out", str(out), "--jobs", "2",
-            "--eval-limit", "4", "--epoch-tokens", "512"] + SMOKE
+            "--eval-limit", "4"] + SMOKE
     assert sweep_main(args) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["cells_finished"] == 2 == res["cells"]
@@ -49,3 +49,13 @@ def test_smoke_sweep_end_to_end(tmp_path):
     logs = {c.name: (c / "job.log").read_text() for c in (out / "cells").iterdir()}
     assert sweep_main(args) == 0  # everything finished: no job starts again
     assert {c.name: (c / "job.log").read_text() for c in (out / "cells").iterdir()} == logs
+
+
+def test_epoch_tokens_is_deprecated_and_ignored(tmp_path, capsys):
+    rc = sweep_main(["--config", str(TINY), "--grid", "fraction=0.8", "--out", str(tmp_path / "sw"),
+                     "--dry-run", "--epoch-tokens", "512"])
+    assert rc == 0
+    assert "--epoch-tokens is deprecated and ignored" in capsys.readouterr().err
+    plan = json.loads((tmp_path / "sw" / "plan.json").read_text())
+    assert "epoch_tokens" not in plan
+    assert not any(".tokens=" in o for j in plan["jobs"] for o in j["overrides"])

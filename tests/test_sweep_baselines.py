@@ -12,7 +12,7 @@ from megavlm.config import load_config
 from megavlm.experiment.grid import REWARM_PEAK, Cell, cell_overrides, defaults, validate
 from megavlm.experiment.plan import build_jobs, job_config, plan_jobs, read_plan, write_plan
 from megavlm.sweep import main as sweep_main
-from megavlm.train.schedule import plan
+from megavlm.train.plan import describe_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "launch" / "configs" / "tiny.yaml"
@@ -32,7 +32,7 @@ def test_baselines_rewarm_to_3e3_by_default(tiny, fraction):
     assert img.schedule.kind == "rewarm" and img.schedule.peak == 3e-3
     assert img.schedule.final == tiny.stage("text").schedule.final
     assert (img.init.stage is None) == (fraction == 0.0)  # 0 %: fresh weights
-    lr = plan(run)["stages"][1]["lr"]
+    lr = describe_run(run)["stages"][1]["lr"]
     assert lr[0][1] == 0.0 and max(v for _, v in lr) <= 3e-3 + 1e-12
     other = load_config(TINY, cell_overrides(tiny, Cell(1, fraction, 0.1, 0.0, 1), rewarm_peak=5e-4))
     assert other.stage("image").schedule.peak == 5e-4
@@ -75,5 +75,19 @@ def test_epochs_grid_uses_examples(tmp_path):
             cfg = job_config(p, j)
             sft = cfg.stage("sft")
             assert sft.epochs == j.cell["epochs"] and sft.batch_unit == "examples"
-            steps = plan(cfg)["stages"][2]["steps"]
+            steps = describe_run(cfg)["stages"][2]["steps"]
             assert steps == -(-j.cell["epochs"] * 665000 // 256)  # 2598 for 1 epoch, 10391 for 4
+
+
+def test_a_cell_sets_the_fine_tuning_epochs_not_a_token_count(tmp_path):
+    """The sweep used to turn epochs into a stages.<sft>.tokens override through its own epoch sizing
+    (at model.seq_length); now a cell sets epochs and the stage plan sizes it from its data."""
+    run = load_config(TINY)
+    full = validate(run, {"epochs": [2]})
+    write_plan(tmp_path, str(TINY), [], full, build_jobs(run, full, tmp_path), None)
+    p = read_plan(tmp_path)
+    assert "epoch_tokens" not in p
+    cell = next(j for j in plan_jobs(p) if j.kind == "cell")
+    sft = job_config(p, cell).stage("sft")
+    assert sft.epochs == 2 and sft.tokens == run.stage("sft").tokens
+    assert not any(".tokens=" in o for o in cell.overrides)

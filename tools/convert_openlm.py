@@ -10,7 +10,9 @@
 
 Input: a .pt/.bin (bare state dict or open_lm's ``{"state_dict": ...}``, DDP/compile/HF prefixes
 stripped) or a .safetensors file. The model shape comes from the recipe (validated against every
-tensor); the projector, which OpenLM does not have, keeps its seeded initialisation. Each rank
+tensor); rotary ``inv_freq`` buffers, when the file has them, must match the recipe's
+``model.rope_base`` (a mismatch is refused, naming both); the projector, which OpenLM does not
+have, keeps its seeded initialisation. Each rank
 builds its part of the model at the recipe's layout, places its shards, and the checkpoint is
 written through megatron dist_checkpointing (megavlm.train.checkpoint.save), so it also loads at
 any other layout. Start a stage from it with ``init: {path: OUT}``.
@@ -52,7 +54,7 @@ def convert(run: RunConfig, parallel, input_path: Path, out: Path, *, dtype: tor
     from megavlm.train import checkpoint as ckpt  # writing a checkpoint is the trainer's format
 
     t0 = time.perf_counter()
-    state, dropped = openlm_io.read_state_dict(input_path)
+    state, dropped = openlm_io.read_state_dict(input_path, run.model)  # checks inv_freq vs rope_base
     openlm_io.validate_state_dict(state, run.model)
     state = {k: v.float() for k, v in state.items()}
     full = from_openlm_names(state, run.model)
@@ -121,7 +123,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     log = print if parallel.rank == 0 else (lambda s: None)
     try:
         if args.verify is not None:
-            state, _ = openlm_io.read_state_dict(args.input)
+            state, _ = openlm_io.read_state_dict(args.input, run.model)
             openlm_io.validate_state_dict(state, run.model)
             verify(run, parallel, args.verify, state, dtype=DTYPES[args.dtype], log=log)
             return 0
@@ -133,7 +135,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         parallel.destroy()
     if report["dropped"]:
-        log(f"ignored rotary buffers: {report['dropped'][:3]}{' …' if len(report['dropped']) > 3 else ''}")
+        log(f"rotary buffers match model.rope_base={run.model.rope_base:g}, recomputed from it: "
+            f"{report['dropped'][:3]}{' …' if len(report['dropped']) > 3 else ''}")
     if report["kept"]:
         log(f"not in the state dict, seeded init kept: {', '.join(report['kept'])}")
     return 0

@@ -4,10 +4,11 @@
     python tools/export.py --checkpoint runs/dclm-1b/sft/checkpoints/step_0001907 --out export/ \
         [--dtype bf16]
 
-Writes ``OUT/model.safetensors`` — the language model under open_lm's parameter names (the same
-layout tools/convert_openlm.py reads, so an export re-imports exactly) plus ``projector.fc1/fc2``
-weights and biases — and ``OUT/config.json`` (architecture, projector, key layout, the megavlm
-model config). Runs in one process at any saved layout (the checkpoint is read at TP=PP=1); the
+Writes ``OUT/model.safetensors`` — the language model as an open_lm ``Transformer`` state dict
+(open_lm's parameter names and rotary ``inv_freq`` buffers: it loads with ``strict=True``; the
+same layout tools/convert_openlm.py reads, so an export re-imports exactly) — ``OUT/projector.safetensors``
+(``projector.fc1/fc2`` weights and biases) and ``OUT/config.json`` (architecture, files, key
+layout, open_lm model config, the megavlm model config). Runs in one process at any saved layout (the checkpoint is read at TP=PP=1); the
 tokenizer stored in the checkpoint is copied next to them when there is one.
 
 Check (on by default): the exported language model is loaded into the independent plain-PyTorch
@@ -46,7 +47,7 @@ def export(checkpoint: Path, out: Path, parallel, *, dtype: torch.dtype = torch.
     run = load_config(checkpoint / ckpt.CONFIG)
     run.parallel.tp = run.parallel.pp = 1
     run.parallel.vpp, run.parallel.sequence_parallel = None, False
-    run.train.fp8 = "none"
+    run.precision.fp8 = "none"
     chunks, _ = build_model(run, parallel, torch.float32, backend="local")
     ckpt.load_model_weights(checkpoint, chunks)
     full = full_tensors(chunks)

@@ -122,7 +122,8 @@ def bench_loader(work: Path, sz: Sizes) -> list[LoaderResult]:
     import torch
 
     from megavlm.config import DataConfig, MixtureConfig, VisionConfig
-    from megavlm.data.mixture import StageLoader
+    from megavlm.data.mixture import LoaderSpec
+    from megavlm.train.plan import build_loader
 
     torch.set_num_threads(1)
     root = synthetic_corpus(work, sz)
@@ -131,9 +132,9 @@ def bench_loader(work: Path, sz: Sizes) -> list[LoaderResult]:
     out = []
     for seq in sz.seqs:
         for name, text, caps in MIXTURES:
-            ld = StageLoader(data, MixtureConfig(text=text, captions=caps), seq_length=seq,
-                             micro_batch_size=sz.micro_batch, num_microbatches=sz.num_microbatches,
-                             dp_rank=0, dp_size=1, seed=0, stage="bench", vision=vision)
+            spec = LoaderSpec(stage="bench", data=data, mixture=MixtureConfig(text=text, captions=caps),
+                              vision=vision, seq_length=seq, seed=0)
+            ld = build_loader(spec, micro_batch_size=sz.micro_batch, num_microbatches=sz.num_microbatches)
             ld.next_step()
             img = 0
             w0, c0 = time.perf_counter(), time.process_time()
@@ -184,7 +185,7 @@ def bench_text(root: Path, work: Path) -> list[str]:
 def bench_images(root: Path, work: Path, n: int) -> list[str]:
     """encode_images images/s (EfficientNet-Lite0) with the PIL (and DALI, if present) decoder."""
     from megavlm.data.tokenizer import load_tokenizer
-    from megavlm.prep.encoders import EfficientNetLite0, dali_available, encode_images, read_image_list
+    from megavlm.encoders import EfficientNetLite0, dali_available, encode_images, read_image_list
 
     recs = [r for r in read_image_list(root / "raw/captions.jsonl") if "tuxpaint" in str(r.path)][:n]
     tok = load_tokenizer(root / "tokenizer.model")

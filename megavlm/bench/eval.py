@@ -77,7 +77,7 @@ def random_model(size: str, seq_length: int, workdir: Path):
 
     from megavlm.config import ParallelConfig, load_config
     from megavlm.data.tokenizer import train_sentencepiece
-    from megavlm.demo.run import DEFAULT_CONFIG
+    from megavlm.experiment.demo import DEFAULT_CONFIG
     from megavlm.eval.runner import CheckpointModel
     from megavlm.model.build import build_model
     from megavlm.parallel.state import Parallel
@@ -204,7 +204,7 @@ def generation_main(argv: list[str]) -> int:
 
 
 def _text_rate(model, tasks, include, limit) -> tuple[int, float, dict]:
-    from megavlm.eval import suites
+    from megavlm.demo import suites
 
     t0 = time.perf_counter()
     res = suites.run_text(model, tasks, include, limit, include_defaults=False)
@@ -215,7 +215,8 @@ def _text_rate(model, tasks, include, limit) -> tuple[int, float, dict]:
 
 def suites_main(argv: list[str]) -> int:
     from megavlm.bench.artifact import load_average, machine_info, write_report
-    from megavlm.eval import suites
+    from megavlm.demo import suites
+    from megavlm.eval.api import resolve_prompt
     from megavlm.eval.runner import CheckpointModel
 
     ap = argparse.ArgumentParser(prog="python -m megavlm.bench.eval --suites", description=__doc__,
@@ -241,7 +242,8 @@ def suites_main(argv: list[str]) -> int:
             n, dt, acc = _text_rate(model, ["megavlm_wordnet_mc"], include, 50)
             rows.append(("megavlm_wordnet_mc, 50 docs", bs, n, dt, acc))
         model.batch_size = a.batch_size
-    for r in suites.run_vision_suite(model, src, a.limit):
+    template = resolve_prompt(model).template  # asked as the checkpoint was trained
+    for r in suites.run_vision_suite(model, src, a.limit, template=template):
         extra = {"accuracy": r.accuracy} if r.accuracy is not None else {"perplexity": r.metrics["perplexity"]}
         rows.append((r.task, a.batch_size, r.n, r.seconds, extra))
     m = model.run.model

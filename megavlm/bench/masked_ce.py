@@ -196,7 +196,8 @@ def _run_worker(spec: dict[str, Any], extra_env: dict[str, str]) -> dict[str, An
     root = str(Path(megavlm.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     out = subprocess.run([sys.executable, "-m", "megavlm.bench.masked_ce", "--worker",
-                          json.dumps(spec)], env=env, capture_output=True, text=True, check=False)
+                          json.dumps(spec)], env=env, capture_output=True, text=True, check=False,
+                         timeout=300)  # bounded: the selftest waits on it
     if out.returncode != 0:
         raise RuntimeError(f"benchmark worker ({spec['measure']}) failed:\n"
                            f"{out.stderr[-4000:]}")

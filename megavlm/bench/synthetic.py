@@ -32,6 +32,9 @@ KINDS = ("text", "packed", "caption", "full-caption")
 class SyntheticSteps:
     """A StepLoader of synthetic rows; ``rows`` is the cycle of row kinds over the global batch."""
 
+    last_stats: dict[str, int] = {}
+    """Mixture position counts of the last step: a synthetic loader does not count them."""
+
     def __init__(self, *, seed: int, seq: int, vocab: int, micro_batch: int, num_microbatches: int,
                  dp_rank: int = 0, dp_size: int = 1, rows: Sequence[str] = ("packed", "text"),
                  patches: int = 0, width: int = 0, image_bank: Optional[int] = None,

@@ -52,7 +52,7 @@ from megavlm.bench.artifact import load_average, machine_info, write_report
 
 from megavlm.config import RunConfig, load_config
 from megavlm.bench.synthetic import SyntheticSteps
-from megavlm.data.batch import Batch
+from megavlm.data.batch import Batch, Sample
 from megavlm.model import flops
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,18 +94,30 @@ def measured_cpu_matmul_tflops(n: int = 1024, repeats: int = 5) -> float:
 
 class SyntheticRows(SyntheticSteps):
     """A StepLoader of full rows, a pure function of (seed, step). ``text``: one document of S
-    tokens per row; ``image-text``: one caption sample per row, P image positions, SEP, text."""
+    tokens per row; ``packed``: :attr:`DOCUMENTS_PER_ROW` documents of random lengths filling
+    each row (document boundaries: the varlen attention path); ``image-text``: one caption sample
+    per row, P image positions, SEP, text."""
 
     IMAGE_BANK = 16
+    DOCUMENTS_PER_ROW = 4
 
     def __init__(self, run: RunConfig, kind: str, num_microbatches: int, dp_rank: int):
         self.kind = kind
         v = run.model.vision
+        rows = {"text": ("text",), "packed": ("packed",)}.get(kind, ("full-caption",))
         super().__init__(seed=run.seed, seq=run.model.seq_length, vocab=run.model.vocab_size,
                          micro_batch=run.train.micro_batch_size, num_microbatches=num_microbatches,
-                         dp_rank=dp_rank, rows=("text",) if kind == "text" else ("full-caption",),
-                         patches=v.num_patches, width=v.embed_dim, image_bank=self.IMAGE_BANK,
-                         embed_dtype=torch.float16)
+                         dp_rank=dp_rank, rows=rows, patches=v.num_patches, width=v.embed_dim,
+                         image_bank=self.IMAGE_BANK, embed_dtype=torch.float16)
+
+    def row(self, step: int, r: int):
+        if self.kind != "packed":
+            return super().row(step, r)
+        g = np.random.default_rng([self.seed, step, r, 1])
+        n = max(1, min(self.DOCUMENTS_PER_ROW, self.seq // 2))
+        cuts = sorted(int(c) for c in g.choice(np.arange(1, self.seq), size=n - 1, replace=False))
+        bounds = [0] + cuts + [self.seq]
+        return [Sample(self._words(g, b - a), np.ones(b - a, bool)) for a, b in zip(bounds, bounds[1:])]
 
 
 class TimedLoader:
@@ -140,14 +152,14 @@ class TimedLoader:
 
     @property
     def last_stats(self) -> dict:
-        return getattr(self.inner, "last_stats", {})
+        return self.inner.last_stats
 
 
 # ------------------------------------------------------------------------------------ cases
 
 @dataclasses.dataclass
 class Case:
-    stage: str  # text | image-text
+    stage: str  # text | packed | image-text
     precision: str  # fp32 | bf16 | fp8-delayed | fp8-current
     data: str  # synthetic | real
 
@@ -173,20 +185,25 @@ def case_config(base: RunConfig, case: Case, steps: int, run_dir: str) -> RunCon
     first = base.stages[0]
     per_step = base.train.global_batch_size * base.model.seq_length
     mixture = (dataclasses.replace(first.mixture, text=1.0, captions=0.0, instructions=0.0)
-               if case.stage == "text" else
+               if case.stage in ("text", "packed") else
                dataclasses.replace(first.mixture, text=0.0, captions=1.0, instructions=0.0))
     stage = dataclasses.replace(
         first, name=case.stage, tokens=(steps + 2) * per_step, epochs=None, mixture=mixture,
+        seq_length=None,  # rows of model.seq_length: what the synthetic rows and the FLOP count use
         trainable="all", init=dataclasses.replace(first.init, stage=None, fraction=None, path=None),
         checkpoint_fractions=[1.0], save_every=0)
-    train = dataclasses.replace(base.train, log_every=10 ** 9)
+    logging = dataclasses.replace(base.logging, log_every=10 ** 9)
+    # no stop handlers and no time budget: a measurement never writes a stop checkpoint (a SIGTERM
+    # reaches the caller, e.g. the selftest, which reports what ran)
+    preemption = dataclasses.replace(base.preemption, stop_signals=[], max_wall_minutes=None)
     if case.precision == "fp32":
-        train = dataclasses.replace(train, precision="fp32", fp8="none")
+        precision = dataclasses.replace(base.precision, dtype="fp32", fp8="none")
     elif case.precision == "bf16":
-        train = dataclasses.replace(train, precision="bf16", fp8="none")
+        precision = dataclasses.replace(base.precision, dtype="bf16", fp8="none")
     else:
-        train = dataclasses.replace(train, precision="bf16", fp8=case.precision.split("-", 1)[1])
-    return dataclasses.replace(base, run_dir=run_dir, stages=[stage], train=train)
+        precision = dataclasses.replace(base.precision, dtype="bf16", fp8=case.precision.split("-", 1)[1])
+    return dataclasses.replace(base, run_dir=run_dir, stages=[stage], logging=logging, precision=precision,
+                               preemption=preemption)
 
 
 def unavailable(case: Case, cuda: bool, te: bool) -> Optional[str]:
@@ -201,7 +218,7 @@ def unavailable(case: Case, cuda: bool, te: bool) -> Optional[str]:
 def run_case(base: RunConfig, case: Case, parallel, steps: int, warmup: int,
              attention: str = "full") -> Result:
     from megavlm.train.loop import StageTrainer
-    from megavlm.train.schedule import resolve_schedules, stage_steps
+    from megavlm.train.plan import plan_run
     from megavlm.train.stages import default_loader_factory
 
     res = Result(case)
@@ -209,19 +226,19 @@ def run_case(base: RunConfig, case: Case, parallel, steps: int, warmup: int,
     with tempfile.TemporaryDirectory(prefix="megavlm-bench-") as tmp:
         run = case_config(base, case, warmup + steps + 1, tmp)
         st = run.stages[0]
-        sched = resolve_schedules(run, {st.name: stage_steps(run, st)})[st.name]
+        plan = plan_run(run)[st.name]
         real = default_loader_factory(run) if case.data == "real" else None
         loaders: list[TimedLoader] = []
 
-        def factory(stage, par, nmb):
-            inner = real(stage, par, nmb) if real else SyntheticRows(run, case.stage, nmb, par.dp_rank)
+        def factory(spec, par, nmb):
+            inner = real(spec, par, nmb) if real else SyntheticRows(run, case.stage, nmb, par.dp_rank)
             loaders.append(TimedLoader(inner, run.model.vision.num_patches))
             return loaders[-1]
 
         from megavlm.model.specs import select_backend
 
         res.backend = select_backend(run.model.backend)
-        trainer = StageTrainer(run, st, sched, parallel, factory, log=lambda s: None)
+        trainer = StageTrainer(run, plan, parallel, factory, log=lambda s: None)
         out = trainer.train(stop_after=warmup + steps + 1)
         res.last_loss = out.last_loss
         (ld,) = loaders
@@ -357,7 +374,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="recipe (default: tiny)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch_size=4")
-    p.add_argument("--stages", default="text,image-text", help="comma list of text, image-text")
+    p.add_argument("--stages", default="text,image-text",
+                   help="comma list of text, packed (several documents per row), image-text")
     p.add_argument("--precisions", default="auto",
                    help="comma list of fp32, bf16, fp8-delayed, fp8-current; auto = bf16,fp8-delayed,"
                         "fp8-current on a GPU, fp32 on CPU")
@@ -382,7 +400,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             p.error(f"unknown precision {x}")
     stages = args.stages.split(",")
     for x in stages:
-        if x not in ("text", "image-text"):
+        if x not in ("text", "packed", "image-text"):
             p.error(f"unknown stage {x}")
     datas = args.data.split(",")
     for x in datas:

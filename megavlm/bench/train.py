@@ -43,10 +43,11 @@ from torch import Tensor, nn
 from megavlm.bench.artifact import load_average, machine_info, write_report
 from megavlm.bench.synthetic import SyntheticSteps
 from megavlm.config import RunConfig, load_config
+from megavlm.run_folder import METRICS
 from megavlm.data.batch import Batch, Sample, collate
 from megavlm.model.reference import ReferenceDCLM, document_bounds, document_mask, to_openlm_names
 from megavlm.ops.masked_ce import masked_cross_entropy_reference
-from megavlm.train.schedule import num_microbatches
+from megavlm.config import num_microbatches
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "launch" / "configs" / "tiny.yaml"
 
@@ -80,21 +81,20 @@ def bench_config(config: Path, overrides: Sequence[str], total_steps: int, run_d
     first = run.stages[0]
     per_step = run.train.global_batch_size * run.model.seq_length
     stage = dataclasses.replace(
-        first, name="bench", tokens=(total_steps + 1) * per_step, epochs=None,
+        first, name="bench", tokens=(total_steps + 1) * per_step, epochs=None, seq_length=None,
         mixture=dataclasses.replace(first.mixture, text=1.0, captions=0.0, instructions=0.0),
         init=dataclasses.replace(first.init, stage=None, fraction=None, path=None),
         checkpoint_fractions=[1.0], save_every=0)
     return dataclasses.replace(
         run, run_dir=run_dir, stages=[stage],
         parallel=dataclasses.replace(run.parallel, tp=1, pp=1, vpp=None, sequence_parallel=False),
-        train=dataclasses.replace(run.train, precision="fp32"))
+        precision=dataclasses.replace(run.precision, dtype="fp32"))
 
 
-def _schedule(run: RunConfig):
-    from megavlm.train.schedule import resolve_schedules, stage_steps
+def _stage_plan(run: RunConfig):
+    from megavlm.train.plan import plan_run
 
-    st = run.stages[0]
-    return resolve_schedules(run, {st.name: stage_steps(run, st)})[st.name]
+    return plan_run(run)[run.stages[0].name]
 
 
 def _loader(run: RunConfig, nmb: int) -> SyntheticTextLoader:
@@ -119,14 +119,14 @@ def run_megavlm(run: RunConfig, parallel, total_steps: int) -> tuple[list[tuple[
 
     loaders: list[SyntheticTextLoader] = []
 
-    def factory(stage, par, nmb):
+    def factory(spec, par, nmb):
         loaders.append(_loader(run, nmb))
         return loaders[-1]
 
     Path(run.run_dir).mkdir(parents=True, exist_ok=True)
-    trainer = StageTrainer(run, run.stages[0], _schedule(run), parallel, factory, log=lambda s: None)
+    trainer = StageTrainer(run, _stage_plan(run), parallel, factory, log=lambda s: None)
     trainer.train(stop_after=total_steps)
-    metrics = [json.loads(line) for line in (Path(run.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (Path(run.run_dir) / METRICS).read_text().splitlines()]
     return loaders[0].step_seconds(), [m["loss"] for m in metrics]
 
 
@@ -164,13 +164,14 @@ def run_plain(run: RunConfig, full: dict[str, Tensor],
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
-    o = stage.optimizer(t)
+    plan = _stage_plan(run)
+    o = plan.optimizer
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=0.0, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)
     for p in params:  # untouched parameters step with zero gradients (as in megatron)
         p.grad = torch.zeros_like(p)
-    sched = _schedule(run)
+    sched = plan.schedule
     loader = _loader(run, num_microbatches(run.train))
     z = run.model.z_loss
     losses = []
@@ -217,7 +218,7 @@ class Measured:
 def render(run: RunConfig, results: dict[str, Measured], info: dict[str, str], command: str,
            args) -> str:
     m, t = run.model, run.train
-    o = run.stages[0].optimizer(t)
+    o = _stage_plan(run).optimizer
     tokens = t.global_batch_size * m.seq_length
     mega, plain = results["megavlm"], results["plain"]
     ratio = plain.median() / mega.median()

@@ -60,7 +60,8 @@ class Batch:
     loss_mask: torch.Tensor
     """[B, S] float32, 1 where the position's prediction is trained."""
     position_ids: torch.Tensor
-    """[B, S] int64, restarting at 0 for each packed document."""
+    """[B, S] int64, restarting at 0 for each packed sample (a stage with ``text_attention:
+    window`` joins a row's text into one sample: its positions run through the documents)."""
     image_embeds: Optional[torch.Tensor] = None
     """[N, P, D_v] image patch embeddings in the stored 16-bit dtype (bf16/fp16), or None."""
     image_slots: Optional[torch.Tensor] = None

@@ -23,9 +23,17 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from megavlm.run_folder import EMBEDS_META
+
 FORMAT = "megavlm-embeds/1"
 _IDX_HEADER = b"MMIDIDX\x00\x00"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+FP8 = "float8_e4m3"
+"""8-bit store: per patch row a float32 scale (row amax / 448) then the row in e4m3 (torch's
+float8_e4m3fn). A record is ``P*4`` scale bytes then ``P*D`` fp8 bytes (uint8 in the .bin), half a
+bf16 store's size; reading upcasts to bf16 (see :func:`fp8_decode`)."""
+FP8_MAX = 448.0
+STORE_DTYPES = (*_DTYPES, FP8)
 _EXP_MASK = {"bfloat16": np.uint16(0x7F80), "float16": np.uint16(0x7C00)}
 
 
@@ -65,7 +73,7 @@ def store_prefix(path: str | Path) -> Path:
         p = Path(str(p)[:-5])  # the metadata file itself
     if Path(f"{p}.json").is_file() or p.name.endswith(".embeds"):
         return p
-    if Path(f"{p}.embeds.json").is_file():
+    if Path(f"{p}{EMBEDS_META}").is_file():
         return Path(f"{p}.embeds")
     return p
 
@@ -217,6 +225,9 @@ class EmbeddingMeta:
     resize: str = "square"
     """How images were made square before encoding: letterbox (padded) or square (stretched);
     stores written before this field existed are square."""
+    source: Optional[dict] = None
+    """Where the images came from and how captions were chosen (e.g. the WebDataset caption rule),
+    when a reader recorded it."""
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, **self.__dict__}
@@ -226,12 +237,13 @@ class EmbeddingWriter:
     """Writes an embedding store ``<prefix>.{bin,idx,json}``, one [P, D] 16-bit array per image."""
 
     def __init__(self, prefix: str | Path, *, encoder: str, num_patches: int, embed_dim: int,
-                 dtype: str = "bfloat16", image_size: int = 0, resize: str = "square"):
-        if dtype not in _DTYPES:
-            raise DataError(f"{prefix}: embedding dtype must be one of {sorted(_DTYPES)}, got {dtype}")
+                 dtype: str = "bfloat16", image_size: int = 0, resize: str = "square",
+                 source: Optional[dict] = None):
+        if dtype not in STORE_DTYPES:
+            raise DataError(f"{prefix}: embedding dtype must be one of {sorted(STORE_DTYPES)}, got {dtype}")
         self.prefix = Path(prefix)
-        self.meta = EmbeddingMeta(encoder, num_patches, embed_dim, dtype, image_size, 0, [], resize)
-        self._w = IndexedWriter(prefix, np.uint16)
+        self.meta = EmbeddingMeta(encoder, num_patches, embed_dim, dtype, image_size, 0, [], resize, source)
+        self._w = IndexedWriter(prefix, np.uint8 if dtype == FP8 else np.uint16)
 
     def add(self, emb: torch.Tensor | np.ndarray, key: str = "") -> None:
         m = self.meta
@@ -245,7 +257,14 @@ class EmbeddingWriter:
         if isinstance(emb, torch.Tensor):
             if not torch.isfinite(emb).all():
                 raise DataError(f"{self.prefix}: record {i} ({key}) has NaN/Inf embeddings")
+            if m.dtype == FP8:
+                self._w.add(fp8_encode(emb))
+                m.keys.append(key)  # type: ignore[union-attr]
+                return
             bits = emb.detach().to("cpu", _DTYPES[m.dtype]).contiguous().view(torch.uint16).numpy()
+        elif m.dtype == FP8:
+            raise DataError(f"{self.prefix}: record {i} ({key}): an fp8 store takes float embeddings, "
+                            f"not 16-bit patterns")
         else:
             bits = emb
             check_finite_bits(bits, m.dtype, f"{self.prefix}: record {i} ({key})")
@@ -255,7 +274,7 @@ class EmbeddingWriter:
     def add_store(self, prefix: str | Path) -> None:
         """Append a finished store with identical metadata (shard merge)."""
         other = EmbeddingStore(prefix)
-        for f in ("encoder", "num_patches", "embed_dim", "dtype", "image_size", "resize"):
+        for f in ("encoder", "num_patches", "embed_dim", "dtype", "image_size", "resize", "source"):
             if getattr(other.meta, f) != getattr(self.meta, f):
                 raise DataError(f"{prefix}: {f}={getattr(other.meta, f)} differs from "
                                 f"{getattr(self.meta, f)} of {self.prefix}")
@@ -275,6 +294,28 @@ class EmbeddingWriter:
         tmp.write_text(json.dumps(self.meta.to_json()))
         self._w.close()
         tmp.replace(meta_path)  # the .json appears last: a store without it is incomplete
+
+
+def fp8_encode(emb: torch.Tensor) -> np.ndarray:
+    """[P, D] float -> one fp8 record: P float32 scales (row amax / 448; 1 for an all-zero row)
+    as bytes, then the P*D e4m3 values scaled into range."""
+    x = emb.detach().to("cpu", torch.float32)
+    amax = x.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous().view(torch.uint8)
+    return np.concatenate([scale.reshape(-1).numpy().view(np.uint8), q.reshape(-1).numpy()])
+
+
+def fp8_decode(record: np.ndarray, num_patches: int, embed_dim: int) -> torch.Tensor:
+    """One fp8 record -> [P, D] float32 (scale x e4m3 value)."""
+    raw = np.ascontiguousarray(record, dtype=np.uint8)
+    scale = torch.from_numpy(raw[:num_patches * 4].copy().view(np.float32)).view(num_patches, 1)
+    q = _FP8_TO_F32[raw[num_patches * 4:]].reshape(num_patches, embed_dim)  # a table lookup: ~1.5x torch's cast
+    return torch.from_numpy(q) * scale
+
+
+_FP8_TO_F32 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).to(torch.float32).numpy()
+"""Every e4m3 byte's float32 value (0x7F and 0xFF are NaN)."""
 
 
 def check_finite_bits(bits: np.ndarray, dtype: str, where: str) -> None:
@@ -399,8 +440,9 @@ class EmbeddingStore:
             self.meta = EmbeddingMeta(**raw)
         except TypeError as e:
             raise DataError(f"{meta_path}: bad metadata ({e})") from None
-        if self.meta.dtype not in _DTYPES:
-            raise DataError(f"{meta_path}: dtype {self.meta.dtype!r} is not bfloat16/float16")
+        if self.meta.dtype not in STORE_DTYPES:
+            raise DataError(f"{meta_path}: dtype {self.meta.dtype!r} is not one of {', '.join(STORE_DTYPES)}")
+        self.fp8 = self.meta.dtype == FP8
         if embed_dim is not None and self.meta.embed_dim != embed_dim:
             raise DataError(f"{meta_path}: embeddings are {self.meta.embed_dim} wide "
                             f"(encoder {self.meta.encoder}) but the config says "
@@ -413,26 +455,35 @@ class EmbeddingStore:
             raise DataError(f"{meta_path}: embeddings come from encoder {self.meta.encoder!r} but the "
                             f"config says model.vision.encoder={encoder!r}")
         self._ds = open_indexed(prefix)
-        if self._ds.index.dtype != np.uint16:
-            raise DataError(f"{idx_path(prefix)}: embedding records must be uint16 bit patterns")
+        want = np.uint8 if self.fp8 else np.uint16
+        if self._ds.index.dtype != want:
+            raise DataError(f"{idx_path(prefix)}: embedding records of a {self.meta.dtype} store must be "
+                            f"{np.dtype(want).name}")
         n = len(self._ds)
         if n != self.meta.count:
             raise DataError(f"{prefix}: {n} records but {meta_path.name} says {self.meta.count}")
-        per = self.meta.num_patches * self.meta.embed_dim
+        per = self.meta.num_patches * (self.meta.embed_dim + (4 if self.fp8 else 0))
         lengths = np.asarray(self._ds.sequence_lengths)
         bad = np.flatnonzero(lengths != per)
         if bad.size:
             raise DataError(f"{bin_path(prefix)}: record {int(bad[0])} holds {int(lengths[bad[0]])} "
                             f"values, expected {self.meta.num_patches}x{self.meta.embed_dim}={per}")
         self.check_finite = check_finite
-        self.torch_dtype = _DTYPES[self.meta.dtype]
-        self._mask = _EXP_MASK[self.meta.dtype]
+        self.torch_dtype = torch.bfloat16 if self.fp8 else _DTYPES[self.meta.dtype]
+        """The dtype records load as: an fp8 store upcasts to bfloat16."""
+        self._mask = _EXP_MASK["bfloat16" if self.fp8 else self.meta.dtype]
 
     def __len__(self) -> int:
         return self.meta.count
 
     def get(self, i: int) -> np.ndarray:
-        """Record ``i`` as a [P, D] uint16 array (a copy, checked for NaN/Inf)."""
+        """Record ``i`` as a [P, D] uint16 array (a copy, checked for NaN/Inf); an fp8 store's record
+        is upcast to bfloat16 bits."""
+        if self.fp8:
+            x = fp8_decode(np.asarray(self._ds.get(int(i))), self.meta.num_patches, self.meta.embed_dim)
+            if self.check_finite and not torch.isfinite(x).all():
+                raise DataError(f"{bin_path(self.prefix)}: record {int(i)} has NaN/Inf embeddings")
+            return x.to(torch.bfloat16).view(torch.uint16).numpy()
         bits = np.array(self._ds.get(int(i))).reshape(self.meta.num_patches, self.meta.embed_dim)
         if self.check_finite and np.any((bits & self._mask) == self._mask):
             raise DataError(f"{bin_path(self.prefix)}: record {int(i)} has NaN/Inf embeddings")

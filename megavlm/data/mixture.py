@@ -10,9 +10,12 @@ How a row is planned (fractions f_k of token positions; counts C_k so far; error
 1. *head* samples (captions, instructions — never split) go first: repeatedly add the next sample
    of the source most behind its fraction, if it fits and adding it brings that source closer to
    its target (e + n(1-f)/2 <= 0); without text, an empty row takes the most-behind sample anyway.
-2. text fills the rest of the row as a stream cut at row ends (position ids and attention restart
-   at every piece); it is limited only so that text never runs more than ``seq_length``
-   positions ahead of its fraction (a bound that also guarantees no row is ever empty).
+2. text fills the rest of the row as a stream cut at row ends; it is limited only so that text
+   never runs more than ``seq_length`` positions ahead of its fraction (a bound that also
+   guarantees no row is ever empty). How the text of a row attends is the stage's
+   ``text_attention`` and is decided when a row is read, not planned: ``document`` = position ids
+   and attention restart at every document piece; ``window`` = the row's text pieces are one
+   causal window (open_lm / DCLM), see :func:`text_window`.
    Whatever is left is padding (no loss, counted in no source).
 The errors stay bounded by about one row, so over 1,000 rows every source's share of the
 non-padding positions is within a fraction of a percent of its target.
@@ -30,7 +33,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from megavlm.config import DataConfig, MixtureConfig, VisionConfig
+from megavlm.config import TEXT_ATTENTION, DataConfig, MixtureConfig, VisionConfig
 from megavlm.data.batch import Batch, Sample, collate
 from megavlm.data.indexed import DataError
 from megavlm.data.sources import CaptionSource, ConversationSource, TextSource
@@ -237,15 +240,52 @@ class MixturePlanner:
         return out
 
 
-class StageLoader:
-    """This data-parallel rank's microbatches of one stage, step by step (see module docstring)."""
+@dataclass(frozen=True)
+class LoaderSpec:
+    """Everything a stage's loader is built from, resolved once per stage by
+    megavlm.train.plan (``StagePlan.loader``); :func:`megavlm.train.plan.build_loader` is the one
+    place a StageLoader is made from it, adding only this rank's place in the data-parallel layout."""
 
-    def __init__(self, data: DataConfig, mixture: MixtureConfig, *, seq_length: int,
-                 micro_batch_size: int, num_microbatches: int, dp_rank: int, dp_size: int,
-                 seed: int, stage: str, vision: VisionConfig, epochs: Optional[int] = None,
-                 examples_per_row: Optional[int] = None, pack_window: int = 1):
+    stage: str
+    """Stage name (part of the data order's seed)."""
+    data: DataConfig
+    """Where the prepared sets are, and what to do with a sample longer than a row."""
+    mixture: MixtureConfig
+    """Fractions of the stage's positions per kind of source."""
+    vision: VisionConfig
+    """Embedding width / patch count / encoder the caption stores must have."""
+    seq_length: int
+    """The stage's row length (its own seq_length, else model.seq_length)."""
+    seed: int
+    """The run's seed."""
+    epochs: Optional[int] = None
+    """Passes the stage makes (the loader then counts the positions of one pass up front)."""
+    examples_per_row: Optional[int] = None
+    """1 when a stage counts its batch in examples (one conversation per row), else None."""
+    pack_window: int = 1
+    """Best-fit packing window (1 = strictly in order)."""
+    text_attention: str = "document"
+    """How text rows attend (issue 25): ``document`` restarts attention and positions per document,
+    ``window`` is open_lm's one causal window over the concatenated documents."""
+
+
+class StageLoader:
+    """This data-parallel rank's microbatches of one stage, step by step (see module docstring).
+    Built by megavlm.train.plan.build_loader from the stage's :class:`LoaderSpec`."""
+
+    def __init__(self, spec: LoaderSpec, *, micro_batch_size: int, num_microbatches: int,
+                 dp_rank: int, dp_size: int):
+        data, mixture, vision, seq_length = spec.data, spec.mixture, spec.vision, spec.seq_length
+        seed, stage, epochs = spec.seed, spec.stage, spec.epochs
+        examples_per_row, pack_window = spec.examples_per_row, spec.pack_window
+        text_attention = spec.text_attention
+        self.spec = spec
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
+        if text_attention not in TEXT_ATTENTION:
+            raise ValueError(f"stage {stage}: text_attention {text_attention!r} is not one of "
+                             f"{list(TEXT_ATTENTION)}")
+        self.text_attention = text_attention
         self.seq_length = seq_length
         self.micro_batch_size = micro_batch_size
         self.num_microbatches = num_microbatches
@@ -308,7 +348,8 @@ class StageLoader:
                 "seq_length": self.seq_length, "fractions": list(self._fractions),
                 "sizes": [0 if s is None else len(s) for s in self.sources],
                 "rows_per_step": self.rows_per_step, "planner": self.planner.state_dict(),
-                **({"pack_window": self.pack_window} if self.pack_window > 1 else {})}
+                **({"pack_window": self.pack_window} if self.pack_window > 1 else {}),
+                **({"text_attention": self.text_attention} if self.text_attention != "document" else {})}
 
     def load_state_dict(self, d: dict) -> None:
         if d.get("version") != STATE_VERSION:
@@ -321,6 +362,9 @@ class StageLoader:
         if d.get("pack_window", 1) != self.pack_window:
             raise DataError(f"loader state was saved with pack_window={d.get('pack_window', 1)}, this "
                             f"loader has {self.pack_window}: resuming would not continue the same data")
+        if d.get("text_attention", "document") != self.text_attention:
+            raise DataError(f"loader state was saved with text_attention={d.get('text_attention', 'document')}, "
+                            f"this loader has {self.text_attention}: resuming would change how text rows attend")
         if d["planner"]["row"] % self.rows_per_step:
             raise DataError(f"loader state is at global row {d['planner']['row']}, not a multiple of "
                             f"this layout's {self.rows_per_step} rows per step")
@@ -379,7 +423,33 @@ class StageLoader:
                 if s.image is not None:
                     stats["image_sample_positions"] += n
                     stats["patch_positions"] += s.image.shape[0]
-        return out
+        return text_window(out) if self.text_attention == "window" else out
+
+
+def text_window(samples: list[Sample]) -> list[Sample]:
+    """A row's samples with every run of consecutive text pieces joined into ONE text sample:
+    ``collate`` then gives it one causal window (one ``cu_seqlens`` segment), positions 0..n-1
+    running through the documents, and the last token of a document (its EOD) predicting the
+    first token of the next — open_lm's plain windows over concatenated documents, with which
+    DCLM was trained. Caption and instruction samples pass through unchanged (per document).
+    One difference stays: open_lm reads S + 1 tokens for S positions, so its last position also
+    has a label; here the stream continues in the next row and a row's last text position
+    predicts nothing (one loss token in S fewer)."""
+    out: list[Sample] = []
+    run: list[Sample] = []
+    for s in samples + [None]:  # type: ignore[list-item]
+        if s is not None and s.source == "text":
+            run.append(s)
+            continue
+        if len(run) == 1:
+            out.append(run[0])
+        elif run:
+            out.append(Sample(tokens=np.concatenate([r.tokens for r in run]),
+                              target=np.concatenate([r.target for r in run]), source="text"))
+        run = []
+        if s is not None:
+            out.append(s)
+    return out
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ import numpy as np
 from megavlm.data.batch import Sample, image_head
 from megavlm.data.indexed import DataError, EmbeddingStore, TokenData
 from megavlm.data.tokenizer import Tokenizer
+from megavlm.run_folder import CONVERSATION_META, IMAGES
 
 Kind = Literal["text", "captions", "instructions"]
 
@@ -169,8 +170,8 @@ class ConversationSource:
                 if len(self.tokens) == len(self.masks) else min(len(self.tokens), len(self.masks))
             raise DataError(f"{prefix}.mask.bin: record {bad} does not match {prefix}.bin "
                             f"(tokens and loss masks differ in count or length)")
-        img_path = Path(f"{prefix}.images.npy")
-        meta_path = Path(f"{prefix}.meta.json")
+        img_path = Path(f"{prefix}{IMAGES}")
+        meta_path = Path(f"{prefix}{CONVERSATION_META}")
         for p in (img_path, meta_path):
             if not p.is_file():
                 raise DataError(f"{p}: missing (part of conversation dataset {prefix})")

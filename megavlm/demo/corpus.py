@@ -20,6 +20,7 @@ changed is stale: it is rebuilt alone and never trusted meanwhile.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -28,9 +29,17 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
+from PIL import Image
 
-from megavlm.config import DataConfig, VisionConfig
+from megavlm.config import ConfigError, DataConfig, VisionConfig
 from megavlm.data.indexed import DataError, file_record
+from megavlm.data.tokenizer import load_tokenizer, train_sentencepiece
+from megavlm.demo.short_vqa import NAME as SHORT_VQA
+from megavlm.encoders import EfficientNetLite0, encode_images, read_image_list
+from megavlm.prep.conversations import preprocess_conversations
+from megavlm.prep.textprep import preprocess_text
+from megavlm.run_folder import set_files
 from megavlm.demo.debian import (PACKAGES, bible_chapters, default_cache, fetch_package, idx_images,
                                  idx_labels, wordnet_definition, wordnet_glosses)
 
@@ -62,8 +71,6 @@ def _article(word: str) -> str:
 
 def build_raw(raw: Path, cache: Path, *, full: bool = False, seed: int = 0) -> dict:
     """Write the raw corpora in the tools' input formats under ``raw``; return counts."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     raw.mkdir(parents=True, exist_ok=True)
     trees = {p: fetch_package(p, cache) for p in PACKAGES}
@@ -168,29 +175,34 @@ def _marker(data: DataConfig) -> Path:
     return data.resolve("demo.json")
 
 
-def corpus_sets(data: DataConfig) -> dict[str, Path]:
-    """The prefixes the demo corpus writes (each also with a ``_heldout`` twin): the first text and
-    caption set of ``data`` and the first instruction set that is not the short-answer VQA set
-    (that one is built on top of the corpus by megavlm.demo.short_vqa)."""
-    from megavlm.demo.short_vqa import NAME as SHORT_VQA
+def demo_set_names() -> dict[str, tuple[str, ...]]:
+    """Per kind, the set names the demo builder makes (each also as a ``_heldout`` twin; the
+    short-answer VQA set is built on top of the corpus by megavlm.demo.short_vqa)."""
+    base = {"text": ("text",), "captions": ("captions",), "instructions": ("instructions", SHORT_VQA)}
+    return {k: tuple(n + suffix for n in names for suffix in ("", "_heldout")) for k, names in base.items()}
 
+
+def check_set_names(data: DataConfig) -> None:
+    """Refuse a ``build: demo`` recipe that names a set the builder does not make: a typo such as
+    ``data.instructions=[instuctions]`` used to build a fresh copy under the typo'd name and train on
+    it. Raises ConfigError naming the key, the set and the sets the builder makes."""
+    made = demo_set_names()
+    bad = [f"data.{kind}: {name!r}" for kind in made for name in getattr(data, kind) if name not in made[kind]]
+    if bad:
+        raise ConfigError("data.build=demo builds only its own sets; " + ", ".join(bad)
+                          + " is not one of them (it makes " + "; ".join(
+                              f"{k}: {', '.join(v)}" for k, v in made.items()) + ")")
+
+
+def corpus_sets(data: DataConfig) -> dict[str, Path]:
+    """The prefixes the demo corpus writes (each also with a ``_heldout`` twin): text, captions and
+    instructions (the short-answer VQA set is built on top of them by megavlm.demo.short_vqa). A set
+    name the builder does not make is an error (:func:`check_set_names`)."""
+    check_set_names(data)
     inst = next((n for n in data.instructions if n != SHORT_VQA), "instructions")
     return {"text": data.resolve(data.text[0] if data.text else "text"),
             "captions": data.resolve(data.captions[0] if data.captions else "captions"),
             "instructions": data.resolve(inst)}
-
-
-def set_files(kind: str, prefix: Path) -> list[Path]:
-    """The files of one prepared set of ``kind`` (tokenizer, text, captions, instructions)."""
-    p = str(prefix)
-    if kind == "tokenizer":
-        return [Path(p)]
-    out = [Path(f"{p}.bin"), Path(f"{p}.idx")]
-    if kind == "captions":
-        out += [Path(f"{p}.embeds.bin"), Path(f"{p}.embeds.idx"), Path(f"{p}.embeds.json")]
-    if kind == "instructions":
-        out += [Path(f"{p}.mask.bin"), Path(f"{p}.mask.idx"), Path(f"{p}.images.npy"), Path(f"{p}.meta.json")]
-    return out
 
 
 def _plan(data: DataConfig, vision: VisionConfig, full: bool, vocab_size: int) -> list[tuple[str, str, Path, dict]]:
@@ -323,8 +335,6 @@ def ensure_demo_corpus(data: DataConfig, vision: VisionConfig, *, full: bool = F
         raise DataError(f"the demo corpus is encoded by EfficientNet-Lite0 (1280 wide, a square "
                         f"patch grid); model.vision has embed_dim={vision.embed_dim}, "
                         f"num_patches={P}: use embed_dim=1280 and num_patches=16 (128 px) or 49 (224 px)")
-    import fcntl
-
     root = Path(data.root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".demo.lock", "w") as lock:  # ranks of one job (or two jobs) build it once
@@ -352,10 +362,6 @@ def _raw(root: Path, cache: Optional[Path], full: bool) -> dict:
 
 def _build(data: DataConfig, vision: VisionConfig, full: bool, cache: Optional[Path], progress: bool,
            vocab_size: int) -> list[str]:
-    from megavlm.prep.conversations import preprocess_conversations
-    from megavlm.prep.encoders import EfficientNetLite0, encode_images, read_image_list
-    from megavlm.prep.textprep import preprocess_text
-    from megavlm.data.tokenizer import load_tokenizer, train_sentencepiece
 
     t0 = time.perf_counter()
     root = Path(data.root).expanduser()
@@ -393,8 +399,6 @@ def _build(data: DataConfig, vision: VisionConfig, full: bool, cache: Optional[P
         elif kind == "text":
             preprocess_text([raw / params["raw"]], prefix, tok_path, workers=1, progress=progress)
         elif kind == "captions":
-            import torch
-
             enc = enc or EfficientNetLite0(image_size=params["image_size"])
             threads = torch.get_num_threads()
             torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -25,6 +25,10 @@ from typing import Optional
 import numpy as np
 
 from megavlm.config import DataConfig
+from megavlm.data.indexed import file_record
+from megavlm.data.tokenizer import load_tokenizer
+from megavlm.prep.conversations import preprocess_conversations
+from megavlm.run_folder import set_files
 
 NAME = "instructions_vqa"
 VERSION = 3  # 3: conversations name images by key (megavlm.prep.conversations.FORMAT)
@@ -74,8 +78,6 @@ def conversations(captions_jsonl: Path, seed: int = 0) -> list[dict]:
 
 def _record(data: DataConfig) -> dict:
     """What the set is built from and holds: its files and the caption store's (content records)."""
-    from megavlm.data.indexed import file_record
-    from megavlm.demo.corpus import set_files
 
     cap = data.resolve(data.captions[0] if data.captions else "captions")
     files = {f.name: file_record(f) for f in set_files("instructions", data.resolve(NAME)) if f.is_file()}
@@ -101,8 +103,6 @@ def ensure_short_vqa(data: DataConfig) -> Optional[Path]:
     """Build ``<root>/instructions_vqa`` if the recipe lists it and it is not built yet; returns its prefix."""
     if NAME not in data.instructions:
         return None
-    from megavlm.prep.conversations import preprocess_conversations
-    from megavlm.data.tokenizer import load_tokenizer
 
     root = Path(data.root).expanduser()
     prefix = data.resolve(NAME)

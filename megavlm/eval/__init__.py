@@ -1,6 +1,8 @@
-"""Evaluation: lm-eval adapter (text), lmms-eval model (vision), vision scorers and tasks, readers
-of the benchmarks' published files (formats), the paper suite, data-parallel sharding, stable
-score, offline suites.
+"""Evaluation as a library (``megavlm.eval.api.evaluate(checkpoint, EvalSpec) -> Report``), with the
+lm-eval adapter and runner (text), the lmms-eval model (vision), vision scorers and tasks, readers
+of the benchmarks' published files (formats), the paper suite, data-parallel sharding, stable score
+and reports. It imports none of megavlm.demo / experiment / prepare: suites built elsewhere (the
+demo's offline suites) are handed in.
 
 Importing the package registers the lm-eval model ``megavlm`` when lm-eval (the ``eval`` extra)
 is installed, so ``lm_eval.simple_evaluate(model="megavlm", model_args="checkpoint=…")`` works

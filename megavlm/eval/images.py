@@ -11,17 +11,20 @@ width, else the record is wrong and is refused.
 Images of one folder are encoded once into ``<data root>/.megavlm-cache/<encoder>-<size>px/
 <folder>.embeds`` (keys: paths relative to the folder), reused by every task that reads the
 folder and by later runs; a run that needs images the store lacks re-encodes the folder's union.
-Encoding uses the data pipeline's own code (megavlm.prep.encoders).
+Encoding uses the data pipeline's own code (megavlm.encoders).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Iterable, Optional
 
 from megavlm.data.indexed import DataError, EmbeddingStore
+from megavlm.encoders import ImageRecord, encode_images, make_encoder
 from megavlm.eval.runner import CheckpointModel, EvalError
 from megavlm.eval.vision import ImageBank, training_encoder
 
@@ -29,7 +32,7 @@ CACHE_DIR = ".megavlm-cache"
 
 
 def recorded_encoder(model: CheckpointModel) -> tuple[str, Optional[int]]:
-    """(encoder spec for megavlm.prep.encoders.make_encoder, image size or None) of a checkpoint."""
+    """(encoder spec for megavlm.encoders.make_encoder, image size or None) of a checkpoint."""
     v = model.run.model.vision
     trained = training_encoder(model.run) or {}
     name = v.encoder or trained.get("encoder")
@@ -51,12 +54,7 @@ def recorded_encoder(model: CheckpointModel) -> tuple[str, Optional[int]]:
 
 
 def load_encoder(model: CheckpointModel):
-    """The checkpoint's encoder (megavlm.prep.encoders), checked against the config's shape."""
-    import contextlib
-    import sys
-
-    from megavlm.prep.encoders import make_encoder
-
+    """The checkpoint's encoder (megavlm.encoders), checked against the config's shape."""
     spec, size = recorded_encoder(model)
     try:
         # efficientnet-lite-pytorch prints its loading message: keep stdout for the JSON summary
@@ -98,8 +96,6 @@ def _covers(prefix: Path, encoder, keys: set[str]) -> bool:
 def cached_bank(data_root: str | Path, folder: str | Path, keys: Iterable[str], encoder,
                 progress: bool = False) -> ImageBank:
     """An ImageBank of ``keys`` (paths relative to ``folder``), encoding them when the cache lacks any."""
-    from megavlm.prep.encoders import ImageRecord, encode_images
-
     root, folder = Path(data_root), Path(folder)
     prefix = cache_prefix(root, encoder, folder)
     want = set(keys)

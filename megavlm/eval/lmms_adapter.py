@@ -3,7 +3,7 @@
 lmms-eval hands a model PIL images (``doc_to_visual``) with a text context. This adapter
 **encodes the PIL images itself with the checkpoint's recorded encoder** (megavlm.eval.images:
 ``model.vision.encoder`` of the run config, at the training store's image size), through the
-data pipeline's own decode + encode path (megavlm.prep.encoders: the PIL image is serialized
+data pipeline's own decode + encode path (megavlm.encoders: the PIL image is serialized
 losslessly and decoded exactly as the training images were, bicubic to the encoder's size). It
 does not read precomputed embeddings. An encoder whose output does not match the checkpoint's
 projector (patches x width), or a ``model_args`` ``encoder=`` that is not the recorded one, is
@@ -38,7 +38,11 @@ except ImportError as e:  # pragma: no cover - exercised where lmms-eval is abse
     raise ImportError("megavlm's lmms-eval model needs lmms-eval: pip install --no-deps lmms-eval==0.7.3 "
                       "loguru accelerate jsonlines tenacity (see setup.py, extra 'lmms')") from e
 
+from megavlm.data.indexed import DataError
+from megavlm.encoders import decode_pil
+from megavlm.eval.images import load_encoder, recorded_encoder
 from megavlm.eval.runner import CheckpointModel, EvalError, ScoreRequest
+from megavlm.eval.vision import prompt_ids
 
 NAME = "megavlm"
 CLASS_PATH = "megavlm.eval.lmms_adapter.MegavlmLMMS"
@@ -87,8 +91,6 @@ class MegavlmLMMS(lmms):
     def __init__(self, checkpoint: Optional[str] = None, batch_size: int | str = 16, max_new_tokens: int = 128,
                  encoder: Optional[str] = None, model: Optional[CheckpointModel] = None, **_ignored: Any):
         super().__init__()
-        from megavlm.eval.images import load_encoder, recorded_encoder
-
         if model is None:
             if not checkpoint:
                 raise EvalError("lmms-eval model megavlm needs model_args checkpoint=<checkpoint dir>")
@@ -110,9 +112,6 @@ class MegavlmLMMS(lmms):
 
     def _pixels(self, image, where: str) -> np.ndarray:
         """A PIL image (or an image file path) -> [size, size, 3] uint8, as training decoded images."""
-        from megavlm.prep.encoders import decode_pil
-        from megavlm.data.indexed import DataError
-
         if isinstance(image, str):
             with open(image, "rb") as f:
                 data = f.read()
@@ -154,8 +153,6 @@ class MegavlmLMMS(lmms):
         return list(vis) if isinstance(vis, (list, tuple)) else [vis]
 
     def _context(self, text: str) -> list[int]:
-        from megavlm.eval.vision import prompt_ids
-
         return prompt_ids(self.model, text, CONTEXT)
 
     # -- the lmms interface -------------------------------------------------------------------

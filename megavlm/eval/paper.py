@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from megavlm.eval import formats
+from megavlm.eval.images import cached_bank, load_encoder
 from megavlm.eval.questions import VisionQuestion
 from megavlm.eval.runner import CheckpointModel, EvalError
 from megavlm.eval.vision import TaskResult, score_task
@@ -147,11 +148,10 @@ def _per_split(qs: list[VisionQuestion], n: int) -> list[VisionQuestion]:
 
 def run_paper_suite(model: CheckpointModel, data_root: str | Path, tasks: Optional[Sequence[str]] = None,
                     limit: Optional[int] = None, max_new_tokens: int = 128, strict: bool = False,
-                    shards=None, progress: bool = False) -> tuple[list[TaskResult], list[str]]:
-    """Score every present task; returns the results and the skipped tasks. Images are encoded
+                    shards=None, progress: bool = False, *, template: str) -> tuple[list[TaskResult], list[str]]:
+    """Score every present task, questions asked as ``template``; returns the results and the
+    skipped tasks. Images are encoded
     by rank 0 into the cache (the other ranks wait for it), then every rank reads the cache."""
-    from megavlm.eval.images import cached_bank, load_encoder
-
     root = Path(data_root)
     enc = load_encoder(model)  # a checkpoint without an encoder record fails before any file is read
     found, absent = discover(root, tasks, strict, limit)
@@ -167,5 +167,5 @@ def run_paper_suite(model: CheckpointModel, data_root: str | Path, tasks: Option
         shards.barrier()
     banks = {folder: cached_bank(root, root / folder, keys, enc) for folder, keys in folders.items()}
     results = [score_task(f.task.rule, model, f.questions, banks[f.task.images], f.files[0], max_new_tokens,
-                          name=f.task.name, shards=shards) for f in found]
+                          name=f.task.name, shards=shards, template=template) for f in found]
     return results, absent

@@ -11,14 +11,9 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from megavlm.run_folder import EVAL_DIR, META, report_stem, run_dir_of  # noqa: F401  (run_dir_of: re-export)
 from megavlm.eval.stable_score import DEFAULT_PRESET, chance, preset, stable_score
 from megavlm.eval.vision import TaskResult
-
-
-def run_dir_of(checkpoint: str | Path) -> Path:
-    """``<run_dir>/<stage>/checkpoints/step_…`` -> ``<run_dir>``."""
-    p = Path(checkpoint).resolve()
-    return p.parents[2] if p.parent.name == "checkpoints" else p.parent
 
 
 def build_report(checkpoint: str | Path, text: dict[str, float], vision: Sequence[TaskResult],
@@ -32,7 +27,7 @@ def build_report(checkpoint: str | Path, text: dict[str, float], vision: Sequenc
     cp = chance_preset
     preset(cp)  # an unknown name fails before anything is scored
     p = Path(checkpoint).resolve()
-    meta = json.loads((p / "meta.json").read_text()) if (p / "meta.json").is_file() else {}
+    meta = json.loads((p / META).read_text()) if (p / META).is_file() else {}
     vis_acc = {r.task: r.accuracy for r in vision if r.accuracy is not None}
     return {
         "checkpoint": str(p), "stage": meta.get("stage"), "step": meta.get("step"),
@@ -76,9 +71,9 @@ def markdown(report: dict) -> str:
 
 def write_report(report: dict, out_dir: Optional[str | Path] = None) -> tuple[Path, Path]:
     """Write ``<out_dir>/<stage>-step_XXXXXXX.{json,md}`` (default out_dir: ``<run_dir>/eval``)."""
-    out = Path(out_dir) if out_dir else run_dir_of(report["checkpoint"]) / "eval"
+    out = Path(out_dir) if out_dir else run_dir_of(report["checkpoint"]) / EVAL_DIR
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{report['stage'] or 'checkpoint'}-step_{int(report['step'] or 0):07d}"
+    stem = report_stem(report["stage"], report["step"])
     j, m = out / f"{stem}.json", out / f"{stem}.md"
     j.write_text(json.dumps(report, indent=1, default=str))
     m.write_text(markdown(report))

@@ -30,9 +30,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import yaml
 from torch import Tensor
 
+from megavlm.checkpoint_format import resolve_checkpoint, tokenizer_file
+from megavlm.config import DEFAULT_PROMPT_TEMPLATE, ParallelConfig
+from megavlm.data.batch import image_head
 from megavlm.data.tokenizer import Tokenizer, load_tokenizer
+from megavlm.run_folder import CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +66,11 @@ class Score:
 
 def recorded_prompt(run, path: Optional[Path] = None) -> tuple[str, str]:
     """(template, where it comes from): ``data.prompt_template`` of the checkpoint's config.yaml,
-    or the default for checkpoints older than that field."""
-    from megavlm.config import DEFAULT_PROMPT_TEMPLATE
-
+    or the default for checkpoints older than that field. The model object never carries a
+    template: evaluation passes it explicitly (megavlm.eval.api.resolve_prompt)."""
     recorded = True
-    if path is not None and (path / "config.yaml").is_file():
-        import yaml
-
-        raw = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    if path is not None and (path / CONFIG).is_file():
+        raw = yaml.safe_load((path / CONFIG).read_text()) or {}
         recorded = "prompt_template" in (raw.get("data") or {})
     t = getattr(getattr(run, "data", None), "prompt_template", None)
     if t and recorded:
@@ -92,9 +94,6 @@ class CheckpointModel:
         self.num_patches = run.model.vision.num_patches
         self.device = next(self.model.parameters()).device
         self.parallel = parallel
-        self.prompt_template, self.prompt_source = recorded_prompt(run, Path(path))
-        """The question template of instruction tuning (data.prompt_template of the checkpoint's
-        config); ``--prompt`` replaces it (prompt_source says which)."""
         """The process groups the model was loaded under (megavlm.parallel.state.Parallel); under
         torchrun its data-parallel group shards the evaluation (megavlm.eval.distributed)."""
         self._cache_ok: Optional[bool] = None  # whether generation can use a KV cache (_cache_usable)
@@ -107,8 +106,8 @@ class CheckpointModel:
         """Load a checkpoint directory (``<run>/<stage>/checkpoints/step_…``). The tokenizer is
         checked first so that a checkpoint without one fails before the model is built. Under
         torchrun every rank loads the whole model (tp = pp = 1): the world is data parallel."""
-        from megavlm.checkpoint_format import resolve_checkpoint, tokenizer_file
-        from megavlm.config import ParallelConfig
+        # megatron-core (model building, process groups): imported when a model is loaded, not
+        # when the scorers and readers of this package are
         from megavlm.model.build import load_for_inference
         from megavlm.parallel.state import Parallel
 
@@ -122,8 +121,6 @@ class CheckpointModel:
 
     def image_prefix(self) -> list[int]:
         """Token ids in front of the text of an image row: P placeholders, then SEP."""
-        from megavlm.data.batch import image_head
-
         return image_head(self.tok, self.num_patches).tolist()
 
     def _fit(self, ids: list[int], keep_from: int, has_image: bool,

@@ -33,7 +33,7 @@ CHANCE: dict[str, float] = {
     "refcoco+": 0.0,
     "refcocog": 0.0,
     "ocid_ref": 0.0,
-    # the offline suites (megavlm.eval.suites)
+    # the offline suites (megavlm.demo.suites)
     "megavlm_wordnet_mc": 0.25,
     "megavlm_heldout_cloze": 0.25,
     "fashion_vqa": 0.0,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -38,6 +39,7 @@ from megavlm.eval.formats import (READERS, read_generic, read_gqa, read_ocid_ref
                                   read_refcoco, read_refer, read_textvqa, read_vqav2)
 from megavlm.eval.questions import VisionQuestion
 from megavlm.eval.runner import CheckpointModel, EvalError, ScoreRequest
+from megavlm.run_folder import EMBEDS_META
 
 if TYPE_CHECKING:
     from megavlm.eval.distributed import EvalShards
@@ -75,7 +77,7 @@ def check_store(store: EmbeddingStore, model: CheckpointModel) -> None:
 def training_encoder(run) -> Optional[dict]:
     """Metadata of the run's first training caption store, if that file is still there."""
     for prefix in run.data.captions:
-        meta = Path(f"{run.data.resolve(prefix)}.embeds.json")
+        meta = Path(f"{run.data.resolve(prefix)}{EMBEDS_META}")
         if meta.is_file():
             try:
                 return json.loads(meta.read_text())
@@ -180,9 +182,11 @@ RULES = ("pope", *BOX_TASKS, *_RULES)
 
 
 def answer_rows(task: str, model: CheckpointModel, questions: Sequence[VisionQuestion], bank: ImageBank,
-                records: Sequence[int], max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
-    """One row per question: ``{qid, prediction, score}`` (+ POPE's two log-probabilities)."""
-    asked = getattr(model, "prompt_template", PROMPT)  # the checkpoint's data.prompt_template or --prompt
+                records: Sequence[int], max_new_tokens: int = MAX_NEW_TOKENS, *, template: str) -> list[dict]:
+    """One row per question: ``{qid, prediction, score}`` (+ POPE's two log-probabilities).
+    Questions are asked as ``template`` (``{question}`` in it; the checkpoint's training template,
+    see megavlm.eval.api.resolve_prompt); box tasks use REFER_PROMPT."""
+    asked = template
     if task == "pope":
         lps = yes_no_logprobs(model, questions, bank, records, asked)
         rows = []
@@ -227,13 +231,12 @@ def _validate(task: str, questions: Sequence[VisionQuestion], source: str | Path
 
 def score_task(task: str, model: CheckpointModel, questions: Sequence[VisionQuestion], bank: ImageBank,
                source: str | Path, max_new_tokens: int = MAX_NEW_TOKENS, name: str = "",
-               shards: Optional["EvalShards"] = None) -> TaskResult:
+               shards: Optional["EvalShards"] = None, *, template: str) -> TaskResult:
     """Run and score one task: ``task`` names the scoring rule (see RULES; ``synonyms``: correct
-    when the answer is any accepted answer), ``name`` the result (default: ``task``). With
+    when the answer is any accepted answer), ``name`` the result (default: ``task``), ``template``
+    the question template (always explicit: a checkpoint is asked as it was trained). With
     ``shards`` this rank answers only its share of the questions and every rank returns the
     result of all of them."""
-    import time
-
     if not questions:
         raise EvalError(f"{source}: no questions")
     _validate(task, questions, source)
@@ -241,11 +244,11 @@ def score_task(task: str, model: CheckpointModel, questions: Sequence[VisionQues
     records = bank.resolve(questions, source)
     t0 = time.perf_counter()
     if shards is None or shards.world == 1:
-        rows = answer_rows(task, model, questions, bank, records, max_new_tokens)
+        rows = answer_rows(task, model, questions, bank, records, max_new_tokens, template=template)
     else:
         mine = shards.indices(len(questions))
         part = answer_rows(task, model, [questions[i] for i in mine], bank, [records[i] for i in mine],
-                           max_new_tokens) if mine else []
+                           max_new_tokens, template=template) if mine else []
         rows = shards.gather(mine, part, len(questions))
     acc, metrics = aggregate(task, questions, rows)
     seconds = time.perf_counter() - t0

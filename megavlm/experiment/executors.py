@@ -6,7 +6,11 @@ and both skip jobs whose ``job.json`` exists, so a sweep can move between them o
 Locally, up to ``jobs`` subprocesses run at once, each with ``cores // jobs`` threads (torch's
 intra-op pool is set through OMP_NUM_THREADS), started as soon as their dependencies finished.
 On SLURM, every unfinished job becomes an sbatch script submitted with ``--dependency=afterok:``
-on the jobs it needs; a final job collects results and draws the plots.
+on the jobs it needs (and ``--kill-on-invalid-dep=yes``: when one fails, SLURM cancels the jobs
+waiting on it instead of leaving them pending forever); a final job collects results and draws
+the plots. Re-submitting skips finished jobs and, for a job of the previous submission that is
+still queued or running, waits on that one instead of submitting it twice. :func:`wait_slurm`
+follows the jobs to the end and names the failed ones and the ones cancelled because of them.
 """
 
 from __future__ import annotations
@@ -118,7 +122,7 @@ def collect_script(sweep_dir: Path, extra: Sequence[str] = ()) -> str:
 def _sbatch(script: Path, deps: Sequence[str], sbatch: str) -> str:
     cmd = [sbatch, "--parsable"]
     if deps:
-        cmd.append("--dependency=afterok:" + ":".join(deps))
+        cmd += ["--dependency=afterok:" + ":".join(deps), "--kill-on-invalid-dep=yes"]
     cmd.append(str(script))
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -138,8 +142,13 @@ def submit_slurm(sweep_dir: Path, jobs: Sequence[Job], cpus: int = 2, extra: Seq
     folder = sweep_dir / "slurm"
     folder.mkdir(parents=True, exist_ok=True)
     ids: dict[str, str] = {}
+    earlier = _read_submitted(folder)
+    scontrol = str(Path(sbatch).with_name("scontrol")) if os.sep in sbatch else "scontrol"
     for job in jobs:
         if job.done():
+            continue
+        if job.id in earlier and slurm_state(earlier[job.id], scontrol) in LIVE:
+            ids[job.id] = earlier[job.id]  # still queued or running from the last submission
             continue
         Path(job.run_dir).mkdir(parents=True, exist_ok=True)
         script = folder / (job.id.replace("/", "__") + ".sbatch")
@@ -150,3 +159,70 @@ def submit_slurm(sweep_dir: Path, jobs: Sequence[Job], cpus: int = 2, extra: Seq
     ids["collect"] = _sbatch(script, [ids[j.id] for j in jobs if j.kind == "cell" and j.id in ids], sbatch)
     (folder / "submitted.json").write_text(json.dumps(ids, indent=1))
     return ids
+
+
+LIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+        "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
+"""SLURM job states of a job that has not ended yet."""
+
+
+def _read_submitted(folder: Path) -> dict[str, str]:
+    f = Path(folder) / "submitted.json"
+    try:
+        return json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def slurm_state(slurm_id: str, scontrol: str = "scontrol") -> Optional[str]:
+    """The job's state and reason as SLURM reports it ("FAILED", "CANCELLED", ...); None once
+    SLURM has forgotten the job (MinJobAge after its end) or scontrol cannot answer."""
+    try:
+        res = subprocess.run([scontrol, "show", "job", "-o", str(slurm_id)], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if res.returncode != 0:
+        return None
+    for tok in res.stdout.split():
+        if tok.startswith("JobState="):
+            return tok.split("=", 1)[1]
+    return None
+
+
+def wait_slurm(sweep_dir: Path, jobs: Sequence[Job], ids: dict[str, str], scontrol: str = "scontrol",
+               poll_s: float = 5.0, timeout_s: Optional[float] = None,
+               on_event: Callable[[str, str], None] = lambda what, job_id: None) -> dict[str, str]:
+    """Follow the submitted jobs until none is queued or running; returns {job id: final state}.
+
+    Raises :class:`JobFailed` naming each failed job (with its log) and the jobs SLURM cancelled
+    because a job they need failed."""
+    by_id = {j.id: j for j in jobs}
+    final: dict[str, str] = {}
+    t0 = time.time()
+    while True:
+        for jid, sid in ids.items():
+            if jid in final:
+                continue
+            state = slurm_state(sid, scontrol)
+            if state in LIVE:
+                continue
+            job = by_id.get(jid)
+            if state is None:  # forgotten by SLURM: the job's own marker says whether it finished
+                state = "COMPLETED" if job is None or job.done() else "UNKNOWN"
+            final[jid] = state
+            on_event(state, jid)
+        if len(final) == len(ids):
+            break
+        if timeout_s is not None and time.time() - t0 > timeout_s:
+            raise JobFailed(f"SLURM jobs still running after {timeout_s:.0f} s: "
+                            f"{', '.join(j for j in ids if j not in final)}")
+        time.sleep(poll_s)
+    failed = [j for j, s in final.items() if s not in ("COMPLETED", "CANCELLED")]
+    cancelled = [j for j, s in final.items() if s == "CANCELLED"]
+    if failed or cancelled:
+        parts = [f"job {j} {final[j]}" + (f", see {job_log(by_id[j])}" if j in by_id else "") for j in failed]
+        if cancelled:
+            parts.append("cancelled (a job they need did not finish): " + ", ".join(cancelled))
+        raise JobFailed("; ".join(parts))
+    return final

@@ -166,7 +166,7 @@ def validate(run: RunConfig, grid: dict[str, list]) -> dict[str, list]:
         if any(v > 0 for v in full[name]) and not getattr(run.data, kind):
             raise GridError(f"{name} > 0 needs data.{kind} datasets; the recipe lists none")
     for c in cells(full):
-        load_config(raw=_raw(run), overrides=cell_overrides(run, c, sft_tokens=1))
+        load_config(raw=_raw(run), overrides=cell_overrides(run, c, epochs=1))
     return full
 
 
@@ -202,18 +202,18 @@ def branch_overrides(run: RunConfig, fraction: float, rewarm_peak: Optional[floa
                   f"{pre}.schedule.final={text.final!r}", f"{pre}.schedule.warmup_fraction={rewarm_warmup!r}"]
 
 
-def cell_overrides(run: RunConfig, cell: Cell, sft_tokens: Optional[int] = None,
+def cell_overrides(run: RunConfig, cell: Cell, epochs: Optional[int] = None,
                    rewarm_peak: Optional[float] = None) -> list[str]:
     """The dotted overrides that turn the recipe into this cell's chain.
 
-    ``sft_tokens`` is ``epochs`` x the instruction data's tokens per epoch (see
-    :func:`megavlm.experiment.plan.epoch_tokens`); None leaves the fine-tuning stage as it is."""
+    ``epochs`` sets the fine-tuning stage's ``epochs`` (its budget then follows from its data at
+    its own row length, megavlm.train.budget); None leaves the fine-tuning stage as it is."""
     r = roles(run)
     img = f"stages.{r.image}.mixture"
     text_share = round(1.0 - cell.image_ratio - cell.instruct_ratio, 12)
     out = [f"seed={cell.seed}"] + branch_overrides(run, cell.fraction, rewarm_peak)
     out += [f"{img}.text={text_share!r}", f"{img}.captions={cell.image_ratio!r}",
             f"{img}.instructions={cell.instruct_ratio!r}"]
-    if sft_tokens is not None:
-        out += [f"stages.{r.sft}.tokens={int(sft_tokens)}"]
+    if epochs is not None:
+        out += [f"stages.{r.sft}.epochs={int(epochs)}"]
     return out

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from megavlm.config import RunConfig, StageConfig, load_config
+from megavlm.config import RunConfig, load_config
 from megavlm.experiment.grid import GridError, cell_overrides, cells, roles
 
 PLAN = "plan.json"
@@ -98,8 +98,7 @@ def recipe_fingerprint(config_path: str, base_overrides: list[str], settings: Op
 
 
 def write_plan(sweep_dir: Path, config_path: str, base_overrides: list[str], full: dict, jobs: list[Job],
-               eval_limit: Optional[int], epoch_tokens: Optional[int] = None,
-               rewarm_peak: Optional[float] = None, tag: str = "") -> Path:
+               eval_limit: Optional[int], rewarm_peak: Optional[float] = None, tag: str = "") -> Path:
     """Write ``plan.json``; refuse a sweep directory that holds another recipe's runs.
 
     Several grids may share one sweep directory (each invocation rewrites the plan; finished jobs
@@ -107,7 +106,7 @@ def write_plan(sweep_dir: Path, config_path: str, base_overrides: list[str], ful
     results files of this grid."""
     sweep_dir = Path(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    fp = recipe_fingerprint(config_path, base_overrides, {"eval_limit": eval_limit, "epoch_tokens": epoch_tokens,
+    fp = recipe_fingerprint(config_path, base_overrides, {"eval_limit": eval_limit,
                                                           "rewarm_peak": rewarm_peak})
     path = sweep_dir / PLAN
     if path.is_file():
@@ -117,7 +116,7 @@ def write_plan(sweep_dir: Path, config_path: str, base_overrides: list[str], ful
                             f"{old.get('fingerprint')} != {fp}); use another --out")
     plan = {"config": str(Path(config_path).resolve()), "base_overrides": base_overrides, "fingerprint": fp,
             "grid": full, "eval_limit": eval_limit,
-            "epoch_tokens": epoch_tokens, "tag": tag, "jobs": [asdict(j) for j in jobs]}
+            "tag": tag, "jobs": [asdict(j) for j in jobs]}
     tmp = path.with_name(PLAN + ".tmp")
     tmp.write_text(json.dumps(plan, indent=1))
     tmp.replace(path)
@@ -133,22 +132,6 @@ def read_plan(sweep_dir: Path) -> dict:
 
 def plan_jobs(plan: dict) -> list[Job]:
     return [Job(**j) for j in plan["jobs"]]
-
-
-def epoch_tokens(run: RunConfig, stage: StageConfig) -> int:
-    """Token positions of one pass over the stage's data (what ``epochs`` multiplies); the data
-    must be prepared (the sweep's ``ensure_data`` ran)."""
-    from megavlm.data.mixture import StageLoader
-    from megavlm.train.schedule import num_microbatches
-    from megavlm.prepare import require_prepared
-
-    require_prepared(run)
-    t = run.train
-    loader = StageLoader(run.data, stage.mixture, seq_length=run.model.seq_length,
-                         micro_batch_size=t.micro_batch_size,
-                         num_microbatches=num_microbatches(t), dp_rank=0, dp_size=1,
-                         seed=run.seed, stage=stage.name, vision=run.model.vision, epochs=1)
-    return int(loader.tokens_per_epoch)
 
 
 def ensure_data(run: RunConfig, progress: bool = False) -> None:
@@ -181,17 +164,13 @@ def link_stages(run_dir: Path, links: dict[str, str]) -> None:
 
 
 def job_config(plan: dict, job: Job) -> RunConfig:
-    """The job's resolved recipe; a fine-tuning job's budget is epochs x one pass of its data
-    (or x the plan's ``epoch_tokens``, a fixed epoch size for quick sweeps)."""
+    """The job's resolved recipe; a cell's fine-tuning stage gets the cell's ``epochs``, and its
+    step count follows from its data when it trains (megavlm.train.plan), as `megavlm plan` shows."""
     base = plan["base_overrides"] + job.overrides + [f"run_dir={job.run_dir}"]
     run = load_config(plan["config"], base)
     if job.kind == "cell":
         sft = run.stage(roles(run).sft)
-        if sft.batch_unit == "examples":  # epochs of examples: the stage sizes itself (train.budget)
-            return load_config(plan["config"], base + [f"stages.{sft.name}.epochs={int(job.cell['epochs'])}"])
-        per_epoch = plan.get("epoch_tokens") or epoch_tokens(run, sft)
-        tokens = int(job.cell["epochs"]) * int(per_epoch)
-        run = load_config(plan["config"], base + [f"stages.{sft.name}.tokens={tokens}"])
+        run = load_config(plan["config"], base + [f"stages.{sft.name}.epochs={int(job.cell['epochs'])}"])
     return run
 
 

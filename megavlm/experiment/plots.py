@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from megavlm.experiment.grid import ORDER
+from megavlm.run_folder import METRICS
 
 LABELS = {"fraction": "start checkpoint (fraction of the text schedule)",
           "image_ratio": "image-caption share of image-stage tokens",
@@ -86,7 +87,7 @@ def sweep_figures(rows: Sequence[dict], grid: dict[str, list], out_dir: Path) ->
 def read_metrics(run_dir: Path) -> dict[str, list[dict]]:
     """``metrics.jsonl`` of a run directory, grouped by stage in step order."""
     out: dict[str, list[dict]] = {}
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS
     if path.is_file():
         for line in path.read_text().splitlines():
             m = json.loads(line)

@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
 import math
 from typing import Iterator, Optional, Sequence
 
@@ -114,13 +116,57 @@ def for_device_kernels(params: PackedSeqParams) -> PackedSeqParams:
     return dataclasses.replace(params, cu_seqlens_q_padded=None, cu_seqlens_kv_padded=None)
 
 
-def _varlen_attention():
-    """torch's varlen flash attention, where this torch has it (CUDA builds, torch >= 2.9)."""
+class VarlenUnavailable(RuntimeError):
+    """torch's varlen flash attention cannot serve this call (torch too old, no CUDA, GPU < sm80)."""
+
+
+VARLEN_MIN_TORCH = "2.11"
+"""``varlen_attn`` exists from torch 2.9, but its ``scale`` and ``window_size`` keywords (the window
+is what makes it causal) only from 2.11; 2.9/2.10 take ``is_causal`` instead."""
+
+
+def _varlen_function():
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
     return varlen_attn
+
+
+def varlen_unavailable(fn, device_type: str, capability: Optional[tuple[int, int]] = None) -> Optional[str]:
+    """Why ``fn`` (torch's ``varlen_attn``, or None where this torch has none) cannot run packed
+    rows on a ``device_type`` device of compute ``capability``; None when it can."""
+    version = torch.__version__
+    if fn is None:
+        return (f"torch {version} has no torch.nn.attention.varlen.varlen_attn "
+                f"(needs torch >= {VARLEN_MIN_TORCH})")
+    params = inspect.signature(fn).parameters
+    missing = [k for k in ("scale", "window_size") if k not in params]
+    if missing:
+        return (f"torch {version}'s varlen_attn takes no {' / '.join(missing)} keyword "
+                f"(megavlm calls it as torch >= {VARLEN_MIN_TORCH} does)")
+    if device_type != "cuda":
+        return f"varlen flash attention runs on CUDA, not {device_type}"
+    if capability is not None and tuple(capability) < (8, 0):
+        return (f"varlen flash attention needs a GPU of compute capability 8.0 or newer (sm80+), "
+                f"this one is sm{capability[0]}{capability[1]}")
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _varlen_for(device_type: str, index: Optional[int]) -> tuple[object, Optional[str]]:
+    fn = _varlen_function()
+    cap = torch.cuda.get_device_capability(index) if device_type == "cuda" and fn is not None else None
+    return fn, varlen_unavailable(fn, device_type, cap)
+
+
+def varlen_documents(fn, query: Tensor, key: Tensor, value: Tensor, params: PackedSeqParams,
+                     scale: float, causal: bool) -> Tensor:
+    """One call of torch's varlen flash attention over every document of a [T, heads, D] sequence.
+    The window is a *tuple*: (-1, 0) is causal (no key after the query), (-1, -1) unmasked."""
+    cu = params.cu_seqlens_q.to(device=query.device, dtype=torch.int32)
+    return fn(query, key, value, cu, cu, params.max_seqlen_q, params.max_seqlen_kv, scale=scale,
+              window_size=(-1, 0) if causal else (-1, -1))
 
 
 class SDPAttention(MegatronModule):
@@ -132,9 +178,11 @@ class SDPAttention(MegatronModule):
     ``[T, heads·head_dim]`` for packed ones (megatron reshapes the latter to ``[T, 1, ·]``).
     """
 
-    use_varlen: bool = True
-    """On CUDA with 16-bit inputs, packed rows go through torch's varlen flash attention when this
-    torch has it; otherwise (and always on CPU) SDPA runs per group of equal-length documents."""
+    use_varlen: bool | str = True
+    """On CUDA with 16-bit inputs, packed rows go through torch's varlen flash attention where it can
+    serve (:func:`varlen_unavailable`: torch >= 2.11, sm80+); otherwise (and always on CPU) SDPA
+    runs per group of equal-length documents. ``"require"``: raise :class:`VarlenUnavailable`,
+    naming the reason (e.g. the torch version), instead of that fallback."""
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str = "self", attention_dropout: Optional[float] = None,
@@ -218,12 +266,16 @@ class SDPAttention(MegatronModule):
                    causal: bool) -> Tensor:
         """Attention inside each document of a [T, heads, D] sequence, exactly, no S×S mask."""
         T = query.shape[0]
-        if (self.use_varlen and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
-                and key.shape[1] == query.shape[1] and _varlen_attention() is not None):
-            cu = params.cu_seqlens_q.to(device=query.device, dtype=torch.int32)
-            return _varlen_attention()(query, key, value, cu, cu, params.max_seqlen_q,
-                                       params.max_seqlen_kv, scale=self.softmax_scale,
-                                       window_size=(-1, 0) if causal else (-1, -1))
+        if self.use_varlen:
+            fn, why = _varlen_for(query.device.type, query.device.index)
+            if why is None and query.dtype not in (torch.float16, torch.bfloat16):
+                why = f"varlen flash attention takes 16-bit inputs, not {query.dtype}"
+            if why is None and key.shape[1] != query.shape[1]:
+                why = "varlen flash attention is called without grouped-query heads here"
+            if why is None:
+                return varlen_documents(fn, query, key, value, params, self.softmax_scale, causal)
+            if self.use_varlen == "require":
+                raise VarlenUnavailable(why)
         bounds = host_boundaries(params)
         if bounds[-1] != T:
             raise BoundaryError(f"cu_seqlens ends at {bounds[-1]} but the sequence has {T} positions")

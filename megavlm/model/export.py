@@ -18,6 +18,8 @@ from megavlm.model import layout
 
 
 def _gather_tp(t: Tensor, group, size: int) -> list[Tensor]:
+    """All-gather ``t`` across ``group`` on ``t``'s own device: NCCL takes CUDA tensors only, so the
+    shards must reach the collective where the parameter lives, and move to the host after."""
     parts = [torch.empty_like(t) for _ in range(size)]
     dist.all_gather(parts, t.contiguous(), group=group)
     return parts
@@ -40,11 +42,12 @@ def full_tensors(chunks: Iterable[torch.nn.Module], *, tp_group=None, pp_group=N
                     t = p.grad if p.grad is not None else torch.zeros_like(p)
             else:
                 t = p.data
-            t = t.detach().float().cpu().clone()  # a snapshot, never a view of a live buffer
             layout.check_parameter(name, p)
             if tp > 1 and layout.placement(name).dim is not None:
-                t = layout.unshard(name, _gather_tp(t, tp_group, tp))
-            out[name] = t
+                # gathered on the parameter's device (NCCL refuses host tensors), in its dtype
+                t = layout.unshard(name, _gather_tp(t.detach(), tp_group, tp))
+            # a host fp32 snapshot, never a view of a live buffer
+            out[name] = t.detach().float().cpu().clone()
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
         gathered: list[Optional[dict]] = [None] * dist.get_world_size(pp_group)
         dist.all_gather_object(gathered, out, group=pp_group)

@@ -30,15 +30,19 @@ and RoPE; counted tensor by tensor for the local spec (e = activation bytes, U =
 
 * 4 U replicated over TP (÷t with sequence parallelism): the inputs of both norms and of the two
   column-parallel linears (the norm outputs);
-* 10 U / t inside the TP region: qk-norm inputs and outputs (4), the rotated q and kᵀ (2), the
-  fused QKV output kept for v (3) and the attention output projection's input (1);
+* 8 U / t inside the TP region: the qk-norm outputs (2; their inputs are views of the fused QKV
+  output), the rotated q and kᵀ (2), the fused QKV output kept for v and the qk-norms (3) and the
+  attention output projection's input (1). Every norm runs in the activations' dtype and saves
+  only its input and per-row statistics (megavlm.model.norms): no fp32 copies;
 * 5 s·b·f / t for SwiGLU: fc1's output (2f), gate activation, product and fc2's input (3f);
 * attention scores, dense path only (megatron's unfused DotProductAttention): the softmax output
   b·(a/t)·s² in e bytes plus a boolean s x s causal mask; a flash/packed path (TE fused attention,
   megavlm's packed attention) never stores s x s, it keeps a log-sum-exp of b·(a/t)·s fp32
   instead; ``recompute=selective`` recomputes the core attention from its q, k, v inputs, so the
   score terms go and only a 4-byte scale is saved;
-* small fp32 terms: four RoPE cos/sin tables of s·b·head_dim and six per-token norm statistics;
+* small terms: four RoPE cos/sin tables of s·b·head_dim (megatron casts them to the activations'
+  dtype, rope_utils._apply_rotary_pos_emb_bshd) and eight per-token norm statistics
+  (mean and 1/std of the four norms; fp32 on CUDA, the input dtype on a CPU — counted as fp32);
 * ``recompute=full`` (megatron uniform, one layer per checkpoint) saves only each layer's input
   (U·e) plus one shared RoPE table, and recomputes one layer at a time in the backward (that
   layer's full activations are added to the peak).
@@ -57,8 +61,9 @@ recompute) one recomputed layer. Not counted: the CUDA context and NCCL buffers 
 allocator fragmentation, TE/FP8 workspaces and amax histories: ``fits`` keeps a stated margin.
 
 The parameter, gradient and optimizer counts are exact (tests/model/test_memory.py builds the
-model and optimizer and compares byte for byte); the activation count is exact for the local spec
-in fp32 on CPU (measured with saved-tensor hooks) and an estimate for the TE spec and bf16.
+model and optimizer and compares byte for byte); the activation count of the local spec matches
+saved-tensor-hook measurements in fp32 and bf16 on CPU within 1 % (the test) and is an estimate
+for the TE spec.
 """
 
 from __future__ import annotations
@@ -251,11 +256,11 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout, recompute: Option
     sp = t if layout.sequence_parallel else 1
     if recompute == "full":
         return s * b * h * e // sp
-    qk_terms = 4 if model.qk_norm else 0
-    u_split = 6 + qk_terms  # qk-norm in/out (4), rotated q, k^T, QKV output (3), proj input
+    qk_terms = 2 if model.qk_norm else 0
+    u_split = 6 + qk_terms  # qk-norm outputs (2), rotated q, k^T, QKV output (3), proj input
     total = e * (4 * s * b * h // sp + u_split * s * b * h // t + 5 * s * b * f // t)
-    total += 4 * 4 * s * b * hd  # RoPE cos/sin tables, fp32
-    total += 4 * (4 * s * b // sp + (2 * s * b if model.qk_norm else 0))  # norm statistics
+    total += e * 4 * s * b * hd  # RoPE cos/sin tables, cast to the activations' dtype by megatron
+    total += 4 * (4 * s * b // sp + (4 * s * b if model.qk_norm else 0))  # norm mean + 1/std
     if recompute == "selective":
         total += 4  # the softmax scale saved by the checkpointed core attention
     elif layout.attention == "dense":
@@ -338,7 +343,7 @@ def layout_of(run: RunConfig, dp: int = 1, stage_index: int = 0, attention: Atte
 
     par, t = run.parallel, run.train
     stage = run.stages[stage_index]
-    prec = precision or ("fp32" if t.precision == "fp32" else "bf16")
+    prec = precision or ("fp32" if run.precision.dtype == "fp32" else "bf16")
     return Layout(tp=par.tp, pp=par.pp, dp=dp, vpp=par.vpp,
                   sequence_parallel=par.sequence_parallel, recompute=par.recompute,
                   micro_batch=t.micro_batch_size, seq_length=run.stage_seq_length(stage),

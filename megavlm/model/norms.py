@@ -5,8 +5,8 @@
 * :class:`FullWidthQKNorm` — OpenLM's qk-norm: ONE LayerNorm over the whole heads×head_dim query
   (or key) vector, applied before the per-head reshape. megatron's own qk-norm normalises each
   head separately, which is a different function. Under tensor parallelism each rank holds only
-  its heads, so the mean and variance are summed across the TP group (forward and backward) and
-  the gain is split across it like the heads.
+  its heads, so the row sums are all-reduced across the TP group (forward and backward) and the gain
+  is split across it like the heads. At TP 1 it is exactly torch's layer norm over the full width.
 
 Both keep megatron's norm-builder signature ``(config, hidden_size, eps)`` so a layer spec can
 name them where megatron expects a norm.
@@ -25,7 +25,12 @@ from torch import Tensor
 
 
 class GainLayerNorm(MegatronModule):
-    """LayerNorm(x) * gain, no bias; statistics and output in fp32, cast back to x's dtype."""
+    """LayerNorm(x) * gain, no bias, in x's dtype.
+
+    torch's layer norm accumulates the statistics in fp32 for 16-bit inputs and saves only its
+    input (x's dtype) and the per-row mean and 1/std (fp32) for the backward. Upcasting x first
+    would save an fp32 copy of every normalised activation (2x the bytes in bf16) and add an fp32
+    read/write round trip per norm (megavlm.model.memory counts what is saved)."""
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
         super().__init__(config=config)
@@ -37,25 +42,44 @@ class GainLayerNorm(MegatronModule):
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x.float(), (self.hidden_size,), self.weight.float(), None, self.eps).to(x.dtype)
+        return F.layer_norm(x, (self.hidden_size,), self.weight.to(x.dtype), None, self.eps)
 
 
-class _SumOverGroup(torch.autograd.Function):
-    """All-reduce sum in forward AND backward: each rank's downstream differs (its own heads),
-    so the gradient of a shared statistic is the sum of every rank's gradient."""
+class _GroupLayerNorm(torch.autograd.Function):
+    """Gain-only LayerNorm over a width split across ``group`` (each rank holds a slice of every
+    row): the row sums are all-reduced in the forward, and the two row sums of the backward too.
+
+    Saves only its input (in the input's dtype) and the per-row mean and 1/std in fp32, and
+    recomputes the normalised rows in the backward, like torch's own layer norm: no fp32 copy of
+    the activations is kept (megavlm.model.memory counts on that)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        y = x.clone()
-        dist.all_reduce(y, group=group)
+    def forward(ctx, h: Tensor, weight: Tensor, group, width: int, eps: float) -> Tensor:
+        acc = torch.promote_types(h.dtype, torch.float32)  # fp32 for 16-bit inputs
+        hf = h.to(acc)
+        total = hf.sum(-1, keepdim=True)
+        dist.all_reduce(total, group=group)
+        mean = total / width
+        sq = (hf - mean).square().sum(-1, keepdim=True)  # shifted: no E[x^2] - mean^2 cancellation
+        dist.all_reduce(sq, group=group)
+        rstd = torch.rsqrt(sq / width + eps)
+        y = ((hf - mean) * rstd * weight.to(acc)).to(h.dtype)
+        ctx.save_for_backward(h, weight, mean, rstd)
+        ctx.group, ctx.width = group, width
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        g = grad.clone()
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
+        h, weight, mean, rstd = ctx.saved_tensors
+        acc = mean.dtype
+        xhat = (h.to(acc) - mean) * rstd
+        g = grad.to(acc)
+        grad_w = (g * xhat).reshape(-1, xhat.shape[-1]).sum(0).to(weight.dtype)
+        gw = g * weight.to(acc)
+        sums = torch.cat([gw.sum(-1, keepdim=True), (gw * xhat).sum(-1, keepdim=True)], -1)
+        dist.all_reduce(sums, group=ctx.group)
+        dx = rstd * (gw - sums[..., :1] / ctx.width - xhat * (sums[..., 1:] / ctx.width))
+        return dx.to(h.dtype), grad_w, None, None, None
 
 
 class FullWidthQKNorm(MegatronModule):
@@ -79,17 +103,11 @@ class FullWidthQKNorm(MegatronModule):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        h = x.reshape(*shape[:-2], self.local_width).float()
-        s = h.sum(-1, keepdim=True)
-        if self.tp_size > 1:
-            s = _SumOverGroup.apply(s, self.tp_group)
-        mean = s / self.full_width
-        c = h - mean
-        sq = c.square().sum(-1, keepdim=True)
-        if self.tp_size > 1:
-            sq = _SumOverGroup.apply(sq, self.tp_group)
-        y = c * torch.rsqrt(sq / self.full_width + self.eps) * self.weight.float()
-        return y.to(x.dtype).reshape(shape)
+        if self.tp_size == 1:  # all heads here: exactly a layer norm over the full width
+            h = x.reshape(*shape[:-2], self.local_width)
+            return F.layer_norm(h, (self.local_width,), self.weight.to(x.dtype), None, self.eps).reshape(shape)
+        h = x.reshape(*shape[:-2], self.local_width)
+        return _GroupLayerNorm.apply(h, self.weight, self.tp_group, self.full_width, self.eps).reshape(shape)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         state = self.state_dict(prefix="", keep_vars=True)

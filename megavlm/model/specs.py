@@ -63,12 +63,12 @@ def block_spec(num_layers_here: int, qk_norm: bool, backend: Backend) -> Transfo
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers_here, layer_norm=GainLayerNorm)
 
 
-# train.fp8 → megatron's TransformerConfig.fp8_recipe ("tensorwise" is TE's Float8CurrentScaling)
+# precision.fp8 → megatron's TransformerConfig.fp8_recipe ("tensorwise" is TE's Float8CurrentScaling)
 FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise"}
 
 
 def fp8_fields(fp8: str, fp8_format: str = "hybrid", amax_history_len: int = 1024) -> dict:
-    """TransformerConfig fields of an FP8 setting (``train.fp8``); {} for none. megatron-core's
+    """TransformerConfig fields of an FP8 setting (``precision.fp8``); {} for none. megatron-core's
     TransformerBlock reads them and enters TE's fp8_autocast around the layers itself
     (transformer_block.py:600-660): delayed scaling wraps the whole block once (its amax
     reduction must see every layer), current scaling wraps each layer."""
@@ -86,9 +86,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: t
                        batch_p2p_comm: bool, backend: Backend = "local", fp8: str = "none",
                        fp8_format: str = "hybrid", fp8_amax_history_len: int = 1024) -> TransformerConfig:
     """The megatron TransformerConfig of a recipe (DCLM choices spelled out). ``fp8`` is
-    ``train.fp8`` and needs the te backend."""
+    ``precision.fp8`` and needs the te backend."""
     if fp8 != "none" and backend != "te":
-        raise RuntimeError(f"train.fp8={fp8} needs the Transformer Engine backend (TE and a CUDA "
+        raise RuntimeError(f"precision.fp8={fp8} needs the Transformer Engine backend (TE and a CUDA "
                            f"GPU); this run uses the {backend} layer spec")
     recompute = {"none": {}, "full": dict(recompute_granularity="full", recompute_method="uniform",
                                           recompute_num_layers=1),

@@ -30,7 +30,7 @@ Which TE module fills which seat, and why:
 FP8 is not a spec matter: megatron's TransformerBlock enters TE's ``fp8_autocast`` with the
 recipe from ``TransformerConfig.fp8 / fp8_recipe`` (megatron/core/transformer/transformer_block.py
 :600-660, megatron/core/fp8_utils.py get_fp8_context); megavlm.model.specs.transformer_config sets
-those fields from ``train.fp8``.
+those fields from ``precision.fp8``.
 """
 
 from __future__ import annotations

@@ -73,7 +73,10 @@ class Parallel:
                 tensor_model_parallel_size=cfg.tp,
                 pipeline_model_parallel_size=cfg.pp,
                 virtual_pipeline_model_parallel_size=cfg.vpp,
-                create_gloo_process_groups=(backend == "gloo"),
+                # gloo copies of the DP groups whenever there are several processes: checkpoints
+                # gather the optimizer state on the host over them
+                # (megavlm.train.checkpoint.optimizer_metadata); one process needs none
+                create_gloo_process_groups=(backend == "gloo" or world > 1),
             )
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")

@@ -1,7 +1,8 @@
 """Offline data preparation: raw text, images and conversations -> the files megavlm.data reads.
 
 * ``textprep`` — documents (JSONL / plain text) -> token datasets (``.bin/.idx``, EOD appended);
-* ``encoders`` — images -> an embedding store (``.embeds``) and caption tokens, by a frozen encoder;
+* images -> an embedding store (``.embeds``) and caption tokens, by a frozen encoder: megavlm.encoders
+  (outside this package because evaluation encodes benchmark images with the same code);
 * ``conversations`` — LLaVA-format conversations -> tokens, loss masks and image references.
 
 Why apart from megavlm.data: preparation runs once, before training, with its own costs (encoders,

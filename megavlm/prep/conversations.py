@@ -31,6 +31,7 @@ import numpy as np
 from megavlm.data.indexed import DataError, EmbeddingStore, IndexedWriter, store_prefix, token_dtype
 from megavlm.data.prompt import IMAGE_TAG, user_text, user_turn
 from megavlm.data.tokenizer import Tokenizer
+from megavlm.run_folder import CONVERSATION_META, IMAGES
 HUMAN = ("human", "user")
 MODEL = ("gpt", "assistant", "model")
 
@@ -205,13 +206,13 @@ def preprocess_conversations(inputs: Sequence[str | Path], out_prefix: str | Pat
         if not stats.conversations:
             raise DataError(f"{', '.join(map(str, inputs))}: no conversations")
         np.save(tmp_npy, np.asarray(images, dtype=np.int64))
-    tmp_npy.replace(f"{out_prefix}.images.npy")
+    tmp_npy.replace(f"{out_prefix}{IMAGES}")
     meta = {"format": FORMAT,
             "embeds": os.path.relpath(embeds, out_prefix.parent) if embeds else None,
             "store_fingerprint": fingerprint,
             "conversations": stats.conversations,
             "image_keys": image_keys}
-    meta_path = Path(f"{out_prefix}.meta.json")
+    meta_path = Path(f"{out_prefix}{CONVERSATION_META}")
     tmp = meta_path.with_name(f".{meta_path.name}.tmp")
     tmp.write_text(json.dumps(meta))
     tmp.replace(meta_path)

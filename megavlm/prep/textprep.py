@@ -25,73 +25,13 @@ from megavlm.data.indexed import DataError, IndexedWriter, token_dtype
 from megavlm.data.tokenizer import Tokenizer, load_tokenizer
 
 
-def record_text(rec: object, field: str = "text") -> Optional[str]:
-    """The text of one JSON record: its ``field``; else, for the files the walk-through feeds the
-    tokenizer, a LLaVA conversation's turns (``<image>`` removed, as training sees them) or a
-    caption record's ``caption``. None when the record has none of these."""
-    if not isinstance(rec, dict):
-        return None
-    if isinstance(rec.get(field), str):
-        return rec[field]
-    turns = rec.get("conversations")
-    if isinstance(turns, list):
-        from megavlm.data.prompt import user_text
+def read_documents(path: str | Path, field: str = "text", reject=None) -> Iterator[tuple[str, str]]:
+    """Yield (where, text) for each non-empty document of a JSONL (also ``.jsonl.zst``/``.jsonl.gz``),
+    parquet or plain-text file, or of a LLaVA ``.json`` list; conversation and caption records give
+    their turns / caption (megavlm.prep.readers.text)."""
+    from megavlm.prep.readers.text import read_documents as _read
 
-        return "\n".join(user_text(t["value"]) for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str))
-    if isinstance(rec.get("caption"), str):
-        return rec["caption"]
-    return None
-
-
-def read_documents(path: str | Path, field: str = "text") -> Iterator[tuple[str, str]]:
-    """Yield (where, text) for each non-empty document of a JSONL or plain-text file, or of a
-    LLaVA ``.json`` list of conversations. JSON records give their ``field``, or (conversation and
-    caption files, so the tokenizer and a text set can be made from them) their turns / caption."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    if path.suffix == ".json" and path.read_bytes()[:4096].lstrip().startswith(b"["):  # a LLaVA list
-        from megavlm.prep.conversations import load_llava
-
-        for k, rec in enumerate(load_llava(path), 1):
-            text = record_text(rec, field)
-            if text is None:
-                raise DataError(f"{path}: record {k}: expected an object with a string field {field!r} "
-                                f"or a 'conversations' list")
-            if text.strip():
-                yield f"{path}: record {k}", text
-        return
-    jsonl = path.suffix in (".jsonl", ".json")
-    with open(path, "rb") as f:
-        para: list[str] = []
-        start = 1
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{n}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
-            if jsonl:
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                text = record_text(rec, field)
-                if text is None:
-                    raise DataError(f"{path}:{n}: expected an object with a string field {field!r} "
-                                    f"(or a 'conversations' list, or a 'caption')")
-                if text.strip():
-                    yield f"{path}:{n}", text
-            elif line.strip():
-                if not para:
-                    start = n
-                para.append(line)
-            elif para:
-                yield f"{path}:{start}", "".join(para).strip("\n")
-                para = []
-        if para:
-            yield f"{path}:{start}", "".join(para).strip("\n")
+    return _read(path, field, reject)
 
 
 _worker_tok: Optional[Tokenizer] = None
@@ -146,8 +86,9 @@ class TextStats:
 
 def preprocess_text(inputs: Sequence[str | Path], out_prefix: str | Path, tokenizer: str | Path, *,
                     workers: int = 1, field: str = "text", chunk_docs: int = 256,
-                    progress: bool = True) -> TextStats:
-    """Tokenize every document of ``inputs`` into ``<out_prefix>.{bin,idx}`` (EOD appended)."""
+                    progress: bool = True, reject=None) -> TextStats:
+    """Tokenize every document of ``inputs`` into ``<out_prefix>.{bin,idx}`` (EOD appended).
+    ``reject(message)``, when given, receives bad lines instead of an error (the skip policy)."""
     from tqdm import tqdm
     from megavlm.progress import bars_enabled
 
@@ -160,7 +101,7 @@ def preprocess_text(inputs: Sequence[str | Path], out_prefix: str | Path, tokeni
 
     def docs() -> Iterator[tuple[str, str]]:
         for p in inputs:
-            yield from read_documents(p, field)
+            yield from read_documents(p, field, reject)
 
     bar = tqdm(unit="tok", unit_scale=True, disable=not (progress and bars_enabled()), desc=f"tokenize {Path(out_prefix).name}")
     with IndexedWriter(out_prefix, token_dtype(tok.vocab_size)) as w:

@@ -109,7 +109,7 @@ def compare(result: dict[str, Any]) -> list[str]:
     return problems
 
 
-def run_worker(device: str, size: str, timeout: float = 900) -> tuple[list[dict], Optional[str]]:
+def run_worker(device: str, size: str, timeout: float = 300) -> tuple[list[dict], Optional[str]]:
     """Run the cases in a fresh process; (results, error text when the worker itself failed)."""
     import megavlm
 

@@ -5,14 +5,36 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import shlex
+import signal
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from megavlm.selftest import checks
 from megavlm.selftest.environment import Environment, detect
 
-CHECKS = ("kernel", "te", "masked-ce", "throughput")
+CHECKS = ("kernel", "te", "masked-ce", "throughput", "checkpoint", "generation")
+LABELS = {"kernel": "masked-CE kernel vs reference", "te": "TE vs local layer spec",
+          "masked-ce": "masked-CE benchmark", "throughput": "training throughput",
+          "checkpoint": "checkpoint write + resume", "generation": "cached generation"}
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM during the selftest: stop the check that runs, report what ran.
+
+    A BaseException, so no check's own ``except Exception`` turns it into a failure; the training
+    the checks run installs no stop handlers of its own (megavlm.bench.throughput.case_config),
+    so a signal never writes a stop checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
 
 
 def render(env: Environment, results: list[checks.Check], size: str, command: str) -> str:
@@ -30,7 +52,11 @@ def render(env: Environment, results: list[checks.Check], size: str, command: st
     if artifacts:
         lines += ["", "## Reports written", ""] + [f"- {Path(a).name}" for a in artifacts]
     failed = [c.name for c in results if c.status == "failed"]
-    lines += ["", f"**{'FAILED: ' + ', '.join(failed) if failed else 'all checks passed or skipped'}**"]
+    stopped = [c for c in results if c.status == "interrupted"]
+    verdict = 'FAILED: ' + ', '.join(failed) if failed else 'all checks passed or skipped'
+    if stopped:
+        verdict = f"INTERRUPTED during {stopped[0].name}: the report of what ran so far; " + verdict
+    lines += ["", f"**{verdict}**"]
     return "\n".join(lines) + "\n"
 
 
@@ -61,22 +87,53 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     size = args.size if args.size != "auto" else ("full" if env.has_cuda else "small")
     print("\n".join(env.markdown()), flush=True)
-    results = []
-    for name in only:
-        if name == "kernel":
-            c = checks.masked_ce_kernel(env, size)
-        elif name == "te":
-            c = checks.te_spec(env, size)
-        elif name == "masked-ce":
-            c = checks.masked_ce_benchmark(env, size, args.out_dir)
-        else:
-            c = checks.throughput(env, size, args.out_dir, args.config)
-        print(f"[{c.status}] {c.name} ({c.seconds:.1f} s): {c.detail}", flush=True)
-        results.append(c)
+    results: list[checks.Check] = []
+    stopped_by: Optional[int] = None
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        # checkpoints of the checkpoint/generation checks live here and go with it, also on a signal
+        with tempfile.TemporaryDirectory(prefix="megavlm-selftest-") as work:
+            for name in only:
+                print(f"[running] {LABELS[name]}", flush=True)
+                t0 = time.perf_counter()
+                try:
+                    c = _run_check(name, env, size, args, Path(work))
+                except Interrupted as e:
+                    stopped_by = e.signum
+                    c = checks.Check(LABELS[name], "interrupted",
+                                     f"stopped by {signal.Signals(e.signum).name}; checks after it "
+                                     f"were not run", seconds=time.perf_counter() - t0)
+                print(f"[{c.status}] {c.name} ({c.seconds:.1f} s): {c.detail}", flush=True)
+                results.append(c)
+                if stopped_by is not None:
+                    break
+    except Interrupted as e:  # a second signal while cleaning up: still write the report
+        stopped_by = e.signum
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
     command = "megavlm selftest " + " ".join(shlex.quote(a) for a in argv)
     path = write_report(args.out_dir, env.slug(), "selftest", render(env, results, size, command))
-    print(f"wrote {path}")
+    print(f"wrote {path}", flush=True)
+    if stopped_by is not None:
+        return 128 + stopped_by
     return 1 if any(c.status == "failed" for c in results) else 0
+
+
+def _run_check(name: str, env: Environment, size: str, args, work: Path) -> checks.Check:
+    from megavlm.selftest import engine
+
+    if name == "kernel":
+        return checks.masked_ce_kernel(env, size)
+    if name == "te":
+        return checks.te_spec(env, size)
+    if name == "masked-ce":
+        return checks.masked_ce_benchmark(env, size, args.out_dir)
+    if name == "throughput":
+        return checks.throughput(env, size, args.out_dir, args.config)
+    if name == "checkpoint":
+        return engine.checkpoint_resume(env, size, work)
+    return engine.generation(env, size, work)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 A stage's budget is one of (``StageConfig.budget`` / ``batch_unit`` / ``epochs``):
 
 * ``positions`` — ``tokens`` counts every sequence position, padding included:
-  ``steps = ceil(tokens / (global_batch x seq))`` (the original rule, megavlm.train.schedule).
+  ``steps = ceil(tokens / (global_batch x seq))`` (:func:`positions_steps`).
 * ``real`` — ``tokens`` counts non-padding positions (image patches included, as the paper counts
   an image as 729 tokens and holds 28B real tokens across caption ratios, paper Sec. 3.2): the
   data plan (megavlm.data.mixture) is walked over the known sample lengths until that many real
@@ -15,15 +15,19 @@ A stage's budget is one of (``StageConfig.budget`` / ``batch_unit`` / ``epochs``
 
 When the data is not at hand (``plan`` of a paper-scale recipe on a laptop), data-dependent
 budgets fall back to the positions formula (or ``epoch_examples``) and say so: ``estimated: true``.
+
+The budget reads the stage's resolved row length and its loader (megavlm.train.plan resolves both
+and is the only caller); it imports neither the schedule nor the plan.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from megavlm.config import ConfigError, RunConfig, StageConfig
+from megavlm.train.loader import SizedLoader
 
 
 class BudgetError(ConfigError):
@@ -55,45 +59,52 @@ class StageBudget:
         return d
 
 
-def positions_steps(run: RunConfig, st: StageConfig, tokens: Optional[int] = None) -> int:
-    from megavlm.train.schedule import stage_steps
+def tokens_per_step(run: RunConfig, seq_length: int) -> int:
+    """Positions one optimizer step trains on: global batch x the stage's row length."""
+    return run.train.global_batch_size * seq_length
 
-    return stage_steps(run, st, tokens)
+
+def positions_steps(run: RunConfig, seq_length: int, tokens: int) -> int:
+    """ceil(tokens / (global_batch x seq_length)), at least 1."""
+    return max(1, math.ceil(tokens / tokens_per_step(run, seq_length)))
 
 
-def _needs_data(st: StageConfig) -> bool:
+def needs_data(st: StageConfig) -> bool:
+    """Whether the stage's step count depends on its data (real tokens or epochs)."""
     return st.budget == "real" or st.epochs is not None
 
 
-def stage_budget(run: RunConfig, st: StageConfig, loader: Any = None, data_error: str = "") -> StageBudget:
-    """The step count of ``st``; ``loader`` is the stage's StageLoader (None = data absent,
-    ``data_error`` says why)."""
+def stage_budget(run: RunConfig, st: StageConfig, seq_length: int, loader: Optional[SizedLoader] = None,
+                 data_error: str = "") -> StageBudget:
+    """The step count of ``st`` at rows of ``seq_length``; ``loader`` is the stage's loader (None =
+    data absent, ``data_error`` says why)."""
     B = run.train.global_batch_size
+    positions = positions_steps(run, seq_length, st.tokens)
     if st.epochs is not None and st.batch_unit == "examples":
         if loader is None:
             if st.epoch_examples is None:
-                return StageBudget(positions_steps(run, st), "epochs-examples", True,
+                return StageBudget(positions, "epochs-examples", True,
                                    note=f"data absent ({data_error}) and no epoch_examples: positions formula")
             return StageBudget(max(1, math.ceil(st.epochs * st.epoch_examples / B)), "epochs-examples", True,
                                examples=st.epoch_examples,
                                note=f"data absent ({data_error}): stated epoch_examples={st.epoch_examples}")
-        n = int(getattr(loader, "num_examples", 0))
+        n = int(loader.num_examples)
         if n == 0:
             raise BudgetError(f"stage {st.name} is sized as epochs={st.epochs} of examples but its "
                               f"instruction data ({run.data.instructions}) holds no examples")
         return StageBudget(max(1, math.ceil(st.epochs * n / B)), "epochs-examples", examples=n)
     if st.epochs is not None:
         if loader is None:
-            return StageBudget(positions_steps(run, st), "epochs-rows", True,
+            return StageBudget(positions, "epochs-rows", True,
                                note=f"data absent ({data_error}): positions formula on tokens")
         per_epoch = int(loader.tokens_per_epoch)
         if per_epoch <= 0:
             raise BudgetError(f"stage {st.name} is sized as epochs={st.epochs} but one pass over its data "
                               "is empty")
-        return StageBudget(positions_steps(run, st, st.epochs * per_epoch), "epochs-rows")
+        return StageBudget(positions_steps(run, seq_length, st.epochs * per_epoch), "epochs-rows")
     if st.budget == "real":
-        if loader is None or not hasattr(loader, "fresh_planner"):
-            return StageBudget(positions_steps(run, st), "real", True,
+        if loader is None:
+            return StageBudget(positions, "real", True,
                                note=f"data absent ({data_error}): steps from tokens / (batch x seq), "
                                     "padding not counted")
         from megavlm.data.mixture import steps_for_real_tokens
@@ -101,37 +112,4 @@ def stage_budget(run: RunConfig, st: StageConfig, loader: Any = None, data_error
         r = steps_for_real_tokens(loader.fresh_planner(), st.tokens, B)
         return StageBudget(r.steps, "real", r.extrapolated, round(r.padding_fraction, 6), r.real_tokens,
                            note=f"extrapolated past {r.rows} planned rows" if r.extrapolated else "")
-    return StageBudget(positions_steps(run, st), "positions")
-
-
-def plan_loader(run: RunConfig, st: StageConfig):
-    """A dp-1 loader over the stage's data for sizing it, or (None, why) when the data is absent."""
-    from megavlm.data.indexed import DataError
-    from megavlm.data.mixture import StageLoader
-    from megavlm.data.tokenizer import TokenizerError
-
-    try:
-        return StageLoader(run.data, st.mixture, seq_length=run.stage_seq_length(st), micro_batch_size=1,
-                           num_microbatches=1, dp_rank=0, dp_size=1, seed=run.seed, stage=st.name,
-                           vision=run.model.vision,
-                           examples_per_row=1 if st.batch_unit == "examples" else None,
-                           pack_window=st.pack_window), ""
-    except (DataError, TokenizerError, FileNotFoundError, OSError) as e:
-        return None, str(e).splitlines()[0][:200]
-
-
-def plan_budgets(run: RunConfig) -> dict[str, StageBudget]:
-    """Every stage's budget for ``megavlm plan`` (reads sample lengths where the data is there)."""
-    out = {}
-    for st in run.stages:
-        loader, why = plan_loader(run, st) if _needs_data(st) else (None, "")
-        out[st.name] = stage_budget(run, st, loader, why)
-    return out
-
-
-def training_steps(run: RunConfig, st: StageConfig, factory: Callable, parallel, num_microbatches: int) -> int:
-    """The step count the trainer uses: the same rules as plan, with the run's own loaders (the
-    data must be there; a missing dataset is the loader's error)."""
-    if not _needs_data(st):
-        return positions_steps(run, st)
-    return stage_budget(run, st, factory(st, parallel, num_microbatches)).steps
+    return StageBudget(positions, "positions")

@@ -1,5 +1,5 @@
 """The loss-spike and NaN guard: what a step with a non-finite loss or gradient norm, or a loss
-spike, does to the run (``train.on_nonfinite``, ``train.spike_factor`` / ``spike_window`` /
+spike, does to the run (``guard.on_nonfinite``, ``guard.spike_factor`` / ``spike_window`` /
 ``on_spike``).
 
 Every decision is made from globally reduced values — the step's mean loss (all-reduced over
@@ -69,7 +69,7 @@ class LossGuard:
 
     def _stop(self, step: int, what: str, value: float, why: str) -> TrainingDiverged:
         return TrainingDiverged(f"[{self.stage}] step {step}: {what}={value} {why}; stopping "
-                                f"(train.on_{'spike' if 'median' in why else 'nonfinite'}=stop), "
+                                f"(guard.on_{'spike' if 'median' in why else 'nonfinite'}=stop), "
                                 f"nothing of this step saved, the newest checkpoint is the last good one")
 
     def nonfinite(self, step: int, what: str, value: float) -> str:

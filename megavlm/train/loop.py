@@ -20,34 +20,28 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from megavlm.config import RunConfig, StageConfig
-from megavlm.data.batch import Batch
+from megavlm.config import RunConfig, num_microbatches
+from megavlm.data.mixture import LoaderSpec
 from megavlm.model.build import build_model, model_dtype
 from megavlm.parallel.state import Parallel
+from megavlm import run_folder
 from megavlm.train import checkpoint as ckpt
 from megavlm.train.guard import LossGuard, NonFiniteGradNorm, guard_grad_norm
 from megavlm.train.preemption import REASONS, Preempted, StopRequests, report_exit_code, EXIT_PREEMPTED
 from megavlm.sinks import Sinks, check_available
-from megavlm.train.schedule import StageSchedule, checkpoint_steps, num_microbatches, recorded
+from megavlm.train.loader import StepLoader
+from megavlm.train.plan import StagePlan
+from megavlm.train.schedule import recorded
 from megavlm.train.step import StepLayout, make_forward_step
 
 
-class StepLoader(Protocol):
-    """What the loop needs from a data loader (megavlm.data.mixture.StageLoader is the real one)."""
-
-    def next_step(self) -> list[Batch]: ...
-
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict) -> None: ...
-
-
-LoaderFactory = Callable[[StageConfig, Parallel, int], StepLoader]
+LoaderFactory = Callable[[LoaderSpec, Parallel, int], StepLoader]
+"""(the stage's loader spec, this rank's layout, microbatches per step) -> this rank's loader."""
 
 
 def set_trainable(chunks, trainable: str) -> None:
@@ -75,10 +69,10 @@ def wrap_ddp(chunks, tc):
             for i, c in enumerate(chunks)]
 
 
-def build_optimizer(run: RunConfig, stage: StageConfig, model, dtype: torch.dtype):
+def build_optimizer(plan: StagePlan, model, dtype: torch.dtype):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    o = stage.optimizer(run.train)
+    o = plan.optimizer
     cfg = OptimizerConfig(
         optimizer="adam", lr=0.0, min_lr=0.0, weight_decay=o.weight_decay,
         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
@@ -158,12 +152,13 @@ def _reduce_losses(losses: list[dict], parallel: Parallel, mix: dict,
 class StageTrainer:
     """Runs one stage to its end (or to ``stop_after`` steps: benchmarks, tests of early stops)."""
 
-    def __init__(self, run: RunConfig, stage: StageConfig, sched: StageSchedule, parallel: Parallel,
+    def __init__(self, run: RunConfig, plan: StagePlan, parallel: Parallel,
                  loader_factory: LoaderFactory, log: Callable[[str], None] = print):
-        self.run, self.stage, self.sched, self.parallel = run, stage, sched, parallel
+        self.run, self.plan, self.parallel = run, plan, parallel
+        self.stage, self.sched = plan.config, plan.schedule
         self.loader_factory, self.log = loader_factory, log
         self.run_dir = Path(run.run_dir)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", parallel.is_logging_rank)
+        self.metrics = MetricsLog(self.run_dir / run_folder.METRICS, parallel.is_logging_rank)
         check_available(run)  # an asked-for sink that is not installed fails before any training
 
     def train(self, stop_after: Optional[int] = None,
@@ -176,7 +171,7 @@ class StageTrainer:
 
         Raises :class:`~megavlm.train.preemption.Preempted` (exit 75) after saving the stop
         checkpoint and :class:`~megavlm.train.guard.TrainingDiverged` (exit 1) on a guard stop."""
-        with StopRequests(self.run.train.stop_signals, self.run.train.max_wall_minutes) as stops, \
+        with StopRequests(self.run.preemption.stop_signals, self.run.preemption.max_wall_minutes) as stops, \
                 Sinks(self.run, self.parallel.is_logging_rank) as sinks:
             return self._train(stop_after, observer, stops, sinks)
 
@@ -187,7 +182,7 @@ class StageTrainer:
         run, stage, par = self.run, self.stage, self.parallel
         T = self.sched.steps
         fractions: dict[int, list[float]] = {}  # a short stage can hit several fractions at one step
-        for f, k in checkpoint_steps(stage, T):
+        for f, k in self.plan.checkpoints:
             fractions.setdefault(k, []).append(f)
         done = ckpt.latest(run.run_dir, stage.name)
         if done is not None and done.step >= T:
@@ -199,13 +194,13 @@ class StageTrainer:
         chunks, tc = build_model(run, par, dtype)
         set_trainable(chunks, stage.trainable)
         model = wrap_ddp(chunks, tc)
-        optimizer = build_optimizer(run, stage, model, dtype)
+        optimizer = build_optimizer(self.plan, model, dtype)
         tc.finalize_model_grads_func = finalize_model_grads
         tc.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
         tc.grad_sync_func = None
 
         nmb = num_microbatches(run.train, par.dp)
-        loader = self.loader_factory(stage, par, nmb)
+        loader: StepLoader = self.loader_factory(self.plan.loader, par, nmb)
         start = 0
         guard_window = None
         if done is not None:
@@ -224,16 +219,16 @@ class StageTrainer:
             self.log(f"[{stage.name}] starting from {src}")
 
         fwd_bwd = get_forward_backward_func()
-        S = run.stage_seq_length(stage)
+        S = self.plan.seq_length
         layout = StepLayout(S, run.train.micro_batch_size, pipelined=par.pp > 1)
         forward_step = make_forward_step(z_loss=run.model.z_loss, tp_group=par.tp_group,
                                          device=par.device, layout=layout)
         p2p_seq, p2p_mb = layout.p2p_shape  # packed rows travel flattened: [B·S, 1, d]
-        step_tokens = run.train.global_batch_size * S
+        step_tokens = self.plan.tokens_per_step
         last_loss = None
         end = T if stop_after is None else min(T, start + stop_after)
-        wd = stage.optimizer(run.train).weight_decay
-        guard = LossGuard(run.train, stage.name, guard_window)
+        wd = self.plan.optimizer.weight_decay
+        guard = LossGuard(run.guard, stage.name, guard_window)
         guard_grad_norm(optimizer)
         for step in range(start, end):
             t0 = time.perf_counter()
@@ -253,7 +248,7 @@ class StageTrainer:
             if observer is not None:
                 observer(stage.name, step + 1, model)
             k = step + 1
-            loss, n_loss, mix, stop = _reduce_losses(losses, par, getattr(loader, "last_stats", {}),
+            loss, n_loss, mix, stop = _reduce_losses(losses, par, loader.last_stats,
                                                      stops.local())
             skip, warn = guard.judge_loss(k, loss)  # raises TrainingDiverged on a stop: nothing saved
             grad_norm = None
@@ -282,7 +277,7 @@ class StageTrainer:
             for note in (warn, skip and f"[{stage.name}] step {k}: skipped the update: {skip}"):
                 if note:
                     self.log(note)
-            if par.is_logging_rank and ((step + 1) % run.train.log_every == 0 or step + 1 == T):
+            if par.is_logging_rank and ((step + 1) % run.logging.log_every == 0 or step + 1 == T):
                 self.log(f"[{stage.name}] step {step + 1}/{T} loss {loss:.4f} lr {lr:.3e} "
                          f"grad {rec['grad_norm'] or 0:.3f} tok/s {rec['tokens_per_s']:.0f}")
             periodic = stage.save_every and k % stage.save_every == 0
@@ -290,7 +285,7 @@ class StageTrainer:
                 meta = {"stage": stage.name, "step": k, "steps": T, "fractions": fractions.get(k, []),
                         "tokens": k * step_tokens, "seed": run.seed, "schedule": recorded(self.sched),
                         "guard_window": guard.state()}
-                path = ckpt.stage_dir(run.run_dir, stage.name) / f"step_{k:07d}"
+                path = ckpt.stage_dir(run.run_dir, stage.name) / run_folder.step_dir_name(k)
                 ckpt.save(path, model, optimizer, meta, loader.state_dict(), par.dp_rank,
                           write_loader=par.tp_rank == 0 and par.pp_rank == 0,
                           run_config=run, tokenizer=run.data.resolve(run.data.tokenizer))

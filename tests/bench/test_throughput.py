@@ -83,3 +83,24 @@ def test_short_run_is_consistent(parallel1):
     assert r.tflops_per_gpu * 1e12 == pytest.approx(r.tokens_per_s_per_gpu * per_token, rel=1e-9)
     md = tp.render([r], run, {"slug": "cpu", "device": "x", "peaks": {"fp32": 1.0}}, "cmd", 1, 2, 1)
     assert "| image-text | fp32 | synthetic | local |" in md
+
+
+def test_packed_rows_carry_several_documents_and_cases_install_no_stop_handlers():
+    """The packed case: every row holds DOCUMENTS_PER_ROW documents (boundaries reach the model:
+    the varlen path on a GPU); no benchmark case installs stop signals or a time budget, so a
+    SIGTERM never makes it write a stop checkpoint."""
+    run = _run()
+    S = run.model.seq_length
+    ld = tp.TimedLoader(tp.SyntheticRows(run, "packed", 2, 0), run.model.vision.num_patches)
+    for b in ld.next_step():
+        bounds = b.cu_seqlens.tolist()
+        rows = b.tokens.shape[0]
+        assert bounds[0] == 0 and bounds[-1] == rows * S
+        assert len(bounds) - 1 == rows * tp.SyntheticRows.DOCUMENTS_PER_ROW
+        assert all(r * S in bounds for r in range(rows + 1))
+    assert ld.packed == [True]
+    assert tp.SyntheticRows(run, "packed", 2, 0).next_step()[0].tokens.equal(
+        tp.SyntheticRows(run, "packed", 2, 0).next_step()[0].tokens)  # a pure function of the step
+    for stage in ("text", "packed", "image-text"):
+        case = tp.case_config(run, tp.Case(stage, "fp32", "synthetic"), 3, "unused")
+        assert case.preemption.stop_signals == [] and case.preemption.max_wall_minutes is None

@@ -12,8 +12,9 @@ import pytest
 
 from megavlm.config import load_config
 from megavlm.data.mixture import MixturePlanner, steps_for_real_tokens
-from megavlm.train.budget import BudgetError, plan_budgets, stage_budget
-from megavlm.train.schedule import plan
+from megavlm.train.budget import BudgetError, stage_budget
+from megavlm.train.plan import loader_spec, plan_run, sizing_loader
+from megavlm.train.plan import describe_run
 
 
 def _run(root, stages, batch=4, seq=64):
@@ -44,7 +45,7 @@ def test_real_token_walk_is_exact_and_deterministic():
 def test_plan_counts_real_tokens_on_the_data(corpus):
     stages = [{"name": "img", "tokens": 20_000, "budget": "real", "mixture": {"text": 0.5, "captions": 0.5}},
               {"name": "pos", "tokens": 20_000, "mixture": {"text": 0.5, "captions": 0.5}}]
-    p = plan(_run(corpus, stages))
+    p = describe_run(_run(corpus, stages))
     real, pos = p["stages"]
     assert pos["steps"] == math.ceil(20_000 / 256) and pos["budget"] == "positions"
     assert real["budget"] == "real" and real["estimated"] is False
@@ -57,17 +58,15 @@ def test_epochs_in_examples(corpus):
     stages = [{"name": "sft", "tokens": 0, "epochs": 3, "batch_unit": "examples",
                "mixture": {"text": 0.0, "instructions": 1.0}}]
     run = _run(corpus, stages, batch=8)
-    b = plan_budgets(run)["sft"]
+    b = plan_run(run)["sft"].budget
     assert b.examples == 80 and b.steps == math.ceil(3 * 80 / 8) and not b.estimated  # the corpus has 80
     # one example per row: 8 rows per step hold 8 conversations
-    from megavlm.train.budget import plan_loader
-
-    loader, _ = plan_loader(run, run.stage("sft"))
+    loader, _ = sizing_loader(loader_spec(run, run.stage("sft")))
     rows = [loader.planner.plan_row() for _ in range(16)]
     assert all(len(r) == 1 for r in rows)
     # without the data: the stated epoch_examples, marked estimated
     absent = _run(corpus / "nowhere", [{**stages[0], "epoch_examples": 665000}], batch=256)
-    b = plan_budgets(absent)["sft"]
+    b = plan_run(absent)["sft"].budget
     assert b.estimated and b.steps == math.ceil(3 * 665000 / 256) == 7793
 
 
@@ -79,23 +78,27 @@ def test_epochs_of_an_empty_dataset_is_an_error(corpus, tmp_path):
     run = _run(corpus, [{"name": "sft", "tokens": 0, "epochs": 2, "batch_unit": "examples",
                          "mixture": {"text": 0.0, "instructions": 1.0}}])
     with pytest.raises(BudgetError, match="sft is sized as epochs=2 of examples but its instruction data"):
-        stage_budget(run, run.stage("sft"), Empty())
+        stage_budget(run, run.stage("sft"), run.stage_seq_length(run.stage("sft")), Empty())
     run = _run(corpus, [{"name": "sft", "tokens": 0, "epochs": 2, "mixture": {"text": 0.0, "instructions": 1.0}}])
     with pytest.raises(BudgetError, match="one pass over its data is empty"):
-        stage_budget(run, run.stage("sft"), Empty())
+        stage_budget(run, run.stage("sft"), run.stage_seq_length(run.stage("sft")), Empty())
     with pytest.raises(Exception, match="batch_unit=examples sizes the stage in epochs"):
         _run(corpus, [{"name": "sft", "tokens": 10, "batch_unit": "examples"}])
 
 
 def test_sft_budget_is_the_same_in_training(corpus):
-    """run_stages sizes stages through the same function as plan (train.budget.training_steps)."""
-    from megavlm.train.budget import training_steps
+    """run_stages sizes stages through the same plan as `megavlm plan`; sizing with the training
+    loader of a data-parallel rank (a sizer, as test loaders do) gives the same steps."""
+    from megavlm.train.plan import plan_run
     from megavlm.train.stages import default_loader_factory
 
     run = _run(corpus, [{"name": "img", "tokens": 20_000, "budget": "real",
                          "mixture": {"text": 0.5, "captions": 0.5}}])
-    parallel = type("P", (), {"dp_rank": 0, "dp": 1})()
-    assert training_steps(run, run.stage("img"), default_loader_factory(run), parallel, 4) == plan(run)["stages"][0]["steps"]
+    parallel = type("P", (), {"dp_rank": 1, "dp": 2})()
+    make = default_loader_factory(run)
+    ranked = plan_run(run, sizer=lambda st, spec: make(spec, parallel, 2))["img"]
+    assert ranked.budget.method == "real" and not ranked.budget.estimated
+    assert ranked.steps == describe_run(run)["stages"][0]["steps"]
 
 
 @pytest.mark.parametrize("fractions", [[0, 1, 0], [0, 0.5, 0.5], [0.3, 0.7, 0]])

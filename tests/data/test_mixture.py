@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from megavlm.config import DataConfig, MixtureConfig, VisionConfig
 from megavlm.data.batch import collate
 from megavlm.data.indexed import DataError
-from megavlm.data.mixture import CAPTIONS, INSTRUCTIONS, TEXT, MixturePlanner, StageLoader
+from megavlm.data.mixture import CAPTIONS, INSTRUCTIONS, TEXT, LoaderSpec, MixturePlanner
+from megavlm.train.plan import build_loader
 
 P, D = 4, 8
 VISION = VisionConfig(embed_dim=D, num_patches=P)
@@ -22,9 +23,9 @@ VISION = VisionConfig(embed_dim=D, num_patches=P)
 def make_loader(root, text=0.5, captions=0.3, instructions=0.2, *, seq=64, mbs=2, nmb=3, dp_rank=0,
                 dp_size=1, seed=7, stage="s", epochs=None, too_long="truncate"):
     data = DataConfig(root=str(root), instructions=["instructions"], too_long=too_long)
-    return StageLoader(data, MixtureConfig(text=text, captions=captions, instructions=instructions),
-                       seq_length=seq, micro_batch_size=mbs, num_microbatches=nmb, dp_rank=dp_rank,
-                       dp_size=dp_size, seed=seed, stage=stage, vision=VISION, epochs=epochs)
+    spec = LoaderSpec(stage=stage, data=data, vision=VISION, seq_length=seq, seed=seed, epochs=epochs,
+                      mixture=MixtureConfig(text=text, captions=captions, instructions=instructions))
+    return build_loader(spec, micro_batch_size=mbs, num_microbatches=nmb, dp_rank=dp_rank, dp_size=dp_size)
 
 
 def same(a, b) -> bool:
@@ -140,8 +141,8 @@ def test_epochs_visit_every_conversation_once(corpus):
 def test_missing_dataset_and_too_long(corpus):
     data = DataConfig(root=str(corpus), instructions=[])
     with pytest.raises(DataError, match="data.instructions lists no dataset"):
-        StageLoader(data, MixtureConfig(text=0.5, instructions=0.5), seq_length=64, micro_batch_size=1,
-                    num_microbatches=1, dp_rank=0, dp_size=1, seed=0, stage="s", vision=VISION)
+        build_loader(LoaderSpec(stage="s", data=data, mixture=MixtureConfig(text=0.5, instructions=0.5),
+                                vision=VISION, seq_length=64, seed=0))
     with pytest.raises(DataError, match=r"captions.bin: record \d+ is \d+ positions"):
         make_loader(corpus, seq=12, too_long="reject")
     ld = make_loader(corpus, seq=12)
@@ -153,9 +154,8 @@ def test_missing_dataset_and_too_long(corpus):
 def test_wrong_vision_config_is_refused(corpus):
     data = DataConfig(root=str(corpus), instructions=["instructions"])
     with pytest.raises(DataError, match="embed_dim=16"):
-        StageLoader(data, MixtureConfig(text=0.5, captions=0.5), seq_length=64, micro_batch_size=1,
-                    num_microbatches=1, dp_rank=0, dp_size=1, seed=0, stage="s",
-                    vision=VisionConfig(embed_dim=16, num_patches=P))
+        build_loader(LoaderSpec(stage="s", data=data, mixture=MixtureConfig(text=0.5, captions=0.5),
+                                vision=VisionConfig(embed_dim=16, num_patches=P), seq_length=64, seed=0))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -84,7 +84,8 @@ def _have_assets() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _have_assets(), reason="needs apt-get or the cached demo .deb files")
 def test_real_demo_corpus_builds_once_and_loads(tmp_path):
-    from megavlm.data.mixture import StageLoader
+    from megavlm.data.mixture import LoaderSpec
+    from megavlm.train.plan import build_loader
 
     data = DataConfig(root=str(tmp_path / "demo"), build="demo", instructions=["instructions"])
     vision = VisionConfig(embed_dim=1280, num_patches=16)
@@ -94,10 +95,41 @@ def test_real_demo_corpus_builds_once_and_loads(tmp_path):
     assert time.perf_counter() - t < 1.0
     for name in ("text_heldout.idx", "captions_heldout.embeds.json", "instructions_heldout.meta.json"):
         assert (tmp_path / "demo" / name).is_file()
-    ld = StageLoader(data, MixtureConfig(text=0.5, captions=0.3, instructions=0.2), seq_length=256,
-                     micro_batch_size=2, num_microbatches=2, dp_rank=0, dp_size=1, seed=0, stage="x",
-                     vision=vision)
+    ld = build_loader(LoaderSpec(stage="x", data=data, vision=vision, seq_length=256, seed=0,
+                                 mixture=MixtureConfig(text=0.5, captions=0.3, instructions=0.2)),
+                      micro_batch_size=2, num_microbatches=2)
     assert ld.tokenizer.vocab_size == 8192
     b = ld.next_step()[0]
     assert b.tokens.max() < 8192 and b.image_embeds is not None and b.image_embeds.shape[1:] == (16, 1280)
     assert ld.tokenizer.decode(b.tokens[0, :40].tolist())
+
+
+def test_a_set_the_demo_builder_does_not_make_is_refused_before_anything_is_built(tmp_path, capsys):
+    """``data.instructions=[instuctions]`` (a typo) used to build a fresh copy of the demo
+    instructions under that name and train on it."""
+    from megavlm.cli import main
+
+    root = tmp_path / "demo"
+    rc = main(["train", "--config", "launch/configs/tiny.yaml", "data.instructions=[instuctions]",
+               f"data.root={root}", f"run_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert "'instuctions'" in err and "instructions, instructions_heldout, instructions_vqa" in err
+    assert not root.exists() and not (tmp_path / "run").exists()
+    # `train --check` names it too (among every other problem), and builds nothing either
+    assert main(["train", "--config", "launch/configs/tiny.yaml", "--check", "data.instructions=[instuctions]",
+                 f"data.root={root}", f"run_dir={tmp_path / 'run'}"]) == 2
+    assert "'instuctions' is not one of them" in capsys.readouterr().err
+    assert not root.exists()
+
+
+def test_the_demo_recipes_name_only_sets_the_builder_makes():
+    from pathlib import Path
+
+    from megavlm.config import load_config
+
+    recipes = [p for p in sorted(Path("launch/configs").glob("*.yaml"))
+               if load_config(p).data.build == "demo"]
+    assert recipes
+    for p in recipes:
+        corpus.check_set_names(load_config(p).data)

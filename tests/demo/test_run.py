@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from megavlm.demo import run as demo
+from megavlm.experiment import demo
 from megavlm.config import load_config
 from megavlm.experiment.plots import read_metrics, sweep_figures
-from megavlm.train.schedule import resolve_schedules, stage_steps
+from megavlm.train.plan import plan_run
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "launch" / "configs" / "tiny.yaml"
@@ -56,15 +56,15 @@ def test_outputs_plots_and_summary(tmp_path):
     """write_outputs: the LR schedules of both branches come from the real schedule code."""
     run = load_config(TINY)
     rd = tmp_path / "demo"
-    steps = {s.name: stage_steps(run, s) for s in run.stages}
-    sched = resolve_schedules(run, steps)
+    sched = {n: p.schedule for n, p in plan_run(run).items()}
+    steps = {n: s.steps for n, s in sched.items()}
     _write(rd / demo.SHARED, _metrics(run, "text", [sched["text"].lr(t) for t in range(steps["text"])]))
     branches = {}
     for name, f in demo.BRANCHES:
         from megavlm.experiment.grid import branch_overrides
 
         br = load_config(TINY, branch_overrides(run, f))
-        s = resolve_schedules(br, steps)
+        s = {n: p.schedule for n, p in plan_run(br, steps=steps).items()}
         _write(rd / name, _metrics(br, "image", [s["image"].lr(t) for t in range(steps["image"])], 3.0)
                + _metrics(br, "sft", [s["sft"].lr(t) for t in range(steps["sft"])], 2.0))
         branches[name] = rd / name

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from megavlm.eval import cli, suites
+from megavlm.demo import suites
+from megavlm.eval import cli
 from megavlm.eval.runner import EvalError
 
 DOCS = [

@@ -92,7 +92,7 @@ def direct(model, docs):
     """Greedy answers and yes/no choices computed without lmms-eval."""
     from PIL import Image
 
-    from megavlm.prep.encoders import decode_pil, make_encoder
+    from megavlm.encoders import decode_pil, make_encoder
     from megavlm.eval.vision import prompt_ids
 
     enc = make_encoder("efficientnet-lite0", 64)

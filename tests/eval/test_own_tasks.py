@@ -10,12 +10,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 import yaml
 
 from megavlm.config import DEFAULT_PROMPT_TEMPLATE
 from megavlm.eval import cli, vision
-from megavlm.eval.runner import CheckpointModel
+from megavlm.eval.api import ExtraTask, resolve_prompt
+from megavlm.eval.runner import CheckpointModel, EvalError
 from tests.eval.test_vision import write_store
 
 
@@ -33,19 +33,23 @@ def test_template_is_recorded_in_the_checkpoint_and_used(tiny_checkpoint, tmp_pa
     raw["data"]["prompt_template"] = "\nQ: {question}"
     (own / "config.yaml").write_text(yaml.safe_dump(raw))
     model = CheckpointModel.load(own, batch_size=2)
-    assert (model.prompt_template, model.prompt_source) == ("\nQ: {question}", "checkpoint (data.prompt_template)")
+    prompt = resolve_prompt(model)  # None: the checkpoint's own
+    assert (prompt.template, prompt.source) == ("\nQ: {question}", "checkpoint (data.prompt_template)")
+    assert not hasattr(model, "prompt_template")  # the template is an argument, never the model's attribute
     seen = []
     real = vision.generate_answers
     monkeypatch.setattr(vision, "generate_answers", lambda m, qs, b, r, n, template: seen.append(template)
                         or real(m, qs, b, r, n, template))
     bank = vision.ImageBank(write_store(tmp_path / "imgs.embeds", ["a.png"]))
     qs = vision.read_generic(_questions(tmp_path))
-    vision.score_task("generic", model, qs, bank, "qs", max_new_tokens=2)
+    vision.score_task("generic", model, qs, bank, "qs", max_new_tokens=2, template=prompt.template)
     assert seen == ["\nQ: {question}"]
+    with pytest.raises(EvalError, match="must contain"):
+        resolve_prompt(model, "no placeholder")
     del raw["data"]["prompt_template"]  # a checkpoint older than the field: the default, said so
     (own / "config.yaml").write_text(yaml.safe_dump(raw))
-    old = CheckpointModel.load(own, batch_size=2)
-    assert old.prompt_template == DEFAULT_PROMPT_TEMPLATE and old.prompt_source.startswith("default")
+    old = resolve_prompt(CheckpointModel.load(own, batch_size=2))
+    assert old.template == DEFAULT_PROMPT_TEMPLATE and old.source.startswith("default")
 
 
 def test_own_task_with_either_store_spelling_and_prompt_override(tiny_checkpoint, tmp_path, capsys):
@@ -70,10 +74,15 @@ def test_misuse_fails_before_loading(tmp_path, capsys):
 
 
 def test_extra_task_specs():
-    assert cli.extra_tasks(["generic:data/q.jsonl:data/own"]) == [("generic", "data/q.jsonl", "data/own", "generic:q", 0.0)]
-    assert cli.extra_tasks(["generic:q.jsonl:own:0.1"])[0][4] == 0.1
-    with pytest.raises(cli.EvalError, match="CHANCE must be a number in"):
+    assert cli.extra_tasks(["generic:data/q.jsonl:data/own"]) == [ExtraTask("generic", "data/q.jsonl", "data/own",
+                                                                             "generic:q", 0.0)]
+    assert cli.extra_tasks(["generic:q.jsonl:own:0.1"])[0].chance == 0.1
+    with pytest.raises(EvalError, match="CHANCE must be a number in"):
         cli.extra_tasks(["generic:q.jsonl:own:half"])
+    with pytest.raises(EvalError, match="unknown task 'vqav2'"):
+        cli.extra_tasks(["vqav2:q.json:data/own"])
+    with pytest.raises(EvalError, match="chance must be a number in"):
+        ExtraTask("generic", "q.jsonl", "own", chance=1.5)
 
 
 def test_extra_task_files_are_checked_before_loading(tmp_path, capsys):
@@ -85,17 +94,23 @@ def test_extra_task_files_are_checked_before_loading(tmp_path, capsys):
     assert "x.jsonl: no such question file" in capsys.readouterr().err
 
 
-def test_eval_all_extra_task_writes_a_report_without_a_demo_root(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("factory", ["demo", None])
+def test_eval_all_extra_task_writes_a_report_without_a_demo_root(tiny_checkpoint, tmp_path, monkeypatch, capsys,
+                                                                 factory):
+    """As ``megavlm eval`` runs it (the demo's offline suites handed in, no demo corpus: they are
+    skipped with a notice) and as megavlm.eval.cli.main alone (no offline suite at all)."""
     from megavlm.config import DataConfig
+    from megavlm.demo.suites import OfflineSuite
 
     monkeypatch.setattr(DataConfig, "root", str(tmp_path / "no-demo"))  # no demo corpus anywhere
     write_store(tmp_path / "imgs.embeds", ["a.png"])
     q = _questions(tmp_path)
     rc = cli.main(["all", "--checkpoint", str(tiny_checkpoint), "--extra-task", f"generic:{q}:{tmp_path / 'imgs'}:0.25",
-                   "--out-dir", str(tmp_path / "rep")])
+                   "--out-dir", str(tmp_path / "rep")], offline=OfflineSuite.default if factory else None)
     out = capsys.readouterr()
     assert rc == 0, out.err
-    assert "offline suites skipped" in out.err
+    if factory:
+        assert "offline suites skipped" in out.err and "megavlm prepare demo" in out.err
     rep = json.loads(out.out)
     assert rep["own"]["generic:qs"]["chance"] == 0.25 and rep["own"]["generic:qs"]["n"] == 1
     assert rep["checkpoint"] == str(tiny_checkpoint.resolve()) and rep["vision"] == {} and rep["text"] == {}
@@ -104,6 +119,23 @@ def test_eval_all_extra_task_writes_a_report_without_a_demo_root(tiny_checkpoint
     assert "| own | generic:qs |" in m.read_text()
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     assert [(r["task"], r["qid"]) for r in rows] == [("generic:qs", "1")] and "prediction" in rows[0]
+    assert answers.name == j.stem + ".answers.jsonl"
+
+
+def test_evaluate_with_own_tasks_alone(tiny_checkpoint, tmp_path):
+    """The library: own tasks alone need no suite; they are reported apart from the stable score."""
+    from megavlm.eval.api import EvalSpec, evaluate
+
+    write_store(tmp_path / "imgs.embeds", ["a.png"])
+    spec = EvalSpec(extra_tasks=[ExtraTask("generic", str(_questions(tmp_path)), str(tmp_path / "imgs"))],
+                    max_new_tokens=2, out_dir=tmp_path / "rep", log_to_sinks=False)
+    rep = evaluate(tiny_checkpoint, spec)
+    assert rep.data["own"]["generic:qs"]["chance"] == 0.0 and rep.accuracies("vision") == {}
+    assert rep.stable_score == {"text": None, "vision": None} and len(rep.files) == 3
+    assert [r.task for r in rep.results] == ["generic:qs"]
+    with pytest.raises(EvalError, match="no embedding store there"):
+        evaluate(tmp_path / "nowhere", EvalSpec(extra_tasks=[ExtraTask("generic", str(_questions(tmp_path)),
+                                                                       str(tmp_path / "none"))]))
 
 
 def test_lm_eval_git_lookup_is_quiet_outside_a_checkout(tmp_path, monkeypatch, capfd):
@@ -112,7 +144,9 @@ def test_lm_eval_git_lookup_is_quiet_outside_a_checkout(tmp_path, monkeypatch, c
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(ev, "get_git_commit_hash", ev.get_git_commit_hash)  # restored after the test
-    cli._quiet_git()
+    from megavlm.eval import text
+
+    text._quiet_git()
     ev.get_git_commit_hash()
     assert "fatal" not in capfd.readouterr().err
 

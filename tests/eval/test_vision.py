@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from megavlm.data.indexed import EmbeddingWriter
-from megavlm.eval import cli, scorers, suites, vision
+from megavlm.demo import suites
+from megavlm.eval import cli, scorers, vision
 from megavlm.eval.runner import EvalError
 from tests.eval.conftest import sentences
 
@@ -84,7 +85,7 @@ def test_generation_matches_direct_greedy(loaded, bank):
     qs = [vision.VisionQuestion("q0", "img0.png", "What is shown in the image?", ("cat",) * 10),
           vision.VisionQuestion("q1", "img1.png", "What color is it?", ("red",) * 3 + ("blue",) * 7),
           vision.VisionQuestion("q2", "42", "How many?", ("2",) * 10)]
-    res = vision.score_task("vqav2", loaded, qs, bank, "qs.json", max_new_tokens=5)
+    res = vision.score_task("vqav2", loaded, qs, bank, "qs.json", max_new_tokens=5, template=vision.PROMPT)
     recs = bank.resolve(qs, "qs.json")
     for q, i, p in zip(qs, recs, res.predictions):
         want = greedy_direct(loaded, bank.tensor(i), vision.prompt_ids(loaded, q.question), 5)
@@ -103,7 +104,7 @@ def test_pope_by_logprob(loaded, bank):
                                            ("Is there a dog in the image?", False, "random"),
                                            ("Is there a bus in the image?", True, "popular"),
                                            ("Is there a tree in the image?", False, "adversarial")])]
-    res = vision.score_task("pope", loaded, qs, bank, "pope.jsonl")
+    res = vision.score_task("pope", loaded, qs, bank, "pope.jsonl", template=vision.PROMPT)
     preds = []
     for q in qs:
         i = bank.lookup(q.image)
@@ -165,7 +166,8 @@ def test_offline_suite_builders(demo_root):
 def test_eval_all_writes_report(tiny_checkpoint, demo_root, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     rc = cli.main(["all", "--checkpoint", str(tiny_checkpoint), "--demo-root", str(demo_root),
-                   "--wordnet", str(demo_root / "wordnet"), "--limit", "6", "--out-dir", str(tmp_path)])
+                   "--wordnet", str(demo_root / "wordnet"), "--limit", "6", "--out-dir", str(tmp_path)],
+                  offline=suites.OfflineSuite.default)
     out = capsys.readouterr()
     assert rc == 0, out.err
     rep = json.loads((tmp_path / "text-step_0000003.json").read_text())
@@ -187,7 +189,7 @@ def test_eval_all_writes_report(tiny_checkpoint, demo_root, tmp_path, capsys, mo
 def test_missing_image(loaded, bank, tmp_path):
     qs = [vision.VisionQuestion("q9", "nowhere.png", "What?", ("x",))]
     with pytest.raises(EvalError, match=r"qs.json: question q9 references image 'nowhere.png', which is not in"):
-        vision.score_task("generic", loaded, qs, bank, "qs.json")
+        vision.score_task("generic", loaded, qs, bank, "qs.json", template=vision.PROMPT)
 
 
 def test_store_from_other_encoder(loaded, tmp_path, tiny_checkpoint):
@@ -240,3 +242,31 @@ def test_cli_refcoco_from_refs_pickle(tiny_checkpoint, tmp_path, capsys):
     assert res["n"] == 2 and [p["qid"] for p in res["predictions"]] == ["0-0", "0-1"]
     assert all(p["score"] == scorers.box_accuracy(p["prediction"], (0.1, 0.1, 0.6, 0.6), 0.5)
                for p in res["predictions"])
+
+
+def test_scoring_calls_the_library_with_an_explicit_template(tiny_checkpoint, demo_root, tmp_path, capsys,
+                                                             monkeypatch):
+    """experiment.scoring (the sweep's and the demo's seam) reaches evaluation through
+    megavlm.eval.api.evaluate, not an argv: the template given is the one every vision question
+    was asked with and the report records it; nothing is printed."""
+    from megavlm.experiment import scoring
+
+    seen = []
+    real = vision.generate_answers
+
+    def spy(m, qs, b, r, n, template):
+        seen.append(template)
+        return real(m, qs, b, r, n, template)
+
+    monkeypatch.setattr(vision, "generate_answers", spy)
+    out = scoring.evaluate_checkpoint(tiny_checkpoint, tmp_path / "ev", demo_root=str(demo_root), limit=2,
+                                      batch_size=4, prompt_template="\nQ: {question}")
+    assert capsys.readouterr().out == ""
+    assert seen and set(seen) == {"\nQ: {question}"}
+    assert out["prompt"] == {"template": "\nQ: {question}", "source": "argument"}
+    assert set(out["text"]) == set(suites.TEXT_SUITE) and "fashion_vqa" in out["vision"]
+    rep = json.loads(Path(out["report"]).read_text())
+    assert rep["prompt_template"] == "\nQ: {question}"
+    with pytest.raises(scoring.ScoringError, match="must contain"):
+        scoring.evaluate_checkpoint(tiny_checkpoint, tmp_path / "ev", demo_root=str(demo_root),
+                                    prompt_template="no placeholder")

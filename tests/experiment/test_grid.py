@@ -52,11 +52,11 @@ def test_defaults_come_from_the_recipe(tiny):
 
 
 def test_cell_overrides_continue_vs_rewarm(tiny):
-    cont = load_config(TINY, cell_overrides(tiny, Cell(3, 0.6, 0.2, 0.1, 1), sft_tokens=4096))
+    cont = load_config(TINY, cell_overrides(tiny, Cell(3, 0.6, 0.2, 0.1, 1), epochs=2))
     img = cont.stage("image")
     assert cont.seed == 3 and img.init.fraction == 0.6 and img.schedule.kind == "continue"
     assert (img.mixture.text, img.mixture.captions, img.mixture.instructions) == pytest.approx((0.7, 0.2, 0.1))
-    assert cont.stage("sft").tokens == 4096
+    assert cont.stage("sft").epochs == 2
     base = load_config(TINY, cell_overrides(tiny, Cell(3, 1.0, 0.1, 0.0, 1), rewarm_peak=1e-3))
     sc = base.stage("image").schedule
     assert base.stage("image").init.fraction == 1.0 and sc.kind == "rewarm" and sc.peak == 1e-3

@@ -164,3 +164,24 @@ def test_slurm_sbatch_does_not_requeue_a_failed_run(tmp_path):
     p = subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch"), str(TINY)], env=env,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 3 and "requeue" not in calls.read_text()
+
+
+def test_slurm_sbatch_requeues_a_run_signalled_before_it_could_checkpoint(tmp_path):
+    """A notice that arrives while the workers still start (python would die of SIGUSR1: no stop
+    checkpoint, no exit 75) requeues the job too: it resumes from its last complete checkpoint."""
+    import signal
+
+    bin_dir, env = _fake_env(tmp_path, SLURM_JOB_NODELIST="node-a", SLURM_NNODES="1", SLURM_JOB_ID="4244",
+                             SLURM_SUBMIT_DIR=str(ROOT), MEGAVLM_EXIT_FILE=str(tmp_path / "exit-code"))
+    _stub(bin_dir / "fakepython", 'trap "exit 1" USR1\necho started > "$STARTED_FILE"\n'
+                                  'for i in $(seq 600); do sleep 0.1; done\n')
+    calls = tmp_path / "scontrol-calls"
+    _stub(bin_dir / "scontrol", f'echo "$@" >> {calls}\n[[ "$1" == show ]] && echo 127.0.0.1\nexit 0\n')
+    _stub(bin_dir / "srun", 'while [[ "$1" == --* ]]; do shift; done\n"$@" &\nchild=$!\n'
+                            'trap \'kill -s USR1 $child\' USR1\n'
+                            'while :; do wait $child && rc=0 || rc=$?; kill -0 $child 2>/dev/null || break; done\nexit $rc\n')
+    p = _start_and_signal(["bash", str(ROOT / "launch" / "slurm.sbatch"), str(TINY)], env, tmp_path / "started",
+                          signal.SIGUSR1)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "without a stop checkpoint: requeueing job 4244" in p.stderr
+    assert "requeue 4244" in calls.read_text().splitlines()

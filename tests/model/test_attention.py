@@ -200,10 +200,66 @@ def test_cuda_paths_equal_grouped_sdpa(parallel1, dtype):
     want.square().sum().backward()
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     for varlen in (True, False):
-        att.use_varlen = varlen
+        # 16-bit: the varlen kernel must really run (an error naming why, never a quiet fallback)
+        att.use_varlen = ("require" if dtype == torch.bfloat16 else True) if varlen else False
         leaves = [t.cuda().to(dtype).requires_grad_() for t in thd]
         got = att(*leaves, None, packed_seq_params=document_boundaries(cu, B * S, "cuda"))
         got.float().square().sum().backward()
         assert (got.float().cpu() - want).abs().max() <= tol * want.abs().max()
         for a, b in zip(leaves, cpu_leaves):
             assert (a.grad.float().cpu() - b.grad).abs().max() <= tol * b.grad.abs().max()
+
+
+# ----------------------------------------------------------------- torch's varlen flash attention
+
+def _varlen_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False,
+                 return_aux=None):
+    """The signature of torch 2.9/2.10's varlen_attn (no scale, no window)."""
+
+
+def _varlen_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
+                 scale=None, window_size=(-1, -1), enable_gqa=False):
+    """The signature of torch 2.11's varlen_attn."""
+
+
+def test_varlen_gate_names_the_torch_version():
+    from megavlm.model.attention import varlen_unavailable
+
+    why = varlen_unavailable(_varlen_2_10, "cuda", (9, 0))
+    assert why is not None and f"torch {torch.__version__}" in why and ">= 2.11" in why
+    assert "2.11" in varlen_unavailable(None, "cuda", (9, 0))
+    assert "sm75" in varlen_unavailable(_varlen_2_11, "cuda", (7, 5))
+    assert "CUDA" in varlen_unavailable(_varlen_2_11, "cpu")
+    assert varlen_unavailable(_varlen_2_11, "cuda", (9, 0)) is None
+    assert varlen_unavailable(_varlen_2_11, "cuda", (8, 0)) is None
+
+
+def test_varlen_call_passes_scale_and_a_tuple_window():
+    from megavlm.model.attention import varlen_documents
+
+    calls = []
+
+    def fake(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+        calls.append((cu_q.dtype, cu_k is cu_q, max_q, max_k, kw))
+        return q
+
+    cu = _rows([[3, 5]], 8)
+    params = document_boundaries(cu, 8, "cpu")
+    q = torch.zeros(8, HEADS, HD)
+    for causal, window in ((True, (-1, 0)), (False, (-1, -1))):
+        varlen_documents(fake, q, q, q, params, 0.25, causal)
+        dtype, same, mq, mk, kw = calls[-1]
+        assert (dtype, same, mq, mk) == (torch.int32, True, 5, 5)
+        assert kw == {"scale": 0.25, "window_size": window} and type(kw["window_size"]) is tuple
+
+
+def test_required_varlen_raises_with_the_reason():
+    from megavlm.model.attention import VarlenUnavailable
+
+    att = SDPAttention(_config(), 1, AttnMaskType.causal, "self")
+    att.use_varlen = "require"
+    q = torch.zeros(8, HEADS, HD)
+    with pytest.raises(VarlenUnavailable, match="CUDA|varlen"):
+        att(q, q, q, None, packed_seq_params=document_boundaries(_rows([[3, 5]], 8), 8, "cpu"))
+    att.use_varlen = True  # auto: the grouped SDPA path on CPU
+    assert att(q, q, q, None, packed_seq_params=document_boundaries(_rows([[3, 5]], 8), 8, "cpu")).shape == (8, HEADS * HD)

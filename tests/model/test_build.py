@@ -53,7 +53,7 @@ def test_build_model_returns_the_config_its_chunks_hold(parallel1, tmp_path):
 def test_model_dtype(tmp_path):
     run = _run(tmp_path)
     assert model_dtype(run) == torch.float32
-    run.train.precision = "auto"
+    run.precision.dtype = "auto"
     want = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     assert model_dtype(run) == want
 
@@ -95,3 +95,42 @@ print("ok")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          cwd=ROOT, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+def test_inference_dtype_follows_the_training_precision_on_cuda(parallel1, tmp_path, monkeypatch):
+    """Evaluation and generation load a bf16-trained checkpoint in bf16 on CUDA (it was loaded in
+    fp32 everywhere: twice the memory and a slower model than the one trained), fp32 on a CPU,
+    and an explicit dtype or MEGAVLM_INFERENCE_DTYPE wins."""
+    from megavlm.model import build
+    from megavlm.train import checkpoint as ckpt
+
+    monkeypatch.delenv(build.INFERENCE_DTYPE_ENV, raising=False)
+    run = _run(tmp_path / "run")
+    run.precision.dtype = "bf16"
+    chunks, _ = build_model(run, parallel1, torch.bfloat16, backend="local")
+    out = tmp_path / "ck"
+    ckpt.save(out, chunks, None, {"stage": "s", "step": 0, "steps": 0}, {}, 0, write_loader=False,
+              run_config=run)
+    want = chunks[0].output_layer.weight.detach().clone()
+
+    def dtype_of(**kw):
+        loaded, _ = load_for_inference(out, parallel1, **kw)
+        return loaded[0].output_layer.weight.dtype, loaded[0].output_layer.weight
+
+    assert dtype_of()[0] == torch.float32  # a CPU: fp32
+    monkeypatch.setattr(build, "_cuda_bf16", lambda: (True, True))  # as on an H200 (device stays CPU)
+    got, w = dtype_of()
+    assert got == torch.bfloat16 and torch.equal(w, want)
+    assert dtype_of(dtype=torch.float32)[0] == torch.float32
+    monkeypatch.setenv(build.INFERENCE_DTYPE_ENV, "fp32")
+    assert dtype_of()[0] == torch.float32
+    monkeypatch.setenv(build.INFERENCE_DTYPE_ENV, "int8")
+    with pytest.raises(ValueError, match="MEGAVLM_INFERENCE_DTYPE"):
+        dtype_of()
+    monkeypatch.delenv(build.INFERENCE_DTYPE_ENV)
+    run.precision.dtype = "fp32"
+    assert build.inference_dtype(run) == torch.float32
+    run.precision.dtype = "bf16"
+    monkeypatch.setattr(build, "_cuda_bf16", lambda: (True, False))
+    with pytest.raises(RuntimeError, match="no bf16"):
+        build.inference_dtype(run)

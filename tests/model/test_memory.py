@@ -40,13 +40,14 @@ def _storages(tensors) -> dict[int, int]:
 @pytest.mark.parametrize("trainable", ["projector+lm", "lm"])
 def test_parameter_gradient_and_optimizer_bytes_are_exact(parallel1, trainable):
     from megavlm.train.loop import build_model, build_optimizer, set_trainable, wrap_ddp
+    from megavlm.train.plan import plan_run
 
     run = _run(trainable=trainable)
     stage = run.stages[0]
     chunks, tc = build_model(run, parallel1, torch.float32)
     set_trainable(chunks, stage.trainable)
     model = wrap_ddp(chunks, tc)
-    optimizer = build_optimizer(run, stage, model, torch.float32)
+    optimizer = build_optimizer(plan_run(run)[stage.name], model, torch.float32)
     layout = memory.layout_of(run, dp=1, precision="fp32")
     want = memory.state_bytes(run.model, layout, stage=0)
 
@@ -73,11 +74,11 @@ def test_parameter_gradient_and_optimizer_bytes_are_exact(parallel1, trainable):
     assert opt_bytes == want["optimizer"]
 
 
-def _measured_activations(parallel1, run, micro: int, seq: int) -> int:
+def _measured_activations(parallel1, run, micro: int, seq: int, dtype=torch.float32) -> int:
     from megavlm.ops.masked_ce import masked_cross_entropy_reference
     from megavlm.train.loop import build_model
 
-    chunks, _ = build_model(run, parallel1, torch.float32)
+    chunks, _ = build_model(run, parallel1, dtype)
     m = chunks[0]
     params = set(_storages(m.parameters()))
     g = torch.Generator().manual_seed(0)
@@ -96,19 +97,23 @@ def _measured_activations(parallel1, run, micro: int, seq: int) -> int:
         h, weight = m.loss_inputs(hidden)
         loss, _ = masked_cross_entropy_reference(h, weight, tokens, torch.ones(micro, seq),
                                                  z_loss=run.model.z_loss)
-    loss.backward()  # the graph was complete
+    loss.float().backward()  # the graph was complete
     return sum(saved.values())
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 @pytest.mark.parametrize("micro,seq", [(2, 32), (3, 16)])
-def test_activation_bytes_match_saved_tensors(parallel1, recompute, micro, seq):
+def test_activation_bytes_match_saved_tensors(parallel1, recompute, micro, seq, precision):
+    """The plan within 1 % of what autograd saves, in fp32 and in bf16 (the norms used to save
+    fp32 copies in bf16: measured 1.19x the plan)."""
     run = _run(recompute=recompute, micro_batch_size=micro, global_batch_size=micro * 2)
     run = dataclasses.replace(run, model=dataclasses.replace(run.model, seq_length=seq))
-    layout = memory.layout_of(run, dp=1, attention="flash", loss="reference", precision="fp32")
+    layout = memory.layout_of(run, dp=1, attention="flash", loss="reference", precision=precision)
     stored, _, _ = memory.activation_bytes(run.model, layout, stage=0)
-    got = _measured_activations(parallel1, run, micro, seq)
-    assert abs(got - stored) <= 0.01 * got, (got, stored)
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    got = _measured_activations(parallel1, run, micro, seq, dtype)
+    assert abs(got - stored) <= 0.01 * got, (got, stored, got / stored)
 
 
 def test_recompute_and_attention_order_the_activations():

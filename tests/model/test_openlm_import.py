@@ -1,8 +1,9 @@
 """OpenLM / DCLM import and export, offline, on randomly initialised state dicts in open_lm's layout.
 
 The source is a plain-PyTorch ReferenceDCLM with random weights and random (non-unit) norm gains,
-saved the way open_lm saves (``{"state_dict": {"module.<name>": ...}}`` with a rotary buffer) and
-as safetensors. Checks: reading strips wrappers and refuses a state dict of another shape; the
+saved the way open_lm saves (``{"state_dict": {"module.<name>": ...}}`` with each layer's rotary
+buffer) and as safetensors. Checks: reading strips wrappers and refuses a state dict of another
+shape or rotary buffers of another base; the
 converted checkpoint holds the tensors exactly and computes the reference's logits at TP=1 and —
 over two gloo processes — at TP=2, and a checkpoint written at TP=2 loads at TP=1; the check
 itself fails when the QKV re-layout is wrong; export → re-import is the identity.
@@ -45,6 +46,10 @@ def openlm_state(cfg, seed: int = 3) -> dict:
     return {k: v.clone() for k, v in ref.state_dict().items()}
 
 
+def inv_freq(head_dim: int, base: float) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+
+
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     d = tmp_path_factory.mktemp("openlm")
@@ -54,7 +59,9 @@ def source(tmp_path_factory):
     state = openlm_state(run.model)
     pt = d / "open_lm_checkpoint.pt"
     wrapped = {f"module.{k}": v for k, v in state.items()}
-    wrapped["module.layers.0.attention.pos_embed.inv_freq"] = torch.ones(4)
+    for i in range(run.model.num_layers):  # as open_lm's RotaryEmbedding computes it
+        wrapped[f"module.layers.{i}.attention.pos_embed.inv_freq"] = inv_freq(run.model.head_dim,
+                                                                              run.model.rope_base)
     torch.save({"epoch": 1, "state_dict": wrapped}, pt)
     from safetensors.torch import save_file
 
@@ -64,8 +71,8 @@ def source(tmp_path_factory):
 
 
 def test_read_strips_wrappers_and_validates(source):
-    state, dropped = openlm_io.read_state_dict(source["pt"])
-    assert dropped == ["module.layers.0.attention.pos_embed.inv_freq"]
+    state, dropped = openlm_io.read_state_dict(source["pt"], source["run"].model)
+    assert dropped == [f"module.layers.{i}.attention.pos_embed.inv_freq" for i in range(2)]
     assert set(state) == set(source["state"])
     assert all(torch.equal(state[k], source["state"][k]) for k in state)
     st, _ = openlm_io.read_state_dict(source["st"])
@@ -76,6 +83,34 @@ def test_read_strips_wrappers_and_validates(source):
     bad["layers.0.attention.in_proj.weight"] = torch.zeros(3, 3)
     with pytest.raises(openlm_io.ConversionError, match="missing 1.*shape mismatches"):
         openlm_io.validate_state_dict(bad, source["run"].model)
+
+
+def test_rotary_base_mismatch_is_refused(source, parallel1, tmp_path):
+    """A checkpoint whose inv_freq was computed with another base is refused, naming both bases;
+    the right base in bf16 (rounded) passes; a buffer of another head_dim is refused."""
+    run = source["run"]
+    hd = run.model.head_dim
+    assert run.model.rope_base == 10000.0
+    wrapped = {f"module.{k}": v for k, v in source["state"].items()}
+    wrong = tmp_path / "base5e5.pt"
+    torch.save({"state_dict": {**wrapped, "module.layers.1.attention.pos_embed.inv_freq":
+                               inv_freq(hd, 500000.0)}}, wrong)
+    with pytest.raises(openlm_io.ConversionError,
+                       match=r"layers\.1\.attention\.pos_embed\.inv_freq was computed with rope_base "
+                             r"≈ 500000, but the recipe's model\.rope_base is 10000"):
+        openlm_io.read_state_dict(wrong, run.model)
+    with pytest.raises(openlm_io.ConversionError, match="rope_base"):  # the converter refuses it too
+        convert_openlm.convert(run, parallel1, wrong, tmp_path / "no", log=lambda s: None)
+    assert not (tmp_path / "no").exists()
+    openlm_io.read_state_dict(wrong)  # without a config nothing is checked (export read-back)
+    half = tmp_path / "bf16.pt"
+    torch.save({"module.layers.0.attention.pos_embed.inv_freq": inv_freq(hd, 10000.0).bfloat16(),
+                **wrapped}, half)
+    openlm_io.read_state_dict(half, run.model)
+    shape = tmp_path / "shape.pt"
+    torch.save({**wrapped, "module.layers.0.attention.pos_embed.inv_freq": torch.ones(4)}, shape)
+    with pytest.raises(openlm_io.ConversionError, match=r"shape \(4,\).*head_dim 16 needs \(8,\)"):
+        openlm_io.read_state_dict(shape, run.model)
 
 
 def test_convert_tp1_matches_reference_and_check_can_fail(source, parallel1, tmp_path):
@@ -132,13 +167,18 @@ def test_export_reimports_exactly(source, parallel1, tmp_path):
     assert "projector.fc1.weight" in rep["tensors"]
     cfg = __import__("json").loads((out / "config.json").read_text())
     assert cfg["architecture"]["dim"] == run.model.hidden_size and cfg["architecture"]["qk_norm"]
-    back, _ = openlm_io.read_state_dict(out / "model.safetensors")
+    assert set(cfg["files"]) == {"model.safetensors", "projector.safetensors"}
+    back, dropped = openlm_io.read_state_dict(out / "model.safetensors", run.model)  # rotary checked
+    assert len(dropped) == run.model.num_layers
+    assert not any(k.startswith("projector.") for k in back)  # open_lm has no projector
     for k, v in source["state"].items():
         assert torch.equal(back[k], v), k
-    # and the export is itself a valid import source (projector tensors are not OpenLM's: drop them)
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file
 
-    lm = out / "lm.safetensors"
-    save_file({k: v for k, v in back.items() if not k.startswith("projector.")}, str(lm))
-    rep2 = convert_openlm.convert(run, parallel1, lm, tmp_path / "again", log=lambda s: None)
-    assert rep2["check"]["rel"] < 1e-5
+    proj = load_file(str(out / "projector.safetensors"))
+    assert sorted(proj) == ["projector.fc1.bias", "projector.fc1.weight", "projector.fc2.bias",
+                            "projector.fc2.weight"]
+    # and the exported file itself is a valid import source (its rotary buffers are checked)
+    rep2 = convert_openlm.convert(run, parallel1, out / "model.safetensors", tmp_path / "again",
+                                  log=lambda s: None)
+    assert rep2["check"]["rel"] < 1e-5 and len(rep2["dropped"]) == run.model.num_layers

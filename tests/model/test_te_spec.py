@@ -1,7 +1,7 @@
 """The Transformer Engine spec: chosen only when usable, FP8 wiring, TE vs local on the same weights.
 
 CPU part: backend selection never picks TE without a GPU, nothing TE-related is imported on the
-CPU path, train.fp8 maps onto megatron's TransformerConfig fp8 fields and is refused where it
+CPU path, precision.fp8 maps onto megatron's TransformerConfig fp8 fields and is refused where it
 cannot run. GPU part (``gpu`` marker, skipped without TE + CUDA): the TE model and the local model
 built from the same seed (megavlm.model.init is spec-independent) give the same hidden states on
 causal rows (TE's causal sbhd path) and on packed and image rows at micro-batch 4 (TE's THD path
@@ -68,11 +68,11 @@ def test_fp8_config_validation():
         return synthetic.tiny_run("unused", layers=2)
 
     with pytest.raises(ConfigError, match="model.backend"):
-        load_config(raw=raw(), overrides=["train.fp8=current", "train.precision=bf16", "model.backend=local"])
+        load_config(raw=raw(), overrides=["precision.fp8=current", "precision.dtype=bf16", "model.backend=local"])
     with pytest.raises(ConfigError, match="precision"):
-        load_config(raw=raw(), overrides=["train.fp8=delayed", "train.precision=fp32"])
-    run = load_config(raw=raw(), overrides=["train.fp8=delayed", "train.precision=bf16"])
-    assert run.train.fp8 == "delayed" and run.model.backend == "auto"
+        load_config(raw=raw(), overrides=["precision.fp8=delayed", "precision.dtype=fp32"])
+    run = load_config(raw=raw(), overrides=["precision.fp8=delayed", "precision.dtype=bf16"])
+    assert run.precision.fp8 == "delayed" and run.model.backend == "auto"
 
 
 def test_fp8_on_cpu_is_a_clear_error(parallel1):
@@ -81,7 +81,7 @@ def test_fp8_on_cpu_is_a_clear_error(parallel1):
         pytest.skip("TE and a GPU are usable here")
     from megavlm.model.build import build_model
 
-    run = load_config(raw=synthetic.tiny_run("unused", layers=2), overrides=["train.fp8=delayed", "train.precision=bf16"])
+    run = load_config(raw=synthetic.tiny_run("unused", layers=2), overrides=["precision.fp8=delayed", "precision.dtype=bf16"])
     with pytest.raises(RuntimeError, match="Transformer Engine"):
         build_model(run, parallel1, torch.bfloat16)
 
@@ -92,7 +92,7 @@ def _gpu_run(fp8: str = "none"):
     raw = synthetic.tiny_run("unused", layers=2)
     # TE/FP8 GEMMs want widths that are multiples of 16; keep the tiny shape otherwise
     over = ["model.seq_length=128", "model.hidden_size=256", "model.ffn_hidden_size=768",
-            "model.num_attention_heads=4", f"train.fp8={fp8}", "train.precision=bf16"]
+            "model.num_attention_heads=4", f"precision.fp8={fp8}", "precision.dtype=bf16"]
     return load_config(raw=raw, overrides=over)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from megavlm.prep.encoders import (DaliDecoder, EfficientNetLite0, ImageEncoder, SiglipEncoder, dali_available,
+from megavlm.encoders import (DaliDecoder, EfficientNetLite0, ImageEncoder, SiglipEncoder, dali_available,
                                    decode_pil, encode_images, read_image_list)
 from megavlm.data.indexed import DataError, EmbeddingStore, TokenData
 
@@ -226,7 +226,7 @@ def test_inputs_are_checked_first_and_a_fixed_rerun_just_works(tmp_path, tok, ti
 def test_non_image_files_in_the_folder_are_named(tmp_path, capsys):
     from PIL import Image
 
-    from megavlm.prep.encoders import read_image_list
+    from megavlm.encoders import read_image_list
 
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text("A caption.\n")

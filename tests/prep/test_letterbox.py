@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from megavlm.config import DataConfig, MixtureConfig, VisionConfig
-from megavlm.prep.encoders import decode_pil, letterbox, make_decoder, mean_fill
+from megavlm.encoders import decode_pil, letterbox, make_decoder, mean_fill
 from megavlm.data.indexed import DataError, EmbeddingStore
-from megavlm.data.mixture import StageLoader
+from megavlm.data.mixture import LoaderSpec
+from megavlm.train.plan import build_loader
 
 from tests.data.conftest import write_caption_dataset
 
@@ -78,9 +79,8 @@ def test_store_records_resize_and_stage_refuses_mixing(corpus, tok, tmp_path):
 
     def loader():
         data = DataConfig(root=str(tmp_path), captions=["a", "b"])
-        return StageLoader(data, MixtureConfig(text=0.5, captions=0.5), seq_length=64, micro_batch_size=1,
-                           num_microbatches=1, dp_rank=0, dp_size=1, seed=1, stage="img",
-                           vision=VisionConfig(embed_dim=8, num_patches=4))
+        return build_loader(LoaderSpec(stage="img", data=data, mixture=MixtureConfig(text=0.5, captions=0.5),
+                                       vision=VisionConfig(embed_dim=8, num_patches=4), seq_length=64, seed=1))
 
     assert loader().resize == "square"
     _set_resize(tmp_path / "b", "letterbox")

@@ -9,8 +9,8 @@ import math
 import pytest
 
 from megavlm.config import ConfigError, load_config
-from megavlm.train.schedule import (StageSchedule, continued, cosine, lr_from_description, plan,
-                                    recorded, resolve_schedules)
+from megavlm.train.plan import describe_run, plan_run
+from megavlm.train.schedule import StageSchedule, continued, cosine, lr_from_description, recorded
 
 SRC = {"kind": "cosine", "peak": 1e-2, "final": 1e-5, "warmup_steps": 50, "steps": 1000, "fraction": 0.8}
 
@@ -22,13 +22,13 @@ def _raw(schedule, init=None, tokens=64 * 8 * 256):
 
 def test_stated_source_continues_its_cosine():
     run = load_config(raw=_raw({"kind": "continue", "source": SRC}))
-    T = plan(run)["stages"][0]["steps"]
-    st = plan(run)["stages"][0]
+    T = describe_run(run)["stages"][0]["steps"]
+    st = describe_run(run)["stages"][0]
     assert st["schedule"]["source"] == SRC and st["schedule"]["source_fraction"] == 0.8
     src = lambda t: cosine(t, 1000, 50, 1e-2, 1e-5)  # noqa: E731
     assert st["lr"][0][1] == pytest.approx(src(800))
     assert st["lr"][-1][1] == pytest.approx(1e-5)
-    s = resolve_schedules(run, {"img": T})["img"]
+    s = plan_run(run, steps={"img": T})["img"].schedule
     assert s.lr(17) == pytest.approx(continued(17, T, src, 1000, 0.8))
 
 
@@ -48,7 +48,7 @@ def test_source_read_from_our_checkpoint_meta(tmp_path):
     (ck / "meta.json").write_text(json.dumps({"stage": "image", "step": 150, "steps": 200, "fractions": [],
                                               "schedule": desc}))
     run = load_config(raw=_raw({"kind": "continue"}, init={"path": str(ck)}))
-    st = plan(run)["stages"][0]
+    st = describe_run(run)["stages"][0]
     assert st["schedule"]["source"]["fraction"] == pytest.approx(0.75)
     assert st["schedule"]["source"]["from"].endswith("meta.json")
     assert st["lr"][0][1] == pytest.approx(img.lr(150))  # picks up where that stage stood
@@ -86,7 +86,7 @@ def test_continue_from_fraction_one_suggests_rewarm(tmp_path):
                                               "schedule": {**SRC, "source_stage": None}}))
     run = load_config(raw=_raw({"kind": "continue"}, init={"path": str(ck)}))
     with pytest.raises(ConfigError, match="fraction 1.0.*rewarm"):
-        plan(run)
+        describe_run(run)
 
 
 def test_imported_checkpoint_without_schedule_asks_for_source(tmp_path):
@@ -96,10 +96,10 @@ def test_imported_checkpoint_without_schedule_asks_for_source(tmp_path):
     (ck / "meta.json").write_text(json.dumps({"stage": "import", "step": 0, "steps": 0, "fractions": []}))
     run = load_config(raw=_raw({"kind": "continue"}, init={"path": str(ck)}))
     with pytest.raises(ConfigError, match="records no schedule.*schedule.source"):
-        plan(run)
+        describe_run(run)
     run = load_config(raw=_raw({"kind": "continue"}, init={"path": str(tmp_path / "missing")}))
     with pytest.raises(ConfigError, match="meta.json not found"):
-        plan(run)
+        describe_run(run)
     with pytest.raises(ConfigError, match="source is for init.path"):
         load_config(raw={"stages": [{"name": "t", "tokens": 100},
                                     {"name": "i", "tokens": 100, "init": {"stage": "t", "fraction": 1.0},

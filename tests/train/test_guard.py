@@ -16,7 +16,7 @@ import torch
 from megavlm.config import load_config
 from megavlm.train import loop
 from megavlm.train.guard import LossGuard, TrainingDiverged
-from megavlm.train.schedule import resolve_schedules, stage_steps
+from megavlm.train.plan import plan_run
 from tests import synthetic
 
 STEPS = 4
@@ -29,7 +29,7 @@ def _setup(tmp_path, **train):
     raw["train"].update(train)
     run = load_config(raw=raw)
     st = run.stages[0]
-    sched = resolve_schedules(run, {st.name: stage_steps(run, st)})[st.name]
+    sched = plan_run(run)[st.name]
     (tmp_path / "run").mkdir()
     return run, st, sched
 
@@ -38,8 +38,8 @@ def _poisoning(run, at_step: int):
     """The synthetic loader, with NaN in the image embeddings of step ``at_step``'s batches."""
     make = synthetic.factory(run)
 
-    def factory(stage, parallel, nmb):
-        loader = make(stage, parallel, nmb)
+    def factory(spec, parallel, nmb):
+        loader = make(spec, parallel, nmb)
         real, calls = loader.next_step, [0]
 
         def next_step():
@@ -68,7 +68,7 @@ def _ckpts(run):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(parallel1, tmp_path):
     run, st, sched = _setup(tmp_path)
-    trainer = loop.StageTrainer(run, st, sched, parallel1, _poisoning(run, 3), log=lambda s: None)
+    trainer = loop.StageTrainer(run, sched, parallel1, _poisoning(run, 3), log=lambda s: None)
     with pytest.raises(TrainingDiverged) as e:
         trainer.train()
     msg = str(e.value)
@@ -85,7 +85,7 @@ def test_nan_loss_skip_drops_the_update_everywhere_and_logs_it(parallel1, tmp_pa
     def observer(stage, step, model):  # before the optimizer: the weights the step started from
         weights[step] = [p.detach().clone() for m in model for p in m.parameters()]
 
-    trainer = loop.StageTrainer(run, st, sched, parallel1, _poisoning(run, 2), log=lambda s: None)
+    trainer = loop.StageTrainer(run, sched, parallel1, _poisoning(run, 2), log=lambda s: None)
     out = trainer.train(observer=observer)
     assert out.steps == STEPS
     lines = _lines(run)
@@ -95,7 +95,7 @@ def test_nan_loss_skip_drops_the_update_everywhere_and_logs_it(parallel1, tmp_pa
     assert not any(m.get("skipped") for m in lines[:1] + lines[2:])
     assert all(torch.equal(a, b) for a, b in zip(weights[2], weights[3]))  # the update was dropped
     assert not all(torch.equal(a, b) for a, b in zip(weights[3], weights[4]))  # later ones apply
-    assert [m["lr"] for m in lines] == [sched.lr(i) for i in range(STEPS)]  # a skipped step counts
+    assert [m["lr"] for m in lines] == [sched.schedule.lr(i) for i in range(STEPS)]  # a skipped step counts
     assert all(torch.isfinite(p).all() for p in weights[4])
 
 
@@ -109,7 +109,7 @@ def test_nan_grad_with_finite_loss_is_caught_before_the_update(parallel1, tmp_pa
             p = next(p for m in model for p in m.parameters() if p.requires_grad)
             p.main_grad.view(-1)[0] = float("inf")
 
-    loop.StageTrainer(run, st, sched, parallel1, synthetic.factory(run), log=lambda s: None).train(observer=observer)
+    loop.StageTrainer(run, sched, parallel1, synthetic.factory(run), log=lambda s: None).train(observer=observer)
     bad = _lines(run)[1]
     assert bad["skipped"] and bad["skip_reason"].startswith("non-finite grad_norm") and bad["loss"] == bad["loss"]
     assert all(torch.equal(a, b) for a, b in zip(weights[2], weights[3]))
@@ -123,13 +123,13 @@ def test_nan_grad_stop_names_grad_norm(parallel1, tmp_path):
             next(p for m in model for p in m.parameters() if p.requires_grad).main_grad.view(-1)[0] = float("nan")
 
     with pytest.raises(TrainingDiverged, match=r"\[text\] step 3: grad_norm=nan is not finite"):
-        loop.StageTrainer(run, st, sched, parallel1, synthetic.factory(run), log=lambda s: None).train(observer=observer)
+        loop.StageTrainer(run, sched, parallel1, synthetic.factory(run), log=lambda s: None).train(observer=observer)
     assert _ckpts(run) == ["step_0000002"]
 
 
 def test_spike_rule_over_the_running_median(parallel1, tmp_path):
     run, _, _ = _setup(tmp_path, spike_factor=2.0, spike_window=3, on_spike="skip")
-    g = LossGuard(run.train, "text")
+    g = LossGuard(run.guard, "text")
     for x in (1.0, 3.0):
         assert g.judge_loss(1, x) == (None, None)
         g.accepted(x)
@@ -139,12 +139,12 @@ def test_spike_rule_over_the_running_median(parallel1, tmp_path):
     skip, _ = g.judge_loss(5, 4.5)
     assert skip.startswith("loss spike (4.5 > 2.0 x running median 2")
     assert g.state() == [1.0, 3.0, 2.0]  # skipped losses never join the window
-    warn = LossGuard(load_config(raw={**_raw(tmp_path), "train": {**_raw(tmp_path)["train"], "spike_factor": 2.0,
-                                                                   "spike_window": 1, "on_spike": "warn"}}).train,
+    warn = LossGuard(load_config(raw={**_raw(tmp_path), "guard": {"spike_factor": 2.0, "spike_window": 1,
+                                                                   "on_spike": "warn"}}).guard,
                      "text", window=[1.0])
     skip, note = warn.judge_loss(7, 3.0)
     assert skip is None and "loss spike 3 > 2.0 x running median 1" in note
-    stop = LossGuard(run.train.__class__(**{**run.train.__dict__, "on_spike": "stop"}), "text", window=[1.0, 1.0, 1.0])
+    stop = LossGuard(run.guard.__class__(**{**run.guard.__dict__, "on_spike": "stop"}), "text", window=[1.0, 1.0, 1.0])
     with pytest.raises(TrainingDiverged, match=r"\[text\] step 9: loss=5.0 > 2.0 x running median 1.*on_spike=stop"):
         stop.judge_loss(9, 5.0)
 
@@ -156,11 +156,11 @@ def _raw(tmp_path):
 
 
 def test_guard_config_is_checked():
-    from megavlm.config import ConfigError, TrainConfig
+    from megavlm.config import ConfigError, GuardConfig, PreemptionConfig
 
     with pytest.raises(ConfigError, match="spike_factor=0.5 must be > 1"):
-        TrainConfig(spike_factor=0.5)
+        GuardConfig(spike_factor=0.5)
     with pytest.raises(ConfigError, match="'SIGFOO' is not a signal name"):
-        TrainConfig(stop_signals=["SIGFOO"])
+        PreemptionConfig(stop_signals=["SIGFOO"])
     with pytest.raises(ConfigError, match="max_wall_minutes=0"):
-        TrainConfig(max_wall_minutes=0)
+        PreemptionConfig(max_wall_minutes=0)

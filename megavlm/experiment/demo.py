@@ -24,7 +24,18 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from tqdm.auto import tqdm
+
+from megavlm.config import load_config
+from megavlm.experiment.grid import branch_overrides, roles
+from megavlm.experiment.plan import link_stages
+from megavlm.experiment.plots import demo_figures, read_metrics
+from megavlm.experiment.scoring import evaluate_checkpoint
+from megavlm.prepare import prepare_recipe
 from megavlm.progress import bars_enabled
+from megavlm.run_folder import EVAL_DIR, EVAL_SUMMARY, META
+from megavlm.train import checkpoint as ckpt
+from megavlm.train.plan import plan_run
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "launch" / "configs" / "demo.yaml"
@@ -40,13 +51,9 @@ class StageBars:
         self.totals, self.prefix, self.bars = totals, prefix, {}
 
     def write(self, msg: str) -> None:
-        from tqdm.auto import tqdm
-
         tqdm.write(msg)
 
     def observe(self, stage: str, step: int, model) -> None:
-        from tqdm.auto import tqdm
-
         if stage not in self.bars:
             self.bars[stage] = tqdm(total=self.totals[stage], initial=step - 1, unit="step",
                                     desc=f"{self.prefix}{stage}", leave=True, disable=not bars_enabled())
@@ -62,11 +69,7 @@ class StageBars:
 def train_chain(config: Path, overrides: list[str], run_dir: Path, parallel,
                 log: Callable[[str], None] = print) -> dict[str, Path]:
     """Train the shared text stage and both branches' later stages; returns branch -> run dir."""
-    from megavlm.config import load_config
-    from megavlm.experiment.grid import branch_overrides, roles
-    from megavlm.experiment.plan import link_stages
-    from megavlm.train.schedule import stage_steps
-    from megavlm.train.stages import run_stages
+    from megavlm.train.stages import run_stages  # megatron-core: only when training
 
     base = load_config(config, overrides)
     r = roles(base)
@@ -79,7 +82,7 @@ def train_chain(config: Path, overrides: list[str], run_dir: Path, parallel,
         run = load_config(config, overrides + extra + [f"run_dir={rd}"])
         if links:
             link_stages(rd, links)
-        bars = StageBars({s.name: stage_steps(run, s) for s in run.stages}, prefix=f"{name}: ")
+        bars = StageBars({n: p.steps for n, p in plan_run(run).items()}, prefix=f"{name}: ")
         try:
             run_stages(run, parallel, only=only, log=bars.write, observer=bars.observe)
         finally:
@@ -92,23 +95,18 @@ def train_chain(config: Path, overrides: list[str], run_dir: Path, parallel,
 def evaluate_branches(branches: dict[str, Path], sft_stage: str, demo_root: str,
                       limit: Optional[int] = None) -> dict[str, dict]:
     """Score each branch's final fine-tuned checkpoint; an unchanged checkpoint is not re-scored."""
-    from tqdm.auto import tqdm
-
-    from megavlm.experiment.scoring import evaluate_checkpoint
-    from megavlm.train import checkpoint as ckpt
-
     out = {}
     for name, rd in tqdm(list(branches.items()), desc="evaluating branches", unit="branch",
                          disable=not bars_enabled()):
         final = ckpt.at_fraction(rd, sft_stage, 1.0).path
-        cache = rd / "eval" / "summary.json"
-        key = {"checkpoint": str(final.resolve()), "mtime": (final / "meta.json").stat().st_mtime, "limit": limit}
+        cache = rd / EVAL_DIR / EVAL_SUMMARY
+        key = {"checkpoint": str(final.resolve()), "mtime": (final / META).stat().st_mtime, "limit": limit}
         if cache.is_file():
             prev = json.loads(cache.read_text())
             if prev.get("key") == key:
                 out[name] = prev["scores"]
                 continue
-        scores = evaluate_checkpoint(final, rd / "eval", demo_root=demo_root, limit=limit)
+        scores = evaluate_checkpoint(final, rd / EVAL_DIR, demo_root=demo_root, limit=limit)
         cache.write_text(json.dumps({"key": key, "scores": scores}, indent=1))
         out[name] = scores
     return out
@@ -151,13 +149,10 @@ def stage_table(metrics_by_run: dict[str, dict[str, list[dict]]]) -> str:
 def write_outputs(run_dir: Path, base, branches: dict[str, Path], scores: dict[str, dict],
                   seconds: Optional[float]) -> tuple[str, list[Path]]:
     """Plots, summary.md and summary.json in the run directory; returns the markdown and plot paths."""
-    from megavlm.experiment.grid import roles
-    from megavlm.experiment.plots import demo_figures, read_metrics
-    from megavlm.train.schedule import stage_steps
-
     r = roles(base)
     text = read_metrics(run_dir / SHARED).get(r.text, [])
-    text_tokens = stage_steps(base, base.stage(r.text)) * base.train.global_batch_size * base.model.seq_length
+    text_plan = plan_run(base)[r.text]
+    text_tokens = text_plan.steps * text_plan.tokens_per_step  # positions, at the stage's own row length
     fractions = dict(BRANCHES)
     info = {n: {"metrics": {k: v for k, v in read_metrics(rd).items() if k != r.text},
                 "start_fraction": fractions[n], "stages": [r.image, r.sft]} for n, rd in branches.items()}
@@ -178,10 +173,7 @@ def write_outputs(run_dir: Path, base, branches: dict[str, Path], scores: dict[s
 
 
 def main(args) -> int:
-    from megavlm.config import load_config
-    from megavlm.experiment.grid import roles
-    from megavlm.parallel.state import Parallel
-    from megavlm.prepare import prepare_recipe
+    from megavlm.parallel.state import Parallel  # megatron-core: only when training
 
     t0 = time.perf_counter()
     config = Path(args.config or DEFAULT_CONFIG)

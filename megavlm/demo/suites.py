@@ -20,6 +20,11 @@ Vision (embeddings from the demo's held-out caption store, the same EfficientNet
     (a metric, not an accuracy: reported, not part of the stable score).
 
 Everything is deterministic (fixed seeds) and written to a folder of the caller's choosing.
+
+They are the demo's (its assets, its corpus layout), so they live in the demo package; evaluation
+runs them as a :class:`megavlm.eval.api.Suite` handed to ``megavlm.eval.api.evaluate``
+(:class:`OfflineSuite`), so megavlm.eval never imports the demo. Running lm-eval tasks in general
+is megavlm.eval.text's.
 """
 
 from __future__ import annotations
@@ -34,8 +39,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from megavlm.config import DataConfig
+from megavlm.demo.debian import default_cache
 from megavlm.eval.runner import CheckpointModel, EvalError, ScoreRequest
-from megavlm.eval.vision import ImageBank, TaskResult, VisionQuestion, score_task, check_store
+from megavlm.eval.text import run_text, text_accuracies
+from megavlm.eval.vision import ImageBank, TaskResult, VisionQuestion, check_store, score_task
 
 TEXT_SUITE = ("megavlm_wordnet_mc", "megavlm_heldout_cloze")
 VISION_SUITE = ("fashion_vqa", "offline_pope", "tuxpaint_caption_ppl")
@@ -69,12 +77,21 @@ class Sources:
     def default(cls, demo_root: Optional[str | Path] = None, wordnet: Optional[str | Path] = None) -> "Sources":
         """The demo corpus root (default: DataConfig.root) and WordNet as the demo build extracted
         it (``<cache>/extract/wordnet-base``) unless given."""
-        from megavlm.config import DataConfig
-        from megavlm.demo.debian import default_cache
-
         root = Path(demo_root or DataConfig.root).expanduser()
         wn = Path(wordnet) if wordnet else default_cache() / "extract" / "wordnet-base" / "usr/share/wordnet"
         return cls(root, wn if wn.is_dir() else None)
+
+    NEEDED = ("raw/text_heldout.jsonl", "captions_heldout.embeds", "raw/captions_heldout.jsonl")
+    """What the suites read from the demo corpus root."""
+
+    def missing(self) -> Optional[str]:
+        """Why the suites cannot run here (the first absent asset), None when they can."""
+        for rel in self.NEEDED:
+            try:
+                self.need(rel)
+            except EvalError as e:
+                return str(e)
+        return None
 
     def need(self, rel: str) -> Path:
         p = self.demo_root / rel
@@ -196,47 +213,6 @@ def write_text_suite(out_dir: str | Path, sources: Sources, n: int = 200) -> Pat
     return out
 
 
-def run_text(model: CheckpointModel, tasks: Sequence[str], include_path: Optional[str | Path] = None,
-             limit: Optional[float] = None, include_defaults: bool = True) -> dict:
-    """Run lm-eval tasks on the model; returns lm-eval's results dict. Unknown task names are one
-    error listing them."""
-    import logging
-
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    from megavlm.eval.lm_adapter import MegavlmLM
-
-    logging.getLogger("lm-eval").setLevel(logging.WARNING)
-    tm = TaskManager(include_path=str(include_path) if include_path else None,
-                     include_defaults=include_defaults, verbosity="ERROR")
-    known = set(tm.all_tasks)
-    unknown = [t for t in tasks if t not in known]
-    if unknown:
-        raise EvalError(f"lm-eval does not know the task(s) {unknown}"
-                        + (f" (local tasks in {include_path}: "
-                           f"{sorted(p.stem for p in Path(include_path).glob('*.yaml'))})" if include_path else ""))
-    lm = MegavlmLM(model=model, batch_size=model.batch_size)
-    try:
-        return simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=tm,
-                               log_samples=False, bootstrap_iters=0, verbosity="ERROR")
-    except ConnectionError as e:  # datasets raises it for hub datasets when offline
-        raise EvalError(f"lm-eval tasks {list(tasks)}: a dataset is not reachable from here ({e}); "
-                        f"use the offline suite (megavlm eval text --offline) or a machine with "
-                        f"Hugging Face hub access") from None
-
-
-def text_accuracies(results: dict) -> dict[str, float]:
-    """Per task, lm-eval's ``acc`` (or ``exact_match``) from a results dict."""
-    out = {}
-    for task, r in results["results"].items():
-        for key in ("acc,none", "exact_match,none", "acc_norm,none"):
-            if key in r and isinstance(r[key], (int, float)):
-                out[task] = float(r[key])
-                break
-    return out
-
-
 # -- vision suite -------------------------------------------------------------------------------
 
 
@@ -317,18 +293,47 @@ def caption_perplexity(model: CheckpointModel, bank: ImageBank, recs: Sequence[t
 
 
 def run_vision_suite(model: CheckpointModel, sources: Sources, limit: Optional[int] = None,
-                     max_new_tokens: int = 128, shards=None) -> list[TaskResult]:
-    """The offline vision suite; with ``shards`` (megavlm.eval.distributed) the question tasks are
-    split across the data-parallel ranks (the caption perplexity, a few hundred rows, is not)."""
+                     max_new_tokens: int = 128, shards=None, *, template: str) -> list[TaskResult]:
+    """The offline vision suite, questions asked as ``template`` (the checkpoint's training
+    template; the referring prompt is fixed); with ``shards`` (megavlm.eval.distributed) the question
+    tasks are split across the data-parallel ranks (the caption perplexity, a few hundred rows, is not)."""
     bank, recs = _heldout_images(sources)
     check_store(bank.store, model)
     src = sources.demo_root / "raw/captions_heldout.jsonl"
     fashion = build_fashion_vqa(recs, limit)
     if not fashion:
         raise EvalError(f"{src}: no Fashion-MNIST test images in the held-out captions")
-    results = [score_task("synonyms", model, fashion, bank, src, max_new_tokens, name="fashion_vqa", shards=shards),
+    results = [score_task("synonyms", model, fashion, bank, src, max_new_tokens, name="fashion_vqa", shards=shards,
+                          template=template),
                score_task("pope", model, build_offline_pope(recs, limit), bank, src, name="offline_pope",
-                          shards=shards)]
+                          shards=shards, template=template)]
     results.append(caption_perplexity(model, bank, recs, limit))
     return results
 
+
+
+@dataclass(frozen=True)
+class OfflineSuite:
+    """The offline suites as one :class:`megavlm.eval.api.Suite`: what ``megavlm eval all``, the
+    demo and the sweep score a checkpoint with when no lm-eval tasks are named."""
+
+    sources: Sources
+    text_tasks: tuple[str, ...] = TEXT_SUITE
+
+    @classmethod
+    def default(cls, demo_root: Optional[str | Path] = None, wordnet: Optional[str | Path] = None) -> "OfflineSuite":
+        return cls(Sources.default(demo_root, wordnet))
+
+    def missing(self) -> Optional[str]:
+        """Why the suites' demo assets are absent (megavlm.eval.api.Suite's optional ``missing``)."""
+        return self.sources.missing()
+
+    def text(self, model: CheckpointModel, workdir: Path, limit: Optional[float] = None) -> tuple[dict, dict]:
+        """lm-eval's results dict and the per-task accuracies of the text suite (written into ``workdir``)."""
+        include = write_text_suite(workdir, self.sources)
+        res = run_text(model, list(self.text_tasks), include, limit, include_defaults=False)
+        return res, text_accuracies(res)
+
+    def vision(self, model: CheckpointModel, *, template: str, limit: Optional[int] = None,
+               max_new_tokens: int = 128, shards=None) -> list[TaskResult]:
+        return run_vision_suite(model, self.sources, limit, max_new_tokens, shards, template=template)
