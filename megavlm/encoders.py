@@ -362,6 +362,8 @@ def encode_images(records: Sequence[ImageRecord], out_prefix: str | Path, encode
            "shard_size": shard_size, "count": len(records), "captions": captions,
            "tokenizer": tokenizer.name if tokenizer else None, "resize": resize,
            "inputs": _inputs_hash(records)}
+    if getattr(encoder, "compute_dtype", "float32") != "float32":  # shards of another arithmetic are not reused
+        cfg["compute_dtype"] = encoder.compute_dtype
     cfg_path = shard_dir / "job.json"
     if cfg_path.is_file():
         try:
