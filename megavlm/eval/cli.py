@@ -57,10 +57,11 @@ from megavlm.checkpoint_format import CheckpointError
 from megavlm.data.indexed import DataError
 from megavlm.data.tokenizer import TokenizerError
 from megavlm.eval import paper, vision
-from megavlm.eval.api import EvalSpec, ExtraTask, Suite, evaluate, resolve_prompt, score_question_file
+from megavlm.eval.api import EvalSpec, ExtraTask, Suite, eval_spec, evaluate, resolve_prompt, score_question_file
 from megavlm.eval.distributed import EvalShards
 from megavlm.eval.runner import CheckpointModel, EvalError
 from megavlm.eval.stable_score import DEFAULT_PRESET, PRESETS, TEXT_TASKS
+from megavlm.eval.tasks import SPEC_PRESETS, check_text_tasks
 from megavlm.eval.text import run_text, text_accuracies
 
 
@@ -119,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--data-root", default=None, help="root of the downloaded benchmarks (--suite paper)")
     a.add_argument("--paper-tasks", default=None, help="comma-separated subset of the paper suite's tasks")
     a.add_argument("--strict", action="store_true", help="--suite paper: a missing task is an error")
+    a.add_argument("--spec", default=None, metavar="PRESET|FILE",
+                   help="evaluation spec: paper-table7 | paper-table8 | appendix-e (tasks, metrics, chance; "
+                        "vision = the paper suite under --data-root, or --suite offline) or a YAML/JSON spec "
+                        "file / recipe with an eval: section (megavlm.eval.tasks). --chance PRESET without "
+                        "--tasks means --spec PRESET")
     return ap
 
 
@@ -200,6 +206,20 @@ def extra_tasks(specs: list[str]) -> list[ExtraTask]:
 def spec_of(args, offline: Optional[OfflineFactory] = None) -> EvalSpec:
     """The EvalSpec of ``megavlm eval all``'s flags."""
     extras = extra_tasks(args.extra_task)  # a bad spec is named before anything else is looked at
+    source = getattr(args, "spec", None) or (args.chance if args.chance in SPEC_PRESETS and args.chance != DEFAULT_PRESET
+                                             and not args.tasks else None)
+    if source is not None:
+        if args.tasks:
+            raise EvalError("--spec names the text tasks; drop --tasks (or write them into a spec file)")
+        suite = _offline(args, offline) if args.suite == "offline" else None
+        fields = {"chance": args.chance} if args.chance != DEFAULT_PRESET else {}
+        return eval_spec(source, suite=suite, data_root=args.data_root, vision_suite=args.suite,
+                         extra_tasks=extras, prompt_template=_prompt_arg(args), prompt_source="--prompt",
+                         batch_size=_batch_size(args), out_dir=args.out_dir,
+                         **({"limit": _limit(args)} if args.limit is not None else {}),
+                         **({"strict": True} if args.strict else {}),
+                         **({"paper_tasks": [t.strip() for t in args.paper_tasks.split(",") if t.strip()]}
+                            if args.paper_tasks else {}), **fields)
     paper_root = None
     if args.suite == "paper":
         if not args.data_root:
@@ -226,6 +246,9 @@ def run(args, offline: Optional[OfflineFactory] = None) -> Optional[dict]:
         raise EvalError("--questions/--embeds need --task (generic for own question files); "
                         "without --task the offline suite runs and they would be ignored")
     template = _prompt_arg(args)
+    if args.what == "text" and not args.offline:  # task names are checked before the model is loaded
+        check_text_tasks([t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TEXT_TASKS),
+                         args.include_path)
     model = CheckpointModel.load(args.checkpoint, batch_size=_batch_size(args))
     prompt = resolve_prompt(model, template, "--prompt")
     shards = EvalShards.from_parallel(model.parallel)
