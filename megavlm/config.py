@@ -46,6 +46,10 @@ class VisionConfig:
     encoder: Optional[str] = None
     """Name of the frozen encoder whose stored embeddings the projector reads (e.g.
     efficientnet-lite0, siglip-so400m-patch14-384); when set, a store from another encoder is refused."""
+    resize: Optional[Literal["letterbox", "square"]] = None
+    """How the stores' images were made square (tools/encode_images.py --resize); when set, a store
+    resized otherwise is refused. Evaluation encodes benchmark images the same way (megavlm.eval.images:
+    the training store's record first, else this)."""
 
     def __post_init__(self):
         _positive(self, "embed_dim", "num_patches", "projector_mult")

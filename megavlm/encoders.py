@@ -337,9 +337,10 @@ def encode_images(records: Sequence[ImageRecord], out_prefix: str | Path, encode
                   tokenizer: Optional[Tokenizer] = None, decoder: Literal["auto", "dali", "pil"] = "auto",
                   batch_size: int = 32, shard_size: int = 1024, dtype: str = "bfloat16",
                   bad_images: Literal["raise", "skip"] = "raise", progress: bool = True,
-                  keep_shards: bool = False, resize: str = "square") -> EncodeStats:
+                  keep_shards: bool = False, resize: str = "letterbox") -> EncodeStats:
     """Encode ``records`` into ``<out>.embeds`` (+ caption tokens ``<out>.bin/.idx`` when a tokenizer
-    is given). Finished shards under ``<out>.shards/`` are reused by a re-run."""
+    is given). Finished shards under ``<out>.shards/`` are reused by a re-run. ``resize``: the
+    paper's letterbox by default (:data:`RESIZE_MODES`), recorded in the store's metadata."""
     from tqdm import tqdm
 
     out_prefix = Path(out_prefix)
