@@ -32,10 +32,17 @@ made by tools/encode_images.py, PREFIX its ``--output``), and ``eval all --extra
 generic:Q.jsonl:PREFIX`` (repeatable) adds such a task to the report. ``--questions`` / ``--embeds``
 without ``--task`` are an error (they would be ignored).
 
+Specs: ``eval all --spec paper-table7|paper-table8|appendix-e|FILE`` runs a complete evaluation spec
+(lm-eval tasks with their metric, the paper's vision suite under ``--data-root``, or the offline one
+with ``--suite offline``, and the chance table; FILE: YAML/JSON or a recipe's ``eval:`` section,
+megavlm.eval.tasks); ``--chance PRESET`` without ``--tasks`` means the same. Every task name is
+checked against the installed lm-eval before the checkpoint is loaded.
+
 ``--suite paper`` runs the paper's vision suite from the benchmarks' published files under
 ``--data-root DIR`` (layout below); tasks whose files are absent are listed and skipped unless
 ``--strict``. Images are encoded once with the checkpoint's recorded encoder into
-``DIR/.megavlm-cache/<encoder>-<size>px/``.
+``DIR/.megavlm-cache/<encoder>-<size>px-<resize>/``, resized (letterbox / square) as the checkpoint's
+training stores were.
 
 Data parallel: ``torchrun --nproc_per_node=N -m megavlm eval vision …`` deals each vision task's
 questions out to the N ranks (strided), gathers the per-question rows and scores them on every

@@ -6,7 +6,8 @@ table the stable score subtracts. It comes from
 
 * a preset name: ``paper-table7`` / ``paper-table8`` / ``appendix-e`` (:data:`SPEC_PRESETS`): the
   tasks, their metric and the chance table of megavlm.eval.stable_score.PRESETS of that name;
-* a spec file (YAML or JSON), or a recipe's ``eval:`` section, of this shape::
+* a spec file (YAML or JSON), or a recipe's ``eval:`` section (megavlm.config.EvalConfig, kept in
+  every checkpoint's config.yaml: :func:`recorded_spec`), of this shape::
 
       preset: paper-table7            # optional base: its tasks, metrics and chance
       text_tasks: [hellaswag:acc_norm, arc_easy]   # TASK or TASK:METRIC (lm-eval's metric key)
@@ -232,11 +233,33 @@ def read_spec_source(source: str | Path | Mapping) -> dict:
         v = raw["vision"] or {}
         if not isinstance(v, Mapping) or set(v) - VISION_KEYS:
             raise EvalError(f"evaluation spec: vision must be a mapping of {sorted(VISION_KEYS)}, got {v!r}")
-        if v.get("suite", "paper") not in VISION_SUITES:
+        if (v.get("suite") or "paper") not in VISION_SUITES:
             raise EvalError(f"evaluation spec: vision.suite {v.get('suite')!r} is not one of {list(VISION_SUITES)}")
     if raw.get("preset") is not None and raw["preset"] not in SPEC_PRESETS:
         raise EvalError(f"evaluation spec: unknown preset {raw['preset']!r}; known: {list(SPEC_PRESETS)}")
     return raw
+
+
+def recorded_spec(checkpoint: str | Path) -> Optional[dict]:
+    """The ``eval:`` section of a checkpoint's run config (config.yaml, megavlm.config.EvalConfig)
+    when it sets anything, else None (the run is scored on the offline suites)."""
+    import yaml
+
+    from megavlm.checkpoint_format import resolve_checkpoint
+    from megavlm.run_folder import CONFIG
+
+    try:
+        path = resolve_checkpoint(checkpoint) / CONFIG
+    except Exception:  # not a checkpoint: loading it says so
+        return None
+    if not path.is_file():
+        return None
+    section = (yaml.safe_load(path.read_text()) or {}).get("eval") or {}
+    vision = {k: v for k, v in (section.get("vision") or {}).items() if v not in (None, False)}
+    out = {k: v for k, v in section.items() if k != "vision" and v is not None}
+    if vision:
+        out["vision"] = vision
+    return out if set(out) - {"limit", "include_path"} else None
 
 
 def spec_fields(source: str | Path | Mapping, *, data_root: Optional[str | Path] = None,

@@ -15,8 +15,9 @@ from megavlm.checkpoint_format import CheckpointError
 from megavlm.data.indexed import DataError
 from megavlm.data.tokenizer import TokenizerError
 from megavlm.demo.suites import OfflineSuite
-from megavlm.eval.api import EvalSpec, Report, eval_spec as api_eval_spec, evaluate
+from megavlm.eval.api import EvalSpec, Report, evaluate
 from megavlm.eval.runner import EvalError
+from megavlm.eval.tasks import recorded_spec, spec_fields
 
 
 class ScoringError(RuntimeError):
@@ -34,17 +35,19 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, demo_root: 
     report (JSON + markdown) stays in ``out_dir``. ``limit`` caps the examples per task (None = all);
     ``prompt_template`` None asks the questions as the checkpoint was trained to read them.
     ``eval_spec``: a preset name (``paper-table7`` …), a spec file, a recipe with an ``eval:``
-    section or that section as a mapping (megavlm.eval.tasks): its tasks, metrics, chance and
+    section or that section as a mapping (megavlm.eval.tasks); default: the ``eval:`` section the
+    checkpoint's run config records, when it sets anything. The spec's tasks, metrics, chance and
     vision suite instead of the offline suites (a spec's ``vision: {suite: offline}`` keeps the
     offline vision suite; a paper suite without its data root is an error before loading)."""
     try:
-        suite = OfflineSuite.default(Path(demo_root).expanduser() if demo_root else None)
         common = dict(prompt_template=prompt_template, batch_size=batch_size, out_dir=out_dir,
                       **({"limit": int(limit)} if limit else {}))
-        if eval_spec is not None:
-            spec = api_eval_spec(eval_spec, suite=suite, **common)
-        else:
-            spec = EvalSpec(suite=suite, **common)
+        if eval_spec is None:
+            eval_spec = recorded_spec(checkpoint)  # the recipe's eval: section, kept in config.yaml
+        fields = spec_fields(eval_spec) if eval_spec is not None else {}
+        needs_suite = "paper_root" not in fields or "text_tasks" not in fields
+        suite = OfflineSuite.default(Path(demo_root).expanduser() if demo_root else None) if needs_suite else None
+        spec = EvalSpec(suite=suite, **{**fields, **common})
         report = evaluate(checkpoint, spec)
     except (EvalError, CheckpointError, DataError, TokenizerError) as e:
         raise ScoringError(f"evaluation of {checkpoint} failed: {e}") from e

@@ -122,3 +122,31 @@ def test_spec_file_and_recipe_section(tmp_path):
         eval_spec(j, suite=_Suite())
     with pytest.raises(EvalError, match="neither an evaluation preset"):
         eval_spec(tmp_path / "nope.yaml")
+
+
+def test_recipe_eval_section_reaches_the_sweep_scoring(tiny_checkpoint, tmp_path, no_loading):
+    import shutil
+
+    import yaml
+
+    from megavlm.config import ConfigError, load_config
+    from megavlm.experiment import scoring
+
+    # a recipe's eval: section is part of the run config (not identity), strict like the rest
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("eval:\n  preset: paper-table7\n  vision: {suite: paper, data_root: /bench}\n")
+    run = load_config(recipe)
+    assert run.eval.preset == "paper-table7" and run.eval.vision.data_root == "/bench" and run.eval.is_set()
+    recipe.write_text("eval:\n  vision: {sutie: paper}\n")
+    with pytest.raises(ConfigError, match="eval.vision.sutie"):
+        load_config(recipe)
+    # the checkpoint's config.yaml keeps it; scoring reads it and checks its tasks before loading
+    ck = tmp_path / "run" / "text" / "checkpoints" / tiny_checkpoint.name
+    shutil.copytree(tiny_checkpoint, ck)
+    cfg = yaml.safe_load((ck / "config.yaml").read_text())
+    assert tasks.recorded_spec(ck) is None  # the default section: the offline suites
+    cfg["eval"] = {"text_tasks": ["copa", "no_such_task"], "vision": {"suite": "offline"}}
+    (ck / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert tasks.recorded_spec(ck) == {"text_tasks": ["copa", "no_such_task"], "vision": {"suite": "offline"}}
+    with pytest.raises(scoring.ScoringError, match=r"does not know the task\(s\) \['no_such_task'\]"):
+        scoring.evaluate_checkpoint(ck, tmp_path / "ev", demo_root=str(tmp_path / "demo"))
