@@ -143,8 +143,8 @@ def check_text_tasks(names: Sequence[str], include_path: Optional[str | Path] = 
 
         hints = "; ".join(f"{t}: did you mean {', '.join(c)}?" for t in unknown
                           if (c := difflib.get_close_matches(t, sorted(known), n=3, cutoff=0.6)))
-        raise EvalError(f"lm-eval {getattr(lm_eval, '__version__', '')} does not know the task(s) {unknown}"
-                        + (f" ({hints})" if hints else "")
+        raise EvalError(f"lm-eval does not know the task(s) {unknown} (installed lm-eval "
+                        f"{getattr(lm_eval, '__version__', '?')}" + (f"; {hints}" if hints else "") + ")"
                         + (f" (local tasks in {include_path}: "
                            f"{sorted(p.stem for p in Path(include_path).glob('*.yaml'))})" if include_path else ""))
     for t in names:
