@@ -178,7 +178,8 @@ def check_spec(spec) -> None:
     """Every name an EvalSpec (megavlm.eval.api) asks for, checked before a model is loaded."""
     from megavlm.eval.paper import TASK_NAMES
 
-    text = list(spec.text_tasks or (TEXT_TASKS if spec.suite is None else ()))
+    # the text evaluate runs: the named tasks, else the paper's nine with the paper suite and no suite
+    text = list(spec.text_tasks or (TEXT_TASKS if spec.suite is None and spec.paper_root is not None else ()))
     if text:
         check_text_tasks(text, spec.include_path, spec.text_metrics)
         check_chance(text, spec.chance)
