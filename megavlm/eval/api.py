@@ -18,6 +18,10 @@ typed arguments, never an argv. What is asked is all in the spec:
   It is resolved once (:func:`resolve_prompt`) and passed down to every task as an argument; the
   model object never carries it. The report names the template and where it came from.
 
+A spec can also come from a preset name, a spec file or a recipe's ``eval:`` section
+(:func:`eval_spec`, megavlm.eval.tasks); whatever its origin, :func:`evaluate` checks every task
+name against the installed lm-eval / the paper suite, and every chance entry, before it loads.
+
 A :class:`Suite` is an object with ``text(model, workdir, limit)`` and ``vision(model, template=…, …)``:
 the offline suites built from the demo's assets are one (megavlm.demo.suites.OfflineSuite). The
 caller hands it in, so this package never imports the demo. A suite may also offer ``missing() ->
