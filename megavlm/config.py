@@ -46,6 +46,10 @@ class VisionConfig:
     encoder: Optional[str] = None
     """Name of the frozen encoder whose stored embeddings the projector reads (e.g.
     efficientnet-lite0, siglip-so400m-patch14-384); when set, a store from another encoder is refused."""
+    resize: Optional[Literal["letterbox", "square"]] = None
+    """How the stores' images were made square (tools/encode_images.py --resize); when set, a store
+    resized otherwise is refused. Evaluation encodes benchmark images the same way (megavlm.eval.images:
+    the training store's record first, else this)."""
 
     def __post_init__(self):
         _positive(self, "embed_dim", "num_patches", "projector_mult")
@@ -621,6 +625,38 @@ class StageConfig:
 
 
 @dataclass
+class EvalVisionConfig:
+    """The vision half of an evaluation spec (megavlm.eval.tasks)."""
+
+    suite: Optional[Literal["paper", "offline"]] = None
+    """paper: the paper's benchmarks under data_root; offline: the demo-asset suite."""
+    data_root: Optional[str] = None
+    tasks: Optional[list[str]] = None
+    """Paper-suite tasks (default: the preset's, else all)."""
+    strict: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """How this run's checkpoints are scored by a sweep (megavlm.experiment.scoring) and by
+    ``megavlm eval all --spec RECIPE``: the spec-file format of megavlm.eval.tasks. Empty (the
+    default): the offline suites. Not identity: scoring does not change what was trained."""
+
+    preset: Optional[str] = None
+    """paper-table7 | paper-table8 | appendix-e: tasks, metrics and chance of that preset."""
+    text_tasks: Optional[list[str]] = None
+    """lm-eval tasks, TASK or TASK:METRIC (checked against the installed lm-eval before loading)."""
+    chance: Optional[str] = None
+    include_path: Optional[str] = None
+    vision: EvalVisionConfig = field(default_factory=EvalVisionConfig)
+    limit: Optional[int] = None
+
+    def is_set(self) -> bool:
+        v = self.vision
+        return any(x is not None for x in (self.preset, self.text_tasks, self.chance, v.suite, v.data_root, v.tasks))
+
+
+@dataclass
 class RunConfig:
     """A whole run: the model, how it is parallelised and trained, its data and its stages."""
 
@@ -648,6 +684,8 @@ class RunConfig:
     """Prepared data locations."""
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(tokens=1_000_000)])
     """Stages, run in order."""
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=NOT_IDENTITY)
+    """How the run's checkpoints are scored (megavlm.eval.tasks); empty: the offline suites."""
 
     def __post_init__(self):
         names = [s.name for s in self.stages]

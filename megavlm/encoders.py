@@ -243,13 +243,87 @@ class SiglipEncoder(ImageEncoder):
         return self.model(pixel_values=x).last_hidden_state
 
 
+class Dinov2Encoder(ImageEncoder):
+    """DINOv2 (transformers ``Dinov2Model``): last hidden state, patch tokens only (the CLS token and
+    any register tokens dropped), at ``image_size`` (position embeddings interpolated, as Prismatic
+    runs DINOv2 at 384 px beside SigLIP)."""
+
+    def __init__(self, name_or_path: Optional[str] = None, image_size: Optional[int] = None, *, model=None,
+                 local_files_only: bool = False):
+        try:
+            from transformers import Dinov2Model
+        except ImportError:
+            raise RuntimeError("the DINOv2 encoder needs `pip install transformers`") from None
+        if model is None:
+            model = Dinov2Model.from_pretrained(name_or_path, local_files_only=local_files_only)
+        self.model = model.eval()
+        cfg = model.config
+        self.name = f"dinov2:{name_or_path or getattr(cfg, '_name_or_path', '') or 'custom'}"
+        self.image_size = int(image_size or cfg.image_size)
+        if self.image_size % cfg.patch_size:
+            raise ValueError(f"DINOv2 image size {self.image_size} is not a multiple of its patch size {cfg.patch_size}")
+        self.num_patches = (self.image_size // cfg.patch_size) ** 2
+        self.embed_dim = cfg.hidden_size
+        self.mean, self.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.model(pixel_values=x).last_hidden_state
+        return h[:, h.shape[1] - self.num_patches:]  # [CLS, registers…, patches…] -> the patches
+
+
+class FusedEncoder(ImageEncoder):
+    """Frozen encoders run on the same decoded image, each with its own normalisation, their patch
+    features concatenated along the width in the order given (Prismatic's DINOv2 + SigLIP:
+    ``[dino | siglip]`` per patch). Their patch grids (and input sizes) must match; the store
+    records the fused name ``a+b`` and the summed width, and every output is checked against the
+    parts' widths. Letterbox padding uses the first part's mean colour (as Prismatic fills with
+    DINOv2's)."""
+
+    def __init__(self, parts: Sequence[ImageEncoder]):
+        parts = list(parts)
+        if len(parts) < 2:
+            raise ValueError("a fused encoder needs at least two encoders")
+        grids = {(p.num_patches, p.image_size) for p in parts}
+        if len(grids) > 1:
+            raise ValueError("fused encoders need matching patch grids and input sizes: "
+                             + ", ".join(f"{p.name}: {p.num_patches} patches at {p.image_size}px" for p in parts))
+        self.parts = parts
+        self.name = "+".join(p.name for p in parts)
+        self.image_size, self.num_patches = parts[0].image_size, parts[0].num_patches
+        self.widths = tuple(p.embed_dim for p in parts)
+        self.embed_dim = sum(self.widths)
+        self.mean, self.std = parts[0].mean, parts[0].std
+        self.model = torch.nn.ModuleList([p.model for p in parts])
+
+    @torch.inference_mode()
+    def __call__(self, images: np.ndarray) -> torch.Tensor:
+        outs = [p(images) for p in self.parts]
+        for p, o, w in zip(self.parts, outs, self.widths):
+            if tuple(o.shape[1:]) != (self.num_patches, w):
+                raise RuntimeError(f"fused encoder {self.name}: {p.name} gave {tuple(o.shape[1:])}, "
+                                   f"expected {(self.num_patches, w)}")
+        return torch.cat(outs, dim=-1)
+
+
 def make_encoder(spec: str, image_size: Optional[int] = None) -> ImageEncoder:
-    """``efficientnet-lite0`` or ``siglip:<hub name or local path>``."""
+    """``efficientnet-lite0``, ``siglip:<hub name or local path>``, ``dinov2:<hub name or local
+    path>``, or several joined by ``+`` (a :class:`FusedEncoder`, features in that order; a DINOv2
+    part without ``image_size`` runs at the other parts' size)."""
+    if "+" in spec:
+        names = [n.strip() for n in spec.split("+")]
+        if any(not n or "+" in n for n in names):
+            raise ValueError(f"bad fused encoder {spec!r}: expected a+b, e.g. dinov2:<name>+siglip:<name>")
+        fixed = {n: make_encoder(n, image_size) for n in names if not n.startswith("dinov2:")}
+        size = image_size or next((e.image_size for e in fixed.values()), None)
+        return FusedEncoder([fixed[n] if n in fixed else make_encoder(n, size) for n in names])
     if spec == "efficientnet-lite0":
         return EfficientNetLite0(image_size or 128)
     if spec.startswith("siglip:"):
         return SiglipEncoder(spec.split(":", 1)[1])
-    raise ValueError(f"unknown encoder {spec!r}: use efficientnet-lite0 or siglip:<name or path>")
+    if spec.startswith("dinov2:"):
+        return Dinov2Encoder(spec.split(":", 1)[1], image_size)
+    raise ValueError(f"unknown encoder {spec!r}: use efficientnet-lite0, siglip:<name or path>, "
+                     f"dinov2:<name or path>, or a+b (fused)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,9 +418,10 @@ def encode_images(records: Sequence[ImageRecord], out_prefix: str | Path, encode
                   tokenizer: Optional[Tokenizer] = None, decoder: Literal["auto", "dali", "pil"] = "auto",
                   batch_size: int = 32, shard_size: int = 1024, dtype: str = "bfloat16",
                   bad_images: Literal["raise", "skip"] = "raise", progress: bool = True,
-                  keep_shards: bool = False, resize: str = "square") -> EncodeStats:
+                  keep_shards: bool = False, resize: str = "letterbox") -> EncodeStats:
     """Encode ``records`` into ``<out>.embeds`` (+ caption tokens ``<out>.bin/.idx`` when a tokenizer
-    is given). Finished shards under ``<out>.shards/`` are reused by a re-run."""
+    is given). Finished shards under ``<out>.shards/`` are reused by a re-run. ``resize``: the
+    paper's letterbox by default (:data:`RESIZE_MODES`), recorded in the store's metadata."""
     from tqdm import tqdm
 
     out_prefix = Path(out_prefix)

@@ -260,7 +260,8 @@ def non_identity_keys() -> tuple[str, ...]:
     """Dotted keys (``*`` for every stage) a re-run may change without refusing to skip or resume:
     the config sections that declare ``IDENTITY = False`` (parallel layout, guard, preemption,
     logging) and the fields marked ``NOT_IDENTITY`` (run_dir, data.root, train.micro_batch_size,
-    stages.*.save_every) — where things are written or logged and how often, the guards of a running
+    stages.*.save_every, eval) — where things are written or logged and how often, how checkpoints
+    are scored, the guards of a running
     job, where the data lies (its content is compared separately, by fingerprint), and the layout
     (checkpoints reshard; the global batch stays the same). Read from megavlm.config's dataclasses."""
     import dataclasses

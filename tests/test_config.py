@@ -166,7 +166,7 @@ def test_run_identity_is_declared_by_the_sections():
 
     keys = non_identity_keys()
     assert {"run_dir", "parallel", "guard", "preemption", "logging", "train.micro_batch_size",
-            "data.root", "stages.*.save_every"} == set(keys)
+            "data.root", "stages.*.save_every", "eval"} == set(keys)
     old = {"train": {"global_batch_size": 8, "log_every": 1, "weight_decay": 0.1}, "stages": [{"name": "t"}]}
     new = {"train": {"global_batch_size": 8}, "logging": {"log_every": 5}, "optimizer": {"weight_decay": 0.1},
            "stages": [{"name": "t"}]}

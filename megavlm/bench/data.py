@@ -196,7 +196,7 @@ def bench_images(root: Path, work: Path, n: int) -> list[str]:
         enc(np.zeros((32, size, size, 3), np.uint8))  # warm-up
         for dec in decoders:
             st = encode_images(recs, work / f"img_{size}_{dec}", enc, tokenizer=tok, decoder=dec,
-                               batch_size=32, progress=False)
+                               batch_size=32, progress=False, resize="square")
             out.append(f"| {dec} | {size} | {st.images} | {st.seconds:.2f} | {st.images_per_s:.1f} |")
     return out
 

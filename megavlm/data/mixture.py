@@ -314,6 +314,9 @@ class StageLoader:
             raise DataError(f"stage {stage}: embedding stores mix dtypes {sorted(map(str, dtypes))}")
         self.embed_dtype = dtypes.pop() if dtypes else torch.bfloat16
         self.resize = check_resize(self.sources[1:], stage)
+        if getattr(vision, "resize", None) and self.resize and self.resize != vision.resize:
+            raise DataError(f"stage {stage}: embedding stores were resized {self.resize} but the config says "
+                            f"model.vision.resize={vision.resize}")
         self.truncated = {KINDS[k]: s.truncated for k, s in enumerate(self.sources) if s is not None}
         self._fractions = fr
         self.examples_per_row, self.pack_window = examples_per_row, pack_window

@@ -404,7 +404,8 @@ def _build(data: DataConfig, vision: VisionConfig, full: bool, cache: Optional[P
             torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
             try:
                 st = encode_images(read_image_list(raw / params["raw"]), prefix, enc,
-                                   tokenizer=load_tokenizer(tok_path), decoder="pil", progress=progress)
+                                   tokenizer=load_tokenizer(tok_path), decoder="pil", progress=progress,
+                                   resize="square")
             finally:
                 torch.set_num_threads(threads)
             _log(f"encoded {st.images} images of {name} at {st.images_per_s:.0f}/s "

@@ -18,6 +18,10 @@ typed arguments, never an argv. What is asked is all in the spec:
   It is resolved once (:func:`resolve_prompt`) and passed down to every task as an argument; the
   model object never carries it. The report names the template and where it came from.
 
+A spec can also come from a preset name, a spec file or a recipe's ``eval:`` section
+(:func:`eval_spec`, megavlm.eval.tasks); whatever its origin, :func:`evaluate` checks every task
+name against the installed lm-eval / the paper suite, and every chance entry, before it loads.
+
 A :class:`Suite` is an object with ``text(model, workdir, limit)`` and ``vision(model, template=…, …)``:
 the offline suites built from the demo's assets are one (megavlm.demo.suites.OfflineSuite). The
 caller hands it in, so this package never imports the demo. A suite may also offer ``missing() ->
@@ -35,13 +39,14 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Protocol, Sequence, Union
+from typing import Mapping, Optional, Protocol, Sequence, Union
 
 from megavlm.data.indexed import store_prefix
 from megavlm.eval import formats, paper, report as reports, vision
 from megavlm.eval.distributed import EvalShards
 from megavlm.eval.runner import CheckpointModel, EvalError, recorded_prompt
 from megavlm.eval.stable_score import DEFAULT_PRESET, PRESETS, TEXT_TASKS
+from megavlm.eval.tasks import check_spec, spec_fields
 from megavlm.eval.text import run_text, text_accuracies
 from megavlm.eval.vision import TaskResult
 from megavlm.run_folder import REPORT_ANSWERS
@@ -130,6 +135,8 @@ class EvalSpec:
     """lm-eval task names instead of the suite's text (without a suite: the paper's nine)."""
     include_path: Optional[str | Path] = None
     """Folder of local lm-eval YAML tasks that ``text_tasks`` may name."""
+    text_metrics: Optional[Mapping[str, str]] = None
+    """lm-eval metric read per text task (default megavlm.eval.tasks.TEXT_METRICS, else ``acc``)."""
     paper_root: Optional[str | Path] = None
     """Run the paper's vision suite from the benchmarks' files under this root (megavlm.eval.paper)."""
     paper_tasks: Optional[Sequence[str]] = None
@@ -199,6 +206,18 @@ class Report:
                 for t, r in self.data["vision"].items()}
 
 
+def eval_spec(source, *, suite: Optional[Suite] = None, data_root: Optional[str | Path] = None,
+              vision_suite: Optional[str] = None, **fields) -> EvalSpec:
+    """An EvalSpec from a preset name (``paper-table7`` …), a spec file / a recipe's ``eval:``
+    section, or a mapping (megavlm.eval.tasks), with ``fields`` (EvalSpec fields) on top; a spec
+    whose vision suite is not the paper's (or ``vision_suite="offline"``) scores vision with ``suite``."""
+    kw = spec_fields(source, data_root=data_root, vision_suite=vision_suite)
+    if "paper_root" not in kw and suite is None and not fields.get("extra_tasks"):
+        raise EvalError("the evaluation spec names no paper vision suite (vision: {suite: paper, data_root: …}): "
+                        "give an offline suite")
+    return EvalSpec(**{"suite": suite, **kw, **fields})
+
+
 def score_question_file(task: str, questions: Sequence[str | Path], embeds: str | Path, model: CheckpointModel,
                         *, template: str, name: str = "", limit: Optional[int] = None,
                         max_new_tokens: int = 128, annotations: Optional[str] = None,
@@ -226,8 +245,10 @@ def evaluate(checkpoint: Union[str, Path, CheckpointModel], spec: EvalSpec,
     """Score ``checkpoint`` (a checkpoint, stage or run folder, or an already loaded model) as
     ``spec`` says, write its report and return it. Under torchrun the vision questions are dealt out
     to the data-parallel ranks; rank 0 returns the report, the others None. Paper-suite tasks whose
-    files are absent are appended to ``skipped`` (when given). Own tasks' files are checked, and an
-    absent optional suite is found, before the model loads."""
+    files are absent are appended to ``skipped`` (when given). Every task name and chance entry
+    (megavlm.eval.tasks.check_spec) and own tasks' files are checked, and an absent optional suite
+    is found, before the model loads."""
+    check_spec(spec)
     for x in spec.extra_tasks:
         check_task_files(x.task, [x.questions], x.embeds, f"extra task {x.name}")
     suite, suite_absent = spec.suite, None
@@ -261,7 +282,7 @@ def evaluate(checkpoint: Union[str, Path, CheckpointModel], spec: EvalSpec,
         if spec.text_tasks or (suite is None and spec.paper_root is not None):
             tasks = list(spec.text_tasks or TEXT_TASKS)
             res = run_text(model, tasks, spec.include_path, spec.limit, include_defaults=True)
-            acc = text_accuracies(res)
+            acc = text_accuracies(res, spec.text_metrics)
         elif suite is not None:
             _, acc = suite.text(model, Path(tmp), spec.limit)
         else:

@@ -36,10 +36,17 @@ report's answers to every question are written beside it (``….answers.jsonl``)
 names the checkpoint by its absolute path. ``--questions`` / ``--embeds`` without ``--task`` are an
 error (they would be ignored).
 
+Specs: ``eval all --spec paper-table7|paper-table8|appendix-e|FILE`` runs a complete evaluation spec
+(lm-eval tasks with their metric, the paper's vision suite under ``--data-root``, or the offline one
+with ``--suite offline``, and the chance table; FILE: YAML/JSON or a recipe's ``eval:`` section,
+megavlm.eval.tasks); ``--chance PRESET`` without ``--tasks`` means the same. Every task name is
+checked against the installed lm-eval before the checkpoint is loaded.
+
 ``--suite paper`` runs the paper's vision suite from the benchmarks' published files under
 ``--data-root DIR`` (layout below); tasks whose files are absent are listed and skipped unless
 ``--strict``. Images are encoded once with the checkpoint's recorded encoder into
-``DIR/.megavlm-cache/<encoder>-<size>px/``.
+``DIR/.megavlm-cache/<encoder>-<size>px-<resize>/``, resized (letterbox / square) as the checkpoint's
+training stores were.
 
 Data parallel: ``torchrun --nproc_per_node=N -m megavlm eval vision …`` deals each vision task's
 questions out to the N ranks (strided), gathers the per-question rows and scores them on every
@@ -61,11 +68,12 @@ from megavlm.checkpoint_format import CheckpointError
 from megavlm.data.indexed import DataError
 from megavlm.data.tokenizer import TokenizerError
 from megavlm.eval import paper, vision
-from megavlm.eval.api import (EvalSpec, ExtraTask, Suite, check_task_files, evaluate, resolve_prompt,
+from megavlm.eval.api import (EvalSpec, ExtraTask, Suite, check_task_files, eval_spec, evaluate, resolve_prompt,
                                score_question_file, write_atomic)
 from megavlm.eval.distributed import EvalShards
 from megavlm.eval.runner import CheckpointModel, EvalError
 from megavlm.eval.stable_score import DEFAULT_PRESET, PRESETS, TEXT_TASKS
+from megavlm.eval.tasks import SPEC_PRESETS, check_text_tasks
 from megavlm.eval.text import run_text, text_accuracies
 from megavlm.helpformat import HelpFormatter
 
@@ -128,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--data-root", default=None, help="root of the downloaded benchmarks (--suite paper)")
     a.add_argument("--paper-tasks", default=None, help="comma-separated subset of the paper suite's tasks")
     a.add_argument("--strict", action="store_true", help="--suite paper: a missing task is an error")
+    a.add_argument("--spec", default=None, metavar="PRESET|FILE",
+                   help="evaluation spec: paper-table7 | paper-table8 | appendix-e (tasks, metrics, chance; "
+                        "vision = the paper suite under --data-root, or --suite offline) or a YAML/JSON spec "
+                        "file / recipe with an eval: section (megavlm.eval.tasks). --chance PRESET without "
+                        "--tasks means --spec PRESET")
     return ap
 
 
@@ -221,6 +234,20 @@ def spec_of(args, offline: Optional[OfflineFactory] = None) -> EvalSpec:
     extras = extra_tasks(args.extra_task)  # a bad spec is named before anything else is looked at
     for x in extras:
         check_task_files(x.task, [x.questions], x.embeds, f"--extra-task {x.name}")
+    source = getattr(args, "spec", None) or (args.chance if args.chance in SPEC_PRESETS and args.chance != DEFAULT_PRESET
+                                             and not args.tasks else None)
+    if source is not None:
+        if args.tasks:
+            raise EvalError("--spec names the text tasks; drop --tasks (or write them into a spec file)")
+        suite = _offline(args, offline) if args.suite == "offline" else None
+        fields = {"chance": args.chance} if args.chance != DEFAULT_PRESET else {}
+        return eval_spec(source, suite=suite, data_root=args.data_root, vision_suite=args.suite,
+                         extra_tasks=extras, prompt_template=_prompt_arg(args), prompt_source="--prompt",
+                         batch_size=_batch_size(args), out_dir=args.out_dir,
+                         **({"limit": _limit(args)} if args.limit is not None else {}),
+                         **({"strict": True} if args.strict else {}),
+                         **({"paper_tasks": [t.strip() for t in args.paper_tasks.split(",") if t.strip()]}
+                            if args.paper_tasks else {}), **fields)
     paper_root = None
     if args.suite == "paper":
         if not args.data_root:
@@ -253,6 +280,9 @@ def run(args, offline: Optional[OfflineFactory] = None) -> Optional[dict]:
     if args.what == "vision" and args.task == "generic" and args.questions and args.embeds:
         check_task_files(args.task, args.questions, args.embeds, f"--task {args.task}")  # before loading
     template = _prompt_arg(args)
+    if args.what == "text" and not args.offline:  # task names are checked before the model is loaded
+        check_text_tasks([t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TEXT_TASKS),
+                         args.include_path)
     model = CheckpointModel.load(args.checkpoint, batch_size=_batch_size(args))
     prompt = resolve_prompt(model, template, "--prompt")
     shards = EvalShards.from_parallel(model.parallel)

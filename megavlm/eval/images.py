@@ -8,9 +8,11 @@ image size); without either there is no way to know the encoder, and that is an 
 than a guess. The encoder built from the record must reproduce the config's patch count and
 width, else the record is wrong and is refused.
 
-Images of one folder are encoded once into ``<data root>/.megavlm-cache/<encoder>-<size>px/
-<folder>.embeds`` (keys: paths relative to the folder), reused by every task that reads the
-folder and by later runs; a run that needs images the store lacks re-encodes the folder's union.
+The resize mode (letterbox / square) comes from the same record: the training store's metadata,
+else ``model.vision.resize``; neither is an error. Images of one folder are encoded once into
+``<data root>/.megavlm-cache/<encoder>-<size>px-<resize>/<folder>.embeds`` (keys: paths relative to
+the folder), reused by every task that reads the folder and by later runs; a run that needs images
+the store lacks re-encodes the folder's union; a cache store there made another way is an error.
 Encoding uses the data pipeline's own code (megavlm.encoders).
 """
 
@@ -33,6 +35,16 @@ CACHE_DIR = ".megavlm-cache"
 
 def recorded_encoder(model: CheckpointModel) -> tuple[str, Optional[int]]:
     """(encoder spec for megavlm.encoders.make_encoder, image size or None) of a checkpoint."""
+    name, size, _ = recorded_encoding(model)
+    return name, size
+
+
+def recorded_encoding(model: CheckpointModel) -> tuple[str, Optional[int], str]:
+    """(encoder spec, image size or None, resize mode) the checkpoint's training stores were made
+    with: the training caption store's metadata first (a store from before the resize record counts
+    as square, as training counts it), else the config (``model.vision.encoder`` / ``.resize``).
+    A resize setting recorded by neither is an error: a letterbox-trained projector must not be
+    scored on stretched images, nor the reverse."""
     v = model.run.model.vision
     trained = training_encoder(model.run) or {}
     name = v.encoder or trained.get("encoder")
@@ -41,6 +53,23 @@ def recorded_encoder(model: CheckpointModel) -> tuple[str, Optional[int]]:
                         f"model.vision.encoder and its training caption store is not reachable "
                         f"(data.captions {list(model.run.data.captions)}); set model.vision.encoder "
                         f"in the run config or evaluate from stored embeddings (--task … --embeds …)")
+    if trained and v.encoder and trained.get("encoder") and trained["encoder"] != _hub_name(v.encoder) \
+            and trained["encoder"] != v.encoder:
+        raise EvalError(f"checkpoint {model.path}: model.vision.encoder={v.encoder!r} but its training store "
+                        f"was encoded with {trained['encoder']!r}")
+    cfg_resize = getattr(v, "resize", None)
+    if trained:
+        resize = trained.get("resize") or "square"
+        if cfg_resize and cfg_resize != resize:
+            raise EvalError(f"checkpoint {model.path}: model.vision.resize={cfg_resize} but its training store "
+                            f"was resized {resize}")
+    elif cfg_resize:
+        resize = cfg_resize
+    else:
+        raise EvalError(f"checkpoint {model.path} records no image resize setting: its training caption store "
+                        f"(data.captions {list(model.run.data.captions)}) is not reachable and its config has no "
+                        f"model.vision.resize; set model.vision.resize (letterbox or square, as "
+                        f"tools/encode_images.py --resize made its stores)")
     size = trained.get("image_size")
     if name == "efficientnet-lite0" and size is None:  # a grid of (size / 32)^2 patches
         side = math.isqrt(v.num_patches)
@@ -48,14 +77,17 @@ def recorded_encoder(model: CheckpointModel) -> tuple[str, Optional[int]]:
             raise EvalError(f"checkpoint {model.path}: {v.num_patches} patches is not a square grid "
                             f"of efficientnet-lite0")
         size = 32 * side
-    if name.startswith("siglip-"):  # the config's short name of a hub SigLIP
-        name = f"siglip:google/{name}"
-    return name, size
+    return _hub_name(name), size, resize
+
+
+def _hub_name(name: str) -> str:
+    return f"siglip:google/{name}" if name.startswith("siglip-") else name  # the config's short name
 
 
 def load_encoder(model: CheckpointModel):
-    """The checkpoint's encoder (megavlm.encoders), checked against the config's shape."""
-    spec, size = recorded_encoder(model)
+    """The checkpoint's encoder (megavlm.encoders), checked against the config's shape; its
+    ``resize`` attribute is the resize mode its training stores were made with."""
+    spec, size, resize = recorded_encoding(model)
     try:
         # efficientnet-lite-pytorch prints its loading message: keep stdout for the JSON summary
         with contextlib.redirect_stdout(sys.stderr):
@@ -67,6 +99,7 @@ def load_encoder(model: CheckpointModel):
         raise EvalError(f"checkpoint {model.path}: encoder {enc.name} at {enc.image_size}px gives "
                         f"{enc.num_patches} patches of width {enc.embed_dim}, but the projector expects "
                         f"{v.num_patches} x {v.embed_dim}")
+    enc.resize = resize
     return enc
 
 
@@ -74,46 +107,53 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "root"
 
 
+def _encoding(encoder) -> tuple[str, int, str]:
+    return encoder.name, encoder.image_size, getattr(encoder, "resize", "square")
+
+
 def cache_prefix(data_root: Path, encoder, folder: Path) -> Path:
-    """``<root>/.megavlm-cache/<encoder>-<size>px/<folder relative to root>.embeds``."""
+    """``<root>/.megavlm-cache/<encoder>-<size>px-<resize>/<folder relative to root>.embeds``."""
     try:
         rel = folder.resolve().relative_to(data_root.resolve())
     except ValueError:
         rel = Path(folder.name)
-    return data_root / CACHE_DIR / f"{_slug(encoder.name)}-{encoder.image_size}px" / f"{_slug(str(rel))}.embeds"
+    name, size, resize = _encoding(encoder)
+    return data_root / CACHE_DIR / f"{_slug(name)}-{size}px-{resize}" / f"{_slug(str(rel))}.embeds"
 
 
-def _covers(prefix: Path, encoder, keys: set[str]) -> bool:
+def _cached_meta(prefix: Path, encoder):
+    """The cache store's metadata, or None where there is none; a store at this (keyed) place made
+    another way is an error, not something to overwrite."""
     if not Path(f"{prefix}.json").is_file():
-        return False
+        return None
     try:
         m = EmbeddingStore(prefix).meta
     except DataError:
-        return False
-    return (m.encoder, m.image_size) == (encoder.name, encoder.image_size) and keys <= set(m.keys or ())
+        return None  # an unfinished or damaged cache: rebuilt
+    have = (m.encoder, m.image_size, getattr(m, "resize", "square") or "square")
+    if have != _encoding(encoder):
+        raise EvalError(f"{prefix}: cached embeddings were made by {have[0]} at {have[1]}px, {have[2]}, but this "
+                        f"checkpoint's images are encoded by {'{} at {}px, {}'.format(*_encoding(encoder))}; "
+                        f"remove the folder {prefix.parent}")
+    return m
 
 
 def cached_bank(data_root: str | Path, folder: str | Path, keys: Iterable[str], encoder,
                 progress: bool = False) -> ImageBank:
-    """An ImageBank of ``keys`` (paths relative to ``folder``), encoding them when the cache lacks any."""
+    """An ImageBank of ``keys`` (paths relative to ``folder``), encoding them (with the encoder's
+    ``resize``) when the cache lacks any. The cache is keyed on encoder, image size and resize."""
     root, folder = Path(data_root), Path(folder)
     prefix = cache_prefix(root, encoder, folder)
     want = set(keys)
-    if not _covers(prefix, encoder, want):
-        have: set[str] = set()
-        if Path(f"{prefix}.json").is_file():
-            try:
-                m = EmbeddingStore(prefix).meta
-                if (m.encoder, m.image_size) == (encoder.name, encoder.image_size):
-                    have = {k for k in (m.keys or ()) if (folder / k).is_file()}
-            except DataError:
-                pass
+    m = _cached_meta(prefix, encoder)
+    if m is None or not want <= set(m.keys or ()):
+        have = {k for k in (m.keys or ()) if (folder / k).is_file()} if m is not None else set()
         todo = sorted(want | have)
         prefix.parent.mkdir(parents=True, exist_ok=True)
         out = Path(str(prefix)[:-len(".embeds")])
         try:
             encode_images([ImageRecord(folder / k, k, None, str(folder / k)) for k in todo], out, encoder,
-                          decoder="pil", progress=progress)
+                          decoder="pil", progress=progress, resize=getattr(encoder, "resize", "square"))
         except DataError as e:
             raise EvalError(f"encoding the images of {folder}: {e}") from None
     return ImageBank(prefix)

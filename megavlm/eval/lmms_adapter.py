@@ -39,7 +39,7 @@ except ImportError as e:  # pragma: no cover - exercised where lmms-eval is abse
                       "loguru accelerate jsonlines tenacity (see setup.py, extra 'lmms')") from e
 
 from megavlm.data.indexed import DataError
-from megavlm.encoders import decode_pil
+from megavlm.encoders import decode_pil, mean_fill
 from megavlm.eval.images import load_encoder, recorded_encoder
 from megavlm.eval.runner import CheckpointModel, EvalError, ScoreRequest
 from megavlm.eval.vision import prompt_ids
@@ -111,7 +111,7 @@ class MegavlmLMMS(lmms):
     # -- images -------------------------------------------------------------------------------
 
     def _pixels(self, image, where: str) -> np.ndarray:
-        """A PIL image (or an image file path) -> [size, size, 3] uint8, as training decoded images."""
+        """A PIL image (or an image file path) -> [size, size, 3] uint8, decoded and resized as training's were."""
         if isinstance(image, str):
             with open(image, "rb") as f:
                 data = f.read()
@@ -123,7 +123,8 @@ class MegavlmLMMS(lmms):
             raise EvalError(f"{where}: lmms-eval gave a visual of type {type(image).__name__}; megavlm "
                             f"takes one PIL image (or image path) per request (no video or audio)")
         try:
-            return decode_pil(data, self.encoder.image_size, where)
+            # resized as the checkpoint's training stores were (letterbox or square, megavlm.eval.images)
+            return decode_pil(data, self.encoder.image_size, where, self.encoder.resize, mean_fill(self.encoder.mean))
         except DataError as e:
             raise EvalError(str(e)) from None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from megavlm.eval.runner import CheckpointModel, EvalError
 
@@ -62,10 +62,22 @@ def run_text(model: CheckpointModel, tasks: Sequence[str], include_path: Optiona
                         f"Hugging Face hub access") from None
 
 
-def text_accuracies(results: dict) -> dict[str, float]:
-    """Per task, lm-eval's ``acc`` (or ``exact_match``) from a results dict."""
+def text_accuracies(results: dict, metrics: Optional[Mapping[str, str]] = None) -> dict[str, float]:
+    """Per task, the lm-eval metric ``metrics[task]`` (default megavlm.eval.tasks.TEXT_METRICS:
+    HellaSwag's ``acc_norm``), else ``acc`` (or ``exact_match``, ``acc_norm``) from a results dict.
+    A named metric lm-eval did not report is an error naming the task and what it reported."""
+    from megavlm.eval.tasks import TEXT_METRICS
+
     out = {}
     for task, r in results["results"].items():
+        metric = (metrics or {}).get(task) or TEXT_METRICS.get(task)
+        if metric:
+            v = r.get(f"{metric},none")
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise EvalError(f"lm-eval task {task}: no metric {metric!r} in its results "
+                                f"(reported: {sorted(k for k in r if ',' in k)})")
+            out[task] = float(v)
+            continue
         for key in ("acc,none", "exact_match,none", "acc_norm,none"):
             if key in r and isinstance(r[key], (int, float)):
                 out[task] = float(r[key])

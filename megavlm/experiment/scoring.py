@@ -9,7 +9,7 @@ views are read back (megavlm.eval.api.Report).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 from megavlm.checkpoint_format import CheckpointError
 from megavlm.data.indexed import DataError
@@ -17,6 +17,7 @@ from megavlm.data.tokenizer import TokenizerError
 from megavlm.demo.suites import OfflineSuite
 from megavlm.eval.api import EvalSpec, Report, evaluate
 from megavlm.eval.runner import EvalError
+from megavlm.eval.tasks import recorded_spec, spec_fields
 
 
 class ScoringError(RuntimeError):
@@ -25,17 +26,28 @@ class ScoringError(RuntimeError):
 
 def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, demo_root: Optional[str] = None,
                         limit: Optional[int] = None, batch_size: int = 32,
-                        prompt_template: Optional[str] = None) -> dict:
+                        prompt_template: Optional[str] = None,
+                        eval_spec: Optional[str | Path | Mapping] = None) -> dict:
     """Score ``checkpoint`` with the offline suites; returns a compact summary:
 
     ``{"text": {task: acc}, "vision": {task: acc}, "chance": {task: c}, "stable_score": {"text", "vision"},
     "metrics": {task: {extra metrics}}, "prompt": {"template", "source"}, "report": path}``. The full
     report (JSON + markdown) stays in ``out_dir``. ``limit`` caps the examples per task (None = all);
-    ``prompt_template`` None asks the questions as the checkpoint was trained to read them."""
+    ``prompt_template`` None asks the questions as the checkpoint was trained to read them.
+    ``eval_spec``: a preset name (``paper-table7`` …), a spec file, a recipe with an ``eval:``
+    section or that section as a mapping (megavlm.eval.tasks); default: the ``eval:`` section the
+    checkpoint's run config records, when it sets anything. The spec's tasks, metrics, chance and
+    vision suite instead of the offline suites (a spec's ``vision: {suite: offline}`` keeps the
+    offline vision suite; a paper suite without its data root is an error before loading)."""
     try:
-        spec = EvalSpec(suite=OfflineSuite.default(Path(demo_root).expanduser() if demo_root else None),
-                        prompt_template=prompt_template, limit=int(limit) if limit else None,
-                        batch_size=batch_size, out_dir=out_dir)
+        common = dict(prompt_template=prompt_template, batch_size=batch_size, out_dir=out_dir,
+                      **({"limit": int(limit)} if limit else {}))
+        if eval_spec is None:
+            eval_spec = recorded_spec(checkpoint)  # the recipe's eval: section, kept in config.yaml
+        fields = spec_fields(eval_spec) if eval_spec is not None else {}
+        needs_suite = "paper_root" not in fields or "text_tasks" not in fields
+        suite = OfflineSuite.default(Path(demo_root).expanduser() if demo_root else None) if needs_suite else None
+        spec = EvalSpec(suite=suite, **{**fields, **common})
         report = evaluate(checkpoint, spec)
     except (EvalError, CheckpointError, DataError, TokenizerError) as e:
         raise ScoringError(f"evaluation of {checkpoint} failed: {e}") from e

@@ -63,9 +63,11 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def encoder_checkpoint(tmp_path_factory) -> Path:
     """A tiny checkpoint whose projector reads the real EfficientNet-Lite0 at 64 px (2 x 2 patches
-    of width 1280), recorded in its config: what the paper suite and lmms-eval encode images with."""
+    of width 1280), letterboxed as the paper's stores are, both recorded in its config: what the paper
+    suite and lmms-eval encode images with."""
     return _train_tiny(tmp_path_factory.mktemp("encrun"),
-                       {"embed_dim": 1280, "num_patches": 4, "projector_mult": 1, "encoder": "efficientnet-lite0"})
+                       {"embed_dim": 1280, "num_patches": 4, "projector_mult": 1, "encoder": "efficientnet-lite0",
+                        "resize": "letterbox"})
 
 
 @pytest.fixture(scope="session")

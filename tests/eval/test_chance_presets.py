@@ -35,21 +35,28 @@ TABLE8_NO_OCID = [47.13, 51.38, 58.14]
 TABLE8_WITH_OCID = [46.08, 51.25, None]
 
 
+# Table 7's "BigBench CS" column (DCLM's bigbench_cs_algorithms): not an lm-eval 0.4.13 task, so not
+# in the preset (megavlm.eval.tasks); the published stable scores subtract 0.25 for it.
+TABLE7_CS = TABLE7.pop("bigbench_cs_algorithms")
+PAPER_CS_CHANCE = 0.25
+
+
 @pytest.mark.parametrize("col", range(6))
 def test_table7_reproduced(col):
     acc = {t: v[col] / 100 for t, v in TABLE7.items()}
     assert set(acc) == set(preset("paper-table7").text_tasks)
-    assert 100 * stable_score(acc, "paper-table7") == pytest.approx(TABLE7_STABLE[col], abs=0.1)
+    eight = stable_score(acc, "paper-table7")
+    nine = (8 * eight + TABLE7_CS[col] / 100 - PAPER_CS_CHANCE) / 9
+    assert 100 * nine == pytest.approx(TABLE7_STABLE[col], abs=0.1)
 
 
 def test_table7_needs_the_preset():
     # with BigBench CS at chance 0 the published score is missed by ~2.8 points
     acc = {t: v[0] / 100 for t, v in TABLE7.items()}
-    zero_cs = sum(a - (0.0 if t == "bigbench_cs_algorithms" else chance(t, "paper-table7"))
-                  for t, a in acc.items()) / len(acc)
+    zero_cs = (8 * stable_score(acc, "paper-table7") + TABLE7_CS[0] / 100) / 9
     assert abs(100 * zero_cs - TABLE7_STABLE[0]) > 2.0
     with pytest.raises(KeyError, match="bigbench_cs_algorithms"):
-        stable_score(acc, "appendix-e")  # Appendix E's suite has no BigBench CS
+        stable_score({**acc, "bigbench_cs_algorithms": 0.4}, "paper-table7")  # no chance for it
 
 
 @pytest.mark.parametrize("col", range(3))

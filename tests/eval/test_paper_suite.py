@@ -52,17 +52,20 @@ def test_suite_paper_end_to_end(encoder_checkpoint, data_root, tmp_path, capsys)
             assert r["accuracy"] == pytest.approx(np.mean(
                 [scorers.vqa_accuracy(p["prediction"], [str(i)] * 10) for i, p in enumerate(r["predictions"])]))
 
-    # images went through the checkpoint's encoder once, into the cache, keyed by file name
-    cache = data_root / ".megavlm-cache" / "efficientnet-lite0-64px"
+    # images went through the checkpoint's encoder once, letterboxed as it was trained, into the
+    # cache (keyed on encoder, size and resize), keyed by file name
+    cache = data_root / ".megavlm-cache" / "efficientnet-lite0-64px-letterbox"
     store = EmbeddingStore(cache / "vqav2_val2014.embeds")
     assert store.meta.keys == [f"COCO_val2014_{42 + i:012d}.jpg" for i in range(3)]
     from PIL import Image
 
-    from megavlm.encoders import decode_pil, make_encoder
+    from megavlm.encoders import decode_pil, make_encoder, mean_fill
 
     enc = make_encoder("efficientnet-lite0", 64)
     capsys.readouterr()  # the library's loading message
-    want = enc(np.stack([decode_pil((data_root / "vqav2/val2014" / store.meta.keys[0]).read_bytes(), 64)]))[0]
+    assert store.meta.resize == "letterbox"
+    want = enc(np.stack([decode_pil((data_root / "vqav2/val2014" / store.meta.keys[0]).read_bytes(), 64, "",
+                                    "letterbox", mean_fill(enc.mean))]))[0]
     assert torch.allclose(store.get_tensor(0).float(), want, rtol=2e-2, atol=2e-2)
     assert Image.open(data_root / "vqav2/val2014" / store.meta.keys[0]).format == "JPEG"
     refs = EmbeddingStore(cache / "refcoco_train2014.embeds")  # shared by refcoco and refcocog

@@ -153,7 +153,8 @@ def test_folder_input_and_dali_path(tmp_path, tok, tiny_siglip):
     records = read_image_list(tmp_path / "f")
     assert [r.caption for r in records] == ["A cat 0.", "A cat 1.", "A cat 2."]
     kind = "dali" if dali_available() else "pil"
-    st = encode_images(records, tmp_path / "o", tiny_siglip, tokenizer=tok, decoder=kind, progress=False)
+    st = encode_images(records, tmp_path / "o", tiny_siglip, tokenizer=tok, decoder=kind, progress=False,
+                       resize="square")  # DALI resizes square only
     assert st.decoder == kind and len(EmbeddingStore(tmp_path / "o.embeds")) == 3
 
 
