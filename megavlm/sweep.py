@@ -4,7 +4,11 @@
                   [--out DIR] [--jobs N] [--eval-limit N] [--rewarm-peak LR] [--dry-run]
                   [--slurm [--wait] [--sbatch-arg=--partition=x ...]] [key.path=value ...]
 
-Variables: fraction, image_ratio, instruct_ratio, epochs, seed (see megavlm.experiment.grid);
+Variables: fraction, image_ratio, instruct_ratio, epochs, seed (see megavlm.experiment.grid).
+A recipe whose image stage starts from an imported text checkpoint (launch/configs/paper-1b.yaml)
+sweeps ``fraction`` over imported checkpoints: ``--import-path`` (default derived from the recipe's
+``init.path``) names each, ``schedule.source.fraction`` places it on its source schedule;
+``--dry-run`` prints every job with its stage's resolved plan (steps, schedule, LR start -> end).
 ``--grid`` also takes a YAML/JSON file mapping variables to lists. The whole grid is checked
 before anything runs. Jobs share prefixes (one text run per seed, one image run per branch, see
 megavlm.experiment.plan), run ``--jobs`` at a time with the cores split between them, and are
@@ -27,7 +31,8 @@ from typing import Optional
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megavlm sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="a three-stage recipe (launch/configs/*.yaml)")
+    p.add_argument("--config", required=True, help="a three-stage recipe, or two stages whose first imports its "
+                   "text checkpoint (launch/configs/*.yaml)")
     p.add_argument("--grid", action="append", default=[], help="name=v1,v2 or a YAML/JSON grid file (repeatable)")
     p.add_argument("--out", default=None, help="sweep directory (default <run_dir>/sweep)")
     p.add_argument("--jobs", type=int, default=1, help="jobs side by side (cores are split between them)")
@@ -39,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rewarm-peak", type=float, default=None,
                    help="peak LR of the re-warmed image stage at fraction 0.0 and 1.0 "
                         "(default 3e-3, the paper's re-warm peak, line 149)")
+    p.add_argument("--import-path", default=None, metavar="PATTERN",
+                   help="a recipe whose image stage imports its text checkpoint (init.path): where the "
+                        "checkpoint of each swept fraction is, with {pct} (whole percent) or {fraction}, "
+                        "e.g. data/dclm-1b/imported/dclm-1b-{pct}pct (default: the recipe's init.path with "
+                        "its percent replaced)")
     p.add_argument("--tag", default="", help="name of this grid's results (results-<tag>.csv, plots/<tag>/) "
                    "when several grids share one --out and its runs")
     p.add_argument("--dry-run", action="store_true", help="validate and print the jobs, run nothing")
@@ -62,14 +72,21 @@ def prepare(args) -> tuple[Path, list]:
     if args.epoch_tokens is not None:
         print("megavlm sweep: --epoch-tokens is deprecated and ignored: each cell sets the fine-tuning "
               "stage's epochs and its steps follow from its data; it goes in the next release", file=sys.stderr)
-    full = validate(run, parse_grid(args.grid))
+    full = validate(run, parse_grid(args.grid), import_pattern=args.import_path)
     if not args.dry_run:
+        from megavlm.experiment.grid import GridError, missing_imports
+
+        missing = missing_imports(run, full, args.import_path)
+        if missing:
+            raise GridError(f"imported checkpoint(s) not found: {', '.join(missing)} (tools/convert_openlm.py "
+                            "makes them; --import-path says where they are)")
         from megavlm.experiment.plan import ensure_data
 
         ensure_data(run)  # once, before jobs start side by side
     sweep_dir = Path(args.out or Path(run.run_dir) / "sweep").resolve()
-    jobs = build_jobs(run, full, sweep_dir, rewarm_peak=args.rewarm_peak)
-    write_plan(sweep_dir, args.config, list(args.overrides), full, jobs, args.eval_limit, args.rewarm_peak, args.tag)
+    jobs = build_jobs(run, full, sweep_dir, rewarm_peak=args.rewarm_peak, import_pattern=args.import_path)
+    write_plan(sweep_dir, args.config, list(args.overrides), full, jobs, args.eval_limit, args.rewarm_peak, args.tag,
+               import_pattern=args.import_path)
     return sweep_dir, jobs
 
 
@@ -93,11 +110,14 @@ def run_sweep(args) -> int:
     sweep_dir, jobs = prepare(args)
     n = count_stage_runs(jobs)
     todo = [j for j in jobs if not j.done()]
-    print(f"sweep {sweep_dir}: {n['cell']} cells = {n['text']} text runs + {n['image']} image runs + "
+    text = f"{n['text']} text runs + " if n["text"] else "(text checkpoints imported) "
+    print(f"sweep {sweep_dir}: {n['cell']} cells = {text}{n['image']} image runs + "
           f"{n['cell']} fine-tuning runs; {len(jobs) - len(todo)} finished, {len(todo)} to run")
     if args.dry_run:
-        for j in jobs:
-            print(f"  {'done' if j.done() else 'todo'}  {j.id}  <- {', '.join(j.deps) or '-'}")
+        from megavlm.experiment.plan import describe_jobs, format_job, read_plan
+
+        for d in describe_jobs(read_plan(sweep_dir), jobs):
+            print("  " + format_job(d))
         return 0
     if args.slurm:
         ids = submit_slurm(sweep_dir, jobs, cpus=args.cpus_per_job, extra=args.sbatch_arg, sbatch=args.sbatch)

@@ -1,0 +1,88 @@
+"""``megavlm sweep`` over a recipe whose image stage imports its text checkpoint (paper-1b.yaml):
+the fraction axis maps to imported checkpoints and their place on the source schedule, and the
+dry run prints every job with its resolved stage plan — checked here against hand arithmetic of
+DCLM-1B's cosine. The slow test runs a small stand-in of that grid end to end from tiny imported
+OpenLM checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from megavlm.config import load_config
+from megavlm.experiment.grid import GridError, default_import_pattern, roles, validate
+from megavlm.sweep import main as sweep_main
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER_1B = ROOT / "launch" / "configs" / "paper-1b.yaml"
+
+
+def dclm_1b_lr(f: float) -> float:
+    """DCLM-1B's LR at fraction f of its schedule, by hand (paper Table 2: warmup 5000, peak 1e-2,
+    4.3T tokens at 256 x 2048 = 8,201,600 steps; final 1e-5): cosine after the warmup."""
+    T, W, peak, final = 8_201_600, 5000, 1e-2, 1e-5
+    return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * (f * T - W) / (T - W)))
+
+
+def _dry_run(tmp_path, capsys, *extra):
+    rc = sweep_main(["--config", str(PAPER_1B), "--grid", "fraction=0.2,0.4,0.6,0.8,1.0", "--dry-run",
+                     "--out", str(tmp_path / "sw"), *extra])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    return out.out
+
+
+def test_paper_1b_fraction_grid_dry_run_lr_starts(tmp_path, capsys):
+    out = _dry_run(tmp_path, capsys)
+    assert "5 cells = (text checkpoints imported) 5 image runs + 5 fine-tuning runs" in out
+    lines = out.splitlines()
+    starts = {}
+    for i, line in enumerate(lines):
+        m = re.search(r"todo  image/s1234-f([\d.]+)-r0.1-i0  <- -$", line)
+        if m:
+            detail = lines[i + 1]
+            f = float(m.group(1))
+            lr0, lr1 = map(float, re.search(r"lr (\S+) -> (\S+)$", detail).groups())
+            starts[f] = (detail, lr0, lr1)
+    assert sorted(starts) == [0.2, 0.4, 0.6, 0.8, 1.0]
+    for f in (0.2, 0.4, 0.6, 0.8):
+        detail, lr0, lr1 = starts[f]
+        assert f"init data/dclm-1b/imported/dclm-1b-{round(100 * f)}pct;" in detail
+        assert f"continue imported source from {f:g}" in detail
+        assert lr0 == pytest.approx(dclm_1b_lr(f), rel=1e-5)  # printed to 6 significant digits
+        assert lr1 == pytest.approx(1e-5, rel=1e-5)
+    # hand values, so a wrong formula cannot pass by agreeing with itself
+    assert starts[0.8][1] == pytest.approx(9.65086e-4, rel=1e-5)
+    assert starts[0.2][1] == pytest.approx(9.05054e-3, rel=1e-5)
+    detail, lr0, lr1 = starts[1.0]  # the finished model, re-warmed to 3e-3 (paper line 149)
+    assert "dclm-1b-100pct" in detail and "rewarm peak 0.003" in detail
+    assert lr0 == 0.0 and lr1 == pytest.approx(1e-5, rel=1e-3)
+    # every cell fine-tunes 4 epochs of 665k examples at the recipe's batch
+    assert len(re.findall(r"sft: init image@1; (\d+) steps \(epochs-examples, estimated\)", out)) == 5
+    plan = json.loads((tmp_path / "sw" / "plan.json").read_text())
+    assert not any(j["kind"] == "text" for j in plan["jobs"])
+    img = [j for j in plan["jobs"] if j["id"] == "image/s1234-f0.4-r0.1-i0"][0]
+    assert "stages.image.schedule.source.fraction=0.4" in img["overrides"] and img["links"] == {}
+
+
+def test_import_path_pattern_and_missing_checkpoints(tmp_path, capsys):
+    run = load_config(PAPER_1B)
+    assert roles(run).imported and default_import_pattern(run) == "data/dclm-1b/imported/dclm-1b-{pct}pct"
+    out = _dry_run(tmp_path, capsys, "--import-path", "/ck/dclm-{fraction}")
+    assert "init /ck/dclm-0.6;" in out and "init /ck/dclm-1;" in out
+    # without --dry-run the checkpoints must be there, checked before anything is prepared
+    rc = sweep_main(["--config", str(PAPER_1B), "--grid", "fraction=0.4,0.8", "--out", str(tmp_path / "sw2"),
+                     "--import-path", str(tmp_path / "none-{pct}")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "imported checkpoint(s) not found" in err and "none-40" in err and "none-80" in err
+    with pytest.raises(GridError, match="no {pct} or {fraction}"):
+        validate(run, {"fraction": [0.4]}, import_pattern="/ck/same")
+    with pytest.raises(GridError, match=r"outside \[0, 1\]"):
+        validate(run, {"fraction": [1.5]})
+    odd = load_config(PAPER_1B, ["stages.image.init.path=/ck/dclm-final"])
+    with pytest.raises(GridError, match="--import-path"):
+        default_import_pattern(odd)
