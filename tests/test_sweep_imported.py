@@ -86,3 +86,86 @@ def test_import_path_pattern_and_missing_checkpoints(tmp_path, capsys):
     odd = load_config(PAPER_1B, ["stages.image.init.path=/ck/dclm-final"])
     with pytest.raises(GridError, match="--import-path"):
         default_import_pattern(odd)
+
+
+# -- a small stand-in of the paper-1b grid, end to end ---------------------------------------------
+
+
+def _standin_recipe(tmp_path: Path) -> Path:
+    """paper-1b's shape at toy scale: the tiny recipe's model and demo data, its image stage
+    importing a text checkpoint at 50 % of a stated source cosine, then fine-tuning."""
+    import yaml
+
+    tiny = yaml.safe_load((ROOT / "launch" / "configs" / "tiny.yaml").read_text())
+    raw = {k: tiny[k] for k in ("seed", "parallel", "logging", "data")}
+    raw["run_dir"] = str(tmp_path / "run")
+    raw["model"] = {**tiny["model"], "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                    "ffn_hidden_size": 128, "seq_length": 64}
+    raw["train"] = {"micro_batch_size": 8, "global_batch_size": 8}
+    raw["stages"] = [
+        {"name": "image", "tokens": 1024, "trainable": "all", "text_attention": "window",
+         "init": {"path": str(tmp_path / "imported" / "tiny-50pct")}, "mixture": {"text": 0.85, "captions": 0.15},
+         "schedule": {"kind": "continue", "source": {"kind": "cosine", "peak": 3e-3, "final": 1e-5,
+                                                     "warmup_steps": 10, "steps": 100, "fraction": 0.5}},
+         "checkpoint_fractions": [1.0]},
+        {"name": "sft", "tokens": 512, "trainable": "all", "init": {"stage": "image", "fraction": 1.0},
+         "mixture": {"text": 0.0, "instructions": 1.0},
+         "schedule": {"kind": "rewarm", "peak": 3e-4, "final": 0.0, "warmup_fraction": 0.05},
+         "checkpoint_fractions": [1.0]},
+    ]
+    path = tmp_path / "standin.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.slow
+def test_imported_grid_standin_end_to_end(tmp_path, parallel1):
+    import sys
+
+    import torch
+
+    from tests.model.test_openlm_import import inv_freq, openlm_state
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import convert_openlm
+
+    recipe = _standin_recipe(tmp_path)
+    run = load_config(recipe)
+    for seed, pct in ((5, 50), (9, 100)):  # two "released" checkpoints in open_lm's layout, imported
+        state = openlm_state(run.model, seed=seed)
+        wrapped = {f"module.{k}": v for k, v in state.items()}
+        for i in range(run.model.num_layers):
+            wrapped[f"module.layers.{i}.attention.pos_embed.inv_freq"] = inv_freq(run.model.head_dim,
+                                                                                  run.model.rope_base)
+        pt = tmp_path / f"openlm-{pct}.pt"
+        torch.save({"epoch": 1, "state_dict": wrapped}, pt)
+        convert_openlm.convert(run, parallel1, pt, tmp_path / "imported" / f"tiny-{pct}pct", log=lambda s: None)
+    out = tmp_path / "sw"
+    args = ["--config", str(recipe), "--grid", "fraction=0.5,1.0", "--out", str(out), "--jobs", "2",
+            "--eval-limit", "4"]
+    assert sweep_main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["cells_finished"] == 2 == res["cells"]
+    for row in res["rows"]:
+        assert row["vision_stable"] is not None and row["text_stable"] is not None
+    assert not (out / "text").exists()  # nothing re-trains the imported text stage
+    for cell in (out / "cells").iterdir():
+        assert (cell / "image").is_symlink() and not (cell / "text").exists()
+    metas = {}
+    for img in (out / "image").iterdir():
+        cfg = yaml_load(img / "config.yaml")
+        metas[img.name] = cfg["stages"][0]
+    assert metas["s1234-f0.5-r0.15-i0"]["init"]["path"].endswith("tiny-50pct")
+    assert metas["s1234-f0.5-r0.15-i0"]["schedule"]["kind"] == "continue"
+    assert metas["s1234-f1-r0.15-i0"]["init"]["path"].endswith("tiny-100pct")
+    assert metas["s1234-f1-r0.15-i0"]["schedule"]["kind"] == "rewarm"
+    # the continued branch trained its first step at the source cosine's LR at 50 % (by hand:
+    # 1e-5 + (3e-3 - 1e-5) / 2 * (1 + cos(pi * (50 - 10) / (100 - 10))) = 1.76460e-3)
+    first = json.loads((out / "image" / "s1234-f0.5-r0.15-i0" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and first["lr"] == pytest.approx(1.764604e-3, rel=1e-5)
+
+
+def yaml_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
