@@ -30,6 +30,10 @@ def default_loader_factory(run: RunConfig) -> LoaderFactory:
     return make
 
 
+def _batch_key(st) -> str:
+    return f"stages.{st.name}.global_batch_size" if st.global_batch_size is not None else "train.global_batch_size"
+
+
 @spanning_run  # stop signals are caught between stages too (megavlm.train.preemption)
 def run_stages(run: RunConfig, parallel: Parallel, loader_factory: Optional[LoaderFactory] = None,
                log: Callable[[str], None] = print, only: Optional[list[str]] = None,
@@ -48,8 +52,10 @@ def run_stages(run: RunConfig, parallel: Parallel, loader_factory: Optional[Load
     if loader_factory is None:  # the data must be there: a missing set is the loader's error, no estimate
         sizer = lambda st, spec: build_loader(spec)  # noqa: E731
     else:  # test / benchmark loaders size the stages they feed
-        nmb = num_microbatches(run.train, parallel.dp)
-        sizer = lambda st, spec: loader_factory(spec, parallel, nmb)  # noqa: E731
+        def sizer(st, spec):
+            nmb = num_microbatches(run.train, parallel.dp, run.stage_global_batch(st),
+                                   where=_batch_key(st))
+            return loader_factory(spec, parallel, nmb)
     # budgets (positions, real tokens or epochs), schedules, checkpoints: megavlm.train.plan,
     # the same resolution `megavlm plan` prints (with the data present, the same steps)
     plans = plan_run(run, sizer=sizer)

@@ -14,13 +14,14 @@ from megavlm.config import load_config
 from megavlm.model.build import build_model
 from megavlm.train import checkpoint as ckpt
 from megavlm.train.loop import build_optimizer, wrap_ddp
+from megavlm.train.plan import plan_run
 from tests import synthetic
 
 
 def _build(run, parallel):
     chunks, tc = build_model(run, parallel, torch.float32, backend="local")
     model = wrap_ddp(chunks, tc)
-    return model, build_optimizer(run, run.stages[0], model, torch.float32)
+    return model, build_optimizer(plan_run(run)[run.stages[0].name], model, torch.float32)
 
 
 def _step(model, optimizer, seed: int) -> None:
