@@ -14,7 +14,10 @@ before anything runs. Jobs share prefixes (one text run per seed, one image run 
 megavlm.experiment.plan), run ``--jobs`` at a time with the cores split between them, and are
 skipped once finished, so re-running the command resumes. With ``--slurm`` each job becomes an
 sbatch script with ``afterok`` dependencies instead. The sweep directory (default
-``<run_dir>/sweep``) ends with results.csv, results.json and plots/sweep_<variable>.png.
+``<run_dir>/sweep``) ends with results.csv, results.json, results.md (the tables of the paper's
+figures the grid varies), plots/sweep_<variable>.png and the paper's figures as it draws them
+(plots/fig4_fraction.png, fig5_image_ratio.png, fig6_image_ratio_scratch.png,
+fig7_instruct_ratio.png, fig8_epochs.png: stable score per cell, seeds as error bars).
 
 Internal (what the executors launch): ``python -m megavlm.sweep job DIR ID`` and ``... collect DIR``.
 """
@@ -93,13 +96,13 @@ def prepare(args) -> tuple[Path, list]:
 def collect(sweep_dir: Path) -> tuple[list, list]:
     """results.csv / results.json and the figures from whatever cells have finished."""
     from megavlm.experiment.plan import read_plan
-    from megavlm.experiment.plots import sweep_figures
+    from megavlm.experiment.plots import paper_figures, sweep_figures
     from megavlm.experiment.results import write_results
 
     csv_path, json_path, rows = write_results(sweep_dir)
     plan = read_plan(sweep_dir)
     plots = Path(sweep_dir) / "plots" / plan["tag"] if plan.get("tag") else Path(sweep_dir) / "plots"
-    figs = sweep_figures(rows, plan["grid"], plots) if rows else []
+    figs = (sweep_figures(rows, plan["grid"], plots) + paper_figures(rows, plan["grid"], plots)) if rows else []
     return [csv_path, json_path], figs
 
 
