@@ -169,3 +169,29 @@ def yaml_load(path: Path) -> dict:
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+def test_imported_grid_on_slurm_has_no_text_jobs(tmp_path, monkeypatch):
+    import os
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    log, counter = tmp_path / "sbatch.log", tmp_path / "sbatch.count"
+    counter.write_text("100")
+    (bindir / "sbatch").write_text(f"#!/bin/bash\nn=$(cat {counter}); echo $((n+1)) > {counter}\n"
+                                   f'echo "$@" >> {log}\necho "$n;cluster"\n')
+    (bindir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    recipe = _standin_recipe(tmp_path)
+    for pct in (50, 100):  # present (what the sweep checks before submitting)
+        (tmp_path / "imported" / f"tiny-{pct}pct").mkdir(parents=True)
+    out = tmp_path / "sw"
+    assert sweep_main(["--config", str(recipe), "--grid", "fraction=0.5,1.0", "--grid", "seed=1,2",
+                       "--out", str(out), "--slurm"]) == 0
+    calls = log.read_text().splitlines()
+    ids = json.loads((out / "slurm" / "submitted.json").read_text())
+    assert len(calls) == 4 + 4 + 1 and not any(k.startswith("text/") for k in ids)  # images, cells, collect
+    image_calls = [c for c in calls if "image__" in c]
+    assert len(image_calls) == 4 and not any("--dependency" in c for c in image_calls)
+    cell = next(c for c in calls if "cell__s2-f0.5-r0.15-i0-e1" in c)
+    assert f"--dependency=afterok:{ids['image/s2-f0.5-r0.15-i0']}" in cell
