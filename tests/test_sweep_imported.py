@@ -86,6 +86,10 @@ def test_import_path_pattern_and_missing_checkpoints(tmp_path, capsys):
     odd = load_config(PAPER_1B, ["stages.image.init.path=/ck/dclm-final"])
     with pytest.raises(GridError, match="--import-path"):
         default_import_pattern(odd)
+    with pytest.raises(GridError, match="--import-path"):
+        validate(odd, {"fraction": [0.4, 0.8]})
+    # sweeping only other variables keeps the recipe's own checkpoint: no pattern needed
+    assert validate(odd, {"epochs": [1, 2]})["fraction"] == [0.8]
 
 
 # -- a small stand-in of the paper-1b grid, end to end ---------------------------------------------

@@ -261,9 +261,18 @@ def missing_imports(run: RunConfig, full: dict[str, list], import_pattern: Optio
     that trains its own text stage)."""
     if not roles(run).imported:
         return []
-    pattern = import_pattern or default_import_pattern(run)
-    paths = [import_path(pattern, f) for f in full["fraction"] if f > 0.0]
+    paths = [branch_import_path(run, f, import_pattern) for f in full["fraction"] if f > 0.0]
     return [p for p in paths if not Path(p).expanduser().is_dir()]
+
+
+def branch_import_path(run: RunConfig, fraction: float, import_pattern: Optional[str] = None) -> str:
+    """The checkpoint a branch at ``fraction`` imports: the recipe's own ``init.path`` at the
+    recipe's fraction (no pattern needed), else ``import_pattern`` (default
+    :func:`default_import_pattern`) filled in."""
+    img = run.stage(roles(run).image)
+    if import_pattern is None and img.init.path is not None and abs(fraction - import_fraction(run)) < 1e-9:
+        return img.init.path
+    return import_path(import_pattern or default_import_pattern(run), fraction)
 
 
 def cells(full: dict[str, list]) -> list[Cell]:
@@ -314,7 +323,7 @@ def _imported_branch(run: RunConfig, fraction: float, rewarm_peak: Optional[floa
     if fraction == 0.0:
         out = [f"{pre}.init.path=null"]
     else:
-        out = [f"{pre}.init.path={import_path(import_pattern or default_import_pattern(run), fraction)}"]
+        out = [f"{pre}.init.path={branch_import_path(run, fraction, import_pattern)}"]
     if 0.0 < fraction < 1.0 - 1e-9:
         out += [f"{pre}.schedule.kind=continue"]
         if img.schedule.source is None:
