@@ -59,6 +59,9 @@ def run_stages(run: RunConfig, parallel: Parallel, loader_factory: Optional[Load
     # budgets (positions, real tokens or epochs), schedules, checkpoints: megavlm.train.plan,
     # the same resolution `megavlm plan` prints (with the data present, the same steps)
     plans = plan_run(run, sizer=sizer)
+    for st in run.stages:  # every stage's batch splits into microbatches: found before any stage trains
+        if not only or st.name in only:
+            num_microbatches(run.train, parallel.dp, plans[st.name].global_batch_size, where=_batch_key(st))
     out = []
     for st in run.stages:
         if only and st.name not in only:

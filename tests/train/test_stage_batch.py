@@ -116,3 +116,14 @@ def test_loop_trains_records_and_refuses_a_changed_stage_batch(tmp_path):
     done = launch(1, {"config": cfg, "force_config": True}, tmp_path)
     steps = [r["step"] for r in done["metrics"] if r["stage"] == "image"]
     assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.distributed
+def test_a_stage_batch_that_does_not_split_fails_before_any_stage_trains(tmp_path):
+    from tests.dist import launch
+
+    # 6 rows = 3 micro-batches of 2 on one rank, but not a multiple of 2 x dp 2: the image stage
+    # cannot run at dp 2, found before the text stage trains
+    res = launch(2, {"config": _loop_cfg(tmp_path / "run", 6)}, tmp_path, expect_rc=1)
+    assert "stages.image.global_batch_size=6 is not divisible by micro_batch_size*dp = 2*2" in res["stderr"]
+    assert res["metrics"] == []
