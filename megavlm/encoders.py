@@ -270,6 +270,13 @@ def read_image_list(src: str | Path, *, captions: bool = True) -> list[ImageReco
     src = Path(src)
     out: list[ImageRecord] = []
     if src.is_dir():
+        others = sorted(q for q in src.rglob("*") if q.is_file() and not q.name.startswith(".")
+                        and q.suffix.lower() not in IMAGE_SUFFIXES
+                        and not (q.suffix == ".txt" and any(q.with_suffix(x).exists() for x in IMAGE_SUFFIXES)))
+        if others:  # a .tiff or a stray file is named, never skipped silently
+            shown = ", ".join(str(q.relative_to(src)) for q in others[:20]) + (" ..." if len(others) > 20 else "")
+            print(f"[megavlm encode] {src}: {len(others)} file(s) not read as images (only "
+                  f"{' '.join(IMAGE_SUFFIXES)} are): {shown}", file=sys.stderr)
         for p in sorted(q for q in src.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES):
             cap = None
             if captions:
@@ -355,6 +362,8 @@ def encode_images(records: Sequence[ImageRecord], out_prefix: str | Path, encode
            "shard_size": shard_size, "count": len(records), "captions": captions,
            "tokenizer": tokenizer.name if tokenizer else None, "resize": resize,
            "inputs": _inputs_hash(records)}
+    if getattr(encoder, "compute_dtype", "float32") != "float32":  # shards of another arithmetic are not reused
+        cfg["compute_dtype"] = encoder.compute_dtype
     cfg_path = shard_dir / "job.json"
     if cfg_path.is_file():
         try:

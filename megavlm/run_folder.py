@@ -13,6 +13,7 @@ A run folder (``run_dir``)::
       data.json                            fingerprints of the data it trained on (RECORDED_DATA)
       metrics.jsonl                        one JSON record per logged step (METRICS), by the loop
       eval/<stage>-step_0000080.{json,md}  evaluation reports (EVAL_DIR, report_stem)
+      eval/<stage>-step_0000080.answers.jsonl  every question's answer (REPORT_ANSWERS)
       <stage>/checkpoints/step_0000080/    a checkpoint (CHECKPOINTS, step_dir_name):
           meta.json                        written last: a folder without it is not a checkpoint
           config.yaml                      the run config it was saved under
@@ -37,6 +38,8 @@ META = "meta.json"
 TOKENIZER_DIR = "tokenizer"
 LOADER_DIR = "loader"
 LATEST = "latest"
+REPORT_ANSWERS = ".answers.jsonl"
+"""Suffix, after a report's stem, of the file of every question's answer beside the report."""
 EVAL_SUMMARY = "summary.json"
 """The demo's cache of a branch's scores, beside its reports in EVAL_DIR."""
 

@@ -35,6 +35,8 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megavlm.helpformat import HelpFormatter  # noqa: E402
+
 import torch  # noqa: E402
 
 from megavlm.config import ConfigError, RunConfig, load_config  # noqa: E402
@@ -94,7 +96,7 @@ def verify(run: RunConfig, parallel, checkpoint: Path, state: dict, *, dtype: to
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--input", required=True, type=Path, help="OpenLM state dict (.pt/.bin/.safetensors)")
     ap.add_argument("--config", required=True, help="recipe giving the model shape and layout")
     ap.add_argument("--out", type=Path, help="checkpoint directory to write")

@@ -25,6 +25,8 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megavlm.helpformat import HelpFormatter  # noqa: E402
+
 import torch  # noqa: E402
 
 from megavlm.model import openlm_io  # noqa: E402
@@ -69,7 +71,7 @@ def export(checkpoint: Path, out: Path, parallel, *, dtype: torch.dtype = torch.
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--checkpoint", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")

@@ -22,13 +22,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megavlm.helpformat import HelpFormatter  # noqa: E402
+
 from megavlm.prep.conversations import preprocess_conversations  # noqa: E402
 from megavlm.data.indexed import DataError  # noqa: E402
 from megavlm.data.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--input", nargs="+", required=True, help="LLaVA .json (list) or .jsonl files")
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--output", required=True, help="output prefix")

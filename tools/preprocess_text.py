@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megavlm.helpformat import HelpFormatter  # noqa: E402
+
 from megavlm.data.indexed import DataError  # noqa: E402
 from megavlm.prep.textprep import preprocess_text  # noqa: E402
 from megavlm.data.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
@@ -34,7 +36,7 @@ def parallel_env() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--input", nargs="+", help="files, globs, brace ranges")
     ap.add_argument("--tokenizer", help="sentencepiece .model or tokenizer.json")
     ap.add_argument("--output", required=True, help="output prefix (writes PREFIX.bin and PREFIX.idx)")

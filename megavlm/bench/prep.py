@@ -34,6 +34,7 @@ from typing import Optional
 import numpy as np
 
 from megavlm.bench.artifact import machine_info, write_report
+from megavlm.run_folder import EMBEDS
 
 
 def _clock():
@@ -183,7 +184,7 @@ def bench_loader(work: Path, quick: bool) -> list[dict]:
         for i in order:
             store.get(int(i))
         wall, cpu = _since(t)
-        nbytes = Path(f"{root}.embeds.bin").stat().st_size
+        nbytes = Path(f"{root}{EMBEDS[0]}").stat().st_size
         out.append({"dtype": dtype, "parts": parts, "images": len(store), "shape": f"{P_} x {D}",
                     "bytes": nbytes, "merge_s": merge_wall, "wall": wall, "cpu": cpu})
     return out

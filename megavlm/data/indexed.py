@@ -47,6 +47,11 @@ def _megatron():
     with warnings.catch_warnings():  # megatron.core warns about missing TE/apex on import
         warnings.simplefilter("ignore")
         from megatron.core.datasets import indexed_dataset as mi  # heavy import: only when needed
+    # megatron's logging asks for the rank on every dataset open/write and, in a process that is no
+    # distributed job (a tool, a test), warns that it defaults to rank 0 — at each call site, so
+    # twice per tool run. Such a process is rank 0; say nothing.
+    warnings.filterwarnings("ignore", message="Could not determine rank from torch.distributed",
+                            category=UserWarning)
     return mi
 
 
@@ -92,6 +97,31 @@ def file_record(path: str | Path) -> dict:
                 h.update(block)
         rec["sha256"] = h.hexdigest()
     return rec
+
+
+def store_fingerprint(prefix: str | Path) -> str:
+    """The identity of an embedding store ``<prefix>.{bin,idx,json}``: sha256 over its metadata
+    (keys, encoder, count, ...), its index and its embeddings — all of them for a ``.bin`` up to
+    HASH_BYTES, else its size and 64 evenly spaced 1 MiB blocks. Conversation sets record it so a
+    store re-encoded with other contents is detected (megavlm.data.sources.ConversationSource)."""
+    import hashlib
+
+    prefix = Path(prefix)
+    h = hashlib.sha256()
+    for suffix in (".json", ".idx"):
+        h.update(Path(f"{prefix}{suffix}").read_bytes())
+    binp = Path(f"{prefix}.bin")
+    size = binp.stat().st_size
+    h.update(str(size).encode())
+    with open(binp, "rb") as f:
+        if size <= HASH_BYTES:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            for k in range(64):
+                f.seek((size - (1 << 20)) * k // 63)
+                h.update(f.read(1 << 20))
+    return "sha256:" + h.hexdigest()
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -395,6 +425,9 @@ class EmbeddingStore:
         self.prefix = Path(prefix)
         meta_path = Path(f"{prefix}.json")
         if not meta_path.is_file():
+            if not Path(f"{prefix}.bin").is_file() and not Path(f"{prefix}.idx").is_file():
+                raise DataError(f"{prefix}: no embedding store there (no {Path(prefix).name}.json/.bin/.idx); "
+                                f"make it with tools/encode_images.py")
             raise DataError(f"{meta_path}: missing metadata of embedding store {prefix} "
                             f"(an interrupted write, or not an embedding store)")
         try:

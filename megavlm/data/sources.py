@@ -9,8 +9,10 @@ parallel rank needs. Layouts on disk (all written by tools/):
 - captions: ``<prefix>.{bin,idx}`` caption tokens (no specials), record i describes image i of
   the embedding store ``<prefix>.embeds``. Sample = ``[P x IMAGE][SEP] caption [EOD]``.
 - instructions: ``<prefix>.{bin,idx}`` formatted conversation tokens (role markers, SEPs, EOD),
-  ``<prefix>.mask.{bin,idx}`` uint8 targets, ``<prefix>.images.npy`` the image record of each
-  conversation (-1 = none) in the embedding store named by ``<prefix>.meta.json``.
+  ``<prefix>.mask.{bin,idx}`` uint8 targets, ``<prefix>.meta.json`` naming the embedding store,
+  its fingerprint and each conversation's image *key* (resolved against the store when opened; a
+  store re-encoded since is an error), ``<prefix>.images.npy`` the record numbers the keys had at
+  preprocessing (-1 = none; all that sets made before keys were recorded have).
   Sample = ``[P x IMAGE][SEP]`` (if it has an image) + conversation.
 
 A caption or conversation sample longer than the sequence is truncated (and counted) or rejected
@@ -111,6 +113,47 @@ class CaptionSource:
                       source="captions")
 
 
+def _resolve_keys(prefix: Path, meta: dict, store_path: Path, store: EmbeddingStore) -> np.ndarray:
+    """Record numbers of a keyed conversation set's images in ``store``, after checking that the
+    store is the one the set was built against (its fingerprint)."""
+    from megavlm.data.indexed import store_fingerprint
+
+    rebuild = (f"re-run tools/preprocess_conversations.py --embeds {store_path} --output {prefix} "
+               f"(with the same --input)")
+    now = store_fingerprint(store_path)
+    if meta.get("store_fingerprint") != now:
+        raise DataError(f"conversation set {prefix}: embedding store {store_path} has changed since the "
+                        f"set was built (fingerprint {meta.get('store_fingerprint')} -> {now}: re-encoded "
+                        f"with other images or settings), so its images may be the wrong ones; {rebuild}")
+    where = {k: i for i, k in enumerate(store.meta.keys or [])}
+    out, gone = [], []
+    for n, k in enumerate(meta["image_keys"], 1):
+        if k is None:
+            out.append(-1)
+        elif k in where:
+            out.append(where[k])
+        else:
+            gone.append(f"{n} ({k!r})")
+    if gone:
+        raise DataError(f"conversation set {prefix}: {len(gone)} image key(s) not in {store_path}, "
+                        f"conversations {', '.join(gone[:20])}{' ...' if len(gone) > 20 else ''}; {rebuild}")
+    return np.asarray(out, dtype=np.int64)
+
+
+_WARNED_UNKEYED: set[str] = set()
+
+
+def _warn_unkeyed(prefix: Path, store: Path) -> None:
+    import logging
+
+    if str(prefix) not in _WARNED_UNKEYED:
+        _WARNED_UNKEYED.add(str(prefix))
+        logging.getLogger(__name__).warning(
+            "conversation set %s predates image keys (it holds record numbers of %s), so a re-encoded "
+            "store cannot be detected; rebuild it with tools/preprocess_conversations.py --embeds %s "
+            "--output %s", prefix, store, store, prefix)
+
+
 class ConversationSource:
     """LLaVA-style conversations with per-token targets and an optional image."""
 
@@ -139,11 +182,19 @@ class ConversationSource:
         meta = json.loads(meta_path.read_text())
         self.store: Optional[EmbeddingStore] = None
         self.P = num_patches
-        if (self.images >= 0).any():
+        keyed = "image_keys" in meta
+        if keyed and len(meta["image_keys"]) != len(self.tokens):
+            raise DataError(f"{meta_path}: {len(meta['image_keys'])} image keys for {len(self.tokens)} "
+                            f"conversations; rebuild with tools/preprocess_conversations.py")
+        if (self.images >= 0).any() or (keyed and any(meta["image_keys"])):
             store = Path(meta["embeds"])
             store = store if store.is_absolute() else prefix.parent / store
             self.store = EmbeddingStore(store, embed_dim=embed_dim, num_patches=num_patches,
                                         encoder=encoder)
+            if keyed:
+                self.images = _resolve_keys(prefix, meta, store, self.store)
+            else:
+                _warn_unkeyed(prefix, store)
             bad = np.flatnonzero(self.images >= len(self.store))
             if bad.size:
                 raise DataError(f"{img_path}: conversation {int(bad[0])} refers to image "

@@ -167,6 +167,8 @@ def _conversation(rec: dict, labels: list[str], rng: np.random.Generator, k: int
 
 MANIFEST_VERSION = 2
 ENCODER = "efficientnet-lite0"
+CONVERSATION_FORMAT = "megavlm-conversations/2"
+"""megavlm.prep.conversations.FORMAT (kept literal: this module is imported without prep)."""
 
 
 def _marker(data: DataConfig) -> Path:
@@ -225,7 +227,8 @@ def _plan(data: DataConfig, vision: VisionConfig, full: bool, vocab_size: int) -
         inst = Path(f"{sets['instructions']}{suffix}")
         out.append((_name(inst, root), "instructions", inst,
                     {"raw": f"conversations{suffix}.json", "full": full,
-                     "embeds": _name(Path(f"{sets['captions']}{suffix}"), root)}))
+                     "embeds": _name(Path(f"{sets['captions']}{suffix}"), root),
+                     "format": CONVERSATION_FORMAT}))  # sets of an older format are rebuilt
     return out
 
 

@@ -31,7 +31,7 @@ from megavlm.prep.conversations import preprocess_conversations
 from megavlm.run_folder import set_files
 
 NAME = "instructions_vqa"
-VERSION = 2
+VERSION = 3  # 3: conversations name images by key (megavlm.prep.conversations.FORMAT)
 SUFFIX = "\nAnswer the question using a single word or phrase."
 _FASHION = re.compile(r"^A photo of an? ([^:]+):")
 _ARTICLES = ("a", "an", "the", "some")

@@ -81,6 +81,18 @@ class Sources:
         wn = Path(wordnet) if wordnet else default_cache() / "extract" / "wordnet-base" / "usr/share/wordnet"
         return cls(root, wn if wn.is_dir() else None)
 
+    NEEDED = ("raw/text_heldout.jsonl", "captions_heldout.embeds", "raw/captions_heldout.jsonl")
+    """What the suites read from the demo corpus root."""
+
+    def missing(self) -> Optional[str]:
+        """Why the suites cannot run here (the first absent asset), None when they can."""
+        for rel in self.NEEDED:
+            try:
+                self.need(rel)
+            except EvalError as e:
+                return str(e)
+        return None
+
     def need(self, rel: str) -> Path:
         p = self.demo_root / rel
         if not p.exists() and not Path(f"{p}.json").exists():  # a file, or a store prefix
@@ -311,6 +323,10 @@ class OfflineSuite:
     @classmethod
     def default(cls, demo_root: Optional[str | Path] = None, wordnet: Optional[str | Path] = None) -> "OfflineSuite":
         return cls(Sources.default(demo_root, wordnet))
+
+    def missing(self) -> Optional[str]:
+        """Why the suites' demo assets are absent (megavlm.eval.api.Suite's optional ``missing``)."""
+        return self.sources.missing()
 
     def text(self, model: CheckpointModel, workdir: Path, limit: Optional[float] = None) -> tuple[dict, dict]:
         """lm-eval's results dict and the per-task accuracies of the text suite (written into ``workdir``)."""

@@ -29,8 +29,12 @@ overrides it. Results and reports name the template and where it came from.
 Own questions: ``eval vision --task generic --questions Q.jsonl --embeds PREFIX`` (one JSON object a
 line: ``{"question_id", "image", "question", "answers": [...]}``; ``image`` is a key of the store
 made by tools/encode_images.py, PREFIX its ``--output``), and ``eval all --extra-task
-generic:Q.jsonl:PREFIX`` (repeatable) adds such a task to the report. ``--questions`` / ``--embeds``
-without ``--task`` are an error (they would be ignored).
+generic:Q.jsonl:PREFIX[:CHANCE]`` (repeatable) adds such a task to the report, listed apart from the
+stable score (section ``own``) with chance CHANCE (default 0). Own tasks are checked before the model
+loads and need no demo corpus (without one, and without ``--demo-root``, only they run). The
+report's answers to every question are written beside it (``….answers.jsonl``), and every result
+names the checkpoint by its absolute path. ``--questions`` / ``--embeds`` without ``--task`` are an
+error (they would be ignored).
 
 ``--suite paper`` runs the paper's vision suite from the benchmarks' published files under
 ``--data-root DIR`` (layout below); tasks whose files are absent are listed and skipped unless
@@ -57,11 +61,13 @@ from megavlm.checkpoint_format import CheckpointError
 from megavlm.data.indexed import DataError
 from megavlm.data.tokenizer import TokenizerError
 from megavlm.eval import paper, vision
-from megavlm.eval.api import EvalSpec, ExtraTask, Suite, evaluate, resolve_prompt, score_question_file
+from megavlm.eval.api import (EvalSpec, ExtraTask, Suite, check_task_files, evaluate, resolve_prompt,
+                               score_question_file, write_atomic)
 from megavlm.eval.distributed import EvalShards
 from megavlm.eval.runner import CheckpointModel, EvalError
 from megavlm.eval.stable_score import DEFAULT_PRESET, PRESETS, TEXT_TASKS
 from megavlm.eval.text import run_text, text_accuracies
+from megavlm.helpformat import HelpFormatter
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -82,16 +88,16 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="megavlm eval", description=__doc__, epilog=paper.__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
-    t = sub.add_parser("text", help="lm-eval tasks")
+    t = sub.add_parser("text", help="lm-eval tasks", formatter_class=HelpFormatter)
     _common(t)
     t.add_argument("--tasks", default=None, help="comma-separated lm-eval task names")
     t.add_argument("--offline", action="store_true", help="the offline local suite")
     t.add_argument("--include-path", default=None, help="folder of local lm-eval YAML tasks")
     t.add_argument("--output-path", default=None, help="write lm-eval's results JSON here")
     v = sub.add_parser("vision", help="vision tasks on stored image embeddings", epilog=paper.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=HelpFormatter)
     _common(v)
     v.add_argument("--task", default=None, help="vqav2 | gqa | textvqa | pope | refcoco | ocid_ref | refer | generic")
     v.add_argument("--questions", action="append", default=None, help="question file (repeat for POPE splits)")
@@ -106,12 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--paper-tasks", default=None, help="comma-separated subset of the paper suite's tasks")
     v.add_argument("--strict", action="store_true", help="--suite paper: a missing task is an error")
     v.add_argument("--output-path", default=None, help="write the results JSON here")
-    a = sub.add_parser("all", help="text + vision, report into the run directory")
+    a = sub.add_parser("all", help="text + vision, report into the run directory", formatter_class=HelpFormatter)
     _common(a)
     a.add_argument("--tasks", default=None, help="lm-eval tasks instead of the offline text suite")
-    a.add_argument("--extra-task", action="append", default=[], metavar="TASK:QUESTIONS:EMBEDS",
-                   help="an own vision task joining the report, e.g. generic:q.jsonl:data/own "
-                        "(repeatable; TASK is a reader of eval vision --task, the report names it TASK:QUESTIONS' stem)")
+    a.add_argument("--extra-task", action="append", default=[], metavar="TASK:QUESTIONS:EMBEDS[:CHANCE]",
+                   help="an own vision task joining the report, e.g. generic:q.jsonl:data/own or "
+                        "generic:q.jsonl:data/own:0.1 (repeatable; TASK is a reader of eval vision --task, the "
+                        "report names it TASK:QUESTIONS' stem; CHANCE, default 0, is its chance level; own tasks "
+                        "are listed apart from the stable score; without --demo-root and no demo corpus, only "
+                        "they run)")
     a.add_argument("--include-path", default=None)
     a.add_argument("--out-dir", default=None, help="report folder (default <run_dir>/eval)")
     a.add_argument("--suite", choices=("offline", "paper"), default=None,
@@ -184,34 +193,50 @@ def _vision(args, model, shards, template: str, offline: Optional[OfflineFactory
 
 
 def extra_tasks(specs: list[str]) -> list[ExtraTask]:
-    """``TASK:QUESTIONS:EMBEDS`` -> ExtraTask (report name ``TASK:<QUESTIONS' stem>``); bad specs are errors."""
+    """``TASK:QUESTIONS:EMBEDS[:CHANCE]`` -> ExtraTask (report name ``TASK:<QUESTIONS' stem>``, chance
+    CHANCE, 0 unless given); bad specs are errors."""
     out = []
     for spec in specs:
         parts = spec.split(":")
-        if len(parts) != 3 or not all(parts):
-            raise EvalError(f"--extra-task {spec!r}: expected TASK:QUESTIONS:EMBEDS, e.g. generic:q.jsonl:data/own")
+        if len(parts) not in (3, 4) or not all(parts):
+            raise EvalError(f"--extra-task {spec!r}: expected TASK:QUESTIONS:EMBEDS[:CHANCE], "
+                            f"e.g. generic:q.jsonl:data/own or generic:q.jsonl:data/own:0.1")
         try:
-            out.append(ExtraTask(*parts))
+            level = float(parts[3]) if len(parts) == 4 else 0.0
+        except ValueError:
+            level = -1.0
+        if not 0.0 <= level < 1.0:
+            raise EvalError(f"--extra-task {spec!r}: CHANCE must be a number in [0, 1), got {parts[3]!r}")
+        try:
+            out.append(ExtraTask(*parts[:3], chance=level))
         except EvalError as e:
             raise EvalError(f"--extra-task {spec!r}: {e}") from None
     return out
 
 
 def spec_of(args, offline: Optional[OfflineFactory] = None) -> EvalSpec:
-    """The EvalSpec of ``megavlm eval all``'s flags."""
+    """The EvalSpec of ``megavlm eval all``'s flags. Own tasks' files are checked here, before
+    anything loads; without ``--demo-root`` the offline suite is optional to them (no demo corpus,
+    or no offline suite handed in: only they run)."""
     extras = extra_tasks(args.extra_task)  # a bad spec is named before anything else is looked at
+    for x in extras:
+        check_task_files(x.task, [x.questions], x.embeds, f"--extra-task {x.name}")
     paper_root = None
     if args.suite == "paper":
         if not args.data_root:
             raise EvalError("--suite paper needs --data-root DIR (the layout is in --help)")
         paper_root = args.data_root
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    suite = _offline(args, offline) if paper_root is None or not tasks else None
+    optional = bool(extras) and not args.demo_root and paper_root is None
+    if optional and offline is None:
+        suite = None  # the own tasks alone (no offline suite to run)
+    else:
+        suite = _offline(args, offline) if paper_root is None or not tasks else None
     return EvalSpec(suite=suite, text_tasks=tasks, include_path=args.include_path, paper_root=paper_root,
                     paper_tasks=[t.strip() for t in args.paper_tasks.split(",") if t.strip()] if args.paper_tasks else None,
-                    strict=args.strict, extra_tasks=extras, prompt_template=_prompt_arg(args),
-                    prompt_source="--prompt", limit=_limit(args), batch_size=_batch_size(args),
-                    chance=args.chance, out_dir=args.out_dir)
+                    strict=args.strict, extra_tasks=extras, suite_optional=optional,
+                    prompt_template=_prompt_arg(args), prompt_source="--prompt", limit=_limit(args),
+                    batch_size=_batch_size(args), chance=args.chance, out_dir=args.out_dir)
 
 
 def run(args, offline: Optional[OfflineFactory] = None) -> Optional[dict]:
@@ -225,6 +250,8 @@ def run(args, offline: Optional[OfflineFactory] = None) -> Optional[dict]:
     if args.what == "vision" and not args.task and (args.questions or args.embeds):
         raise EvalError("--questions/--embeds need --task (generic for own question files); "
                         "without --task the offline suite runs and they would be ignored")
+    if args.what == "vision" and args.task == "generic" and args.questions and args.embeds:
+        check_task_files(args.task, args.questions, args.embeds, f"--task {args.task}")  # before loading
     template = _prompt_arg(args)
     model = CheckpointModel.load(args.checkpoint, batch_size=_batch_size(args))
     prompt = resolve_prompt(model, template, "--prompt")
@@ -234,27 +261,22 @@ def run(args, offline: Optional[OfflineFactory] = None) -> Optional[dict]:
             return None  # lm-eval runs on rank 0 only
         with tempfile.TemporaryDirectory(prefix="megavlm-eval-") as tmp:
             res = _text(args, model, Path(tmp), offline)
-        out = {"results": res["results"], "accuracy": text_accuracies(res)}
+        out = {"checkpoint": str(Path(model.path).resolve()), "results": res["results"],
+               "accuracy": text_accuracies(res)}
         if args.output_path:
-            _write_atomic(Path(args.output_path), json.dumps(res, indent=1, default=str))
+            write_atomic(Path(args.output_path), json.dumps(res, indent=1, default=str))
         return out
     results = _vision(args, model, shards, prompt.template, offline)
     if not shards.is_main:
         return None
     out = {r.task: {"accuracy": r.accuracy, "n": r.n, **r.metrics} for r in results}
     out["prompt"] = {"template": prompt.template, "source": prompt.source}
+    out["checkpoint"] = str(Path(model.path).resolve())
     if args.output_path:
-        _write_atomic(Path(args.output_path), json.dumps(
+        write_atomic(Path(args.output_path), json.dumps(
             {**{r.task: {**out[r.task], "predictions": r.predictions} for r in results},
-             "prompt": out["prompt"]}, indent=1))
+             "prompt": out["prompt"], "checkpoint": out["checkpoint"]}, indent=1))
     return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv: Optional[list[str]] = None, offline: Optional[OfflineFactory] = None) -> int:

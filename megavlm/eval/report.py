@@ -17,9 +17,13 @@ from megavlm.eval.vision import TaskResult
 
 
 def build_report(checkpoint: str | Path, text: dict[str, float], vision: Sequence[TaskResult],
-                 extra: Optional[dict] = None, chance_preset: str = DEFAULT_PRESET) -> dict:
+                 extra: Optional[dict] = None, chance_preset: str = DEFAULT_PRESET,
+                 own: Sequence[tuple[TaskResult, float]] = ()) -> dict:
     """Per-task accuracy and chance, stable scores (text / vision) under the named chance preset
-    (megavlm.eval.stable_score.PRESETS, recorded as ``chance_preset``), extra vision metrics."""
+    (megavlm.eval.stable_score.PRESETS, recorded as ``chance_preset``), extra vision metrics.
+    ``own``: the user's own tasks (``eval all --extra-task``) with the chance level they were
+    given (0 unless given); listed apart, they do not enter the stable scores, which stay
+    comparable with the paper's."""
     cp = chance_preset
     preset(cp)  # an unknown name fails before anything is scored
     p = Path(checkpoint).resolve()
@@ -32,6 +36,8 @@ def build_report(checkpoint: str | Path, text: dict[str, float], vision: Sequenc
         "text": {t: {"accuracy": a, "chance": chance(t, cp)} for t, a in text.items()},
         "vision": {r.task: {"accuracy": r.accuracy, "chance": chance(r.task, cp) if r.accuracy is not None else None,
                             "n": r.n, "seconds": round(r.seconds, 3), **r.metrics} for r in vision},
+        "own": {r.task: {"accuracy": r.accuracy, "chance": c, "n": r.n, "seconds": round(r.seconds, 3), **r.metrics}
+                for r, c in own},
         "stable_score": {"text": stable_score(text, cp) if text else None,
                          "vision": stable_score(vis_acc, cp) if vis_acc else None},
         **(extra or {}),
@@ -48,13 +54,14 @@ def markdown(report: dict) -> str:
              *([f"vision prompt: `{report['prompt_template']!r}` ({report.get('prompt_source', '?')})", ""]
                if report.get("prompt_template") else []),
              "| kind | task | accuracy | chance | accuracy − chance |", "|---|---|---|---|---|"]
-    for kind in ("text", "vision"):
-        for t, r in report[kind].items():
+    for kind in ("text", "vision", "own"):
+        for t, r in report.get(kind, {}).items():
             a, c = r["accuracy"], r["chance"]
             lines.append(f"| {kind} | {t} | {f(a)} | {f(c)} | {f(a - c) if a is not None else '—'} |")
     s = report["stable_score"]
-    lines += ["", f"**Stable score** — text: {f(s['text'])}, vision: {f(s['vision'])}", ""]
-    other = [(t, k, v) for t, r in report["vision"].items() for k, v in r.items()
+    lines += ["", f"**Stable score** — text: {f(s['text'])}, vision: {f(s['vision'])}"
+              + (" (own tasks not included)" if report.get("own") else ""), ""]
+    other = [(t, k, v) for kind in ("vision", "own") for t, r in report.get(kind, {}).items() for k, v in r.items()
              if k not in ("accuracy", "chance") and isinstance(v, (int, float))]
     if other:
         lines += ["| task | metric | value |", "|---|---|---|"]

@@ -10,6 +10,26 @@ from typing import Optional, Sequence
 from megavlm.eval.runner import CheckpointModel, EvalError
 
 
+def _quiet_git() -> None:
+    """lm-eval records the git commit of the working directory by running ``git describe`` with
+    its stderr on the terminal, so outside a checkout every text evaluation printed ``fatal: not a
+    git repository``; ask git the same with its stderr discarded."""
+    import subprocess
+
+    try:
+        import lm_eval.evaluator as ev
+    except Exception:  # lm-eval absent or broken: the text tasks report that themselves
+        return
+
+    def quiet_commit() -> Optional[str]:
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, OSError):
+            return None
+
+    ev.get_git_commit_hash = quiet_commit
+
+
 def run_text(model: CheckpointModel, tasks: Sequence[str], include_path: Optional[str | Path] = None,
              limit: Optional[float] = None, include_defaults: bool = True) -> dict:
     """Run lm-eval tasks on the model; returns lm-eval's results dict. Unknown task names are one
@@ -22,6 +42,7 @@ def run_text(model: CheckpointModel, tasks: Sequence[str], include_path: Optiona
 
     from megavlm.eval.lm_adapter import MegavlmLM
 
+    _quiet_git()
     logging.getLogger("lm-eval").setLevel(logging.WARNING)
     tm = TaskManager(include_path=str(include_path) if include_path else None,
                      include_defaults=include_defaults, verbosity="ERROR")

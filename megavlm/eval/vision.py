@@ -132,9 +132,11 @@ class ImageBank:
 
 
 def prompt_ids(model: CheckpointModel, question: str, template: str = PROMPT) -> list[int]:
-    """The text after the image: user turn with the question, then the assistant marker."""
-    sp = model.tok.special
-    return [sp.user] + model.encode(template.format(question=question)) + [sp.sep, sp.assistant]
+    """The text after the image: user turn with the question, then the assistant marker, built by
+    the function training formats human turns with (megavlm.data.prompt)."""
+    from megavlm.data.prompt import question_prompt
+
+    return question_prompt(model.tok, template, question)
 
 
 def generate_answers(model: CheckpointModel, questions: Sequence[VisionQuestion], bank: ImageBank,

@@ -343,7 +343,7 @@ def layout_of(run: RunConfig, dp: int = 1, stage_index: int = 0, attention: Atte
 
     par, t = run.parallel, run.train
     stage = run.stages[stage_index]
-    prec = precision or ("fp32" if t.precision == "fp32" else "bf16")
+    prec = precision or ("fp32" if run.precision.dtype == "fp32" else "bf16")
     return Layout(tp=par.tp, pp=par.pp, dp=dp, vpp=par.vpp,
                   sequence_parallel=par.sequence_parallel, recompute=par.recompute,
                   micro_batch=t.micro_batch_size, seq_length=run.stage_seq_length(stage),

@@ -27,7 +27,8 @@ from megavlm.data.tokenizer import Tokenizer, load_tokenizer
 
 def read_documents(path: str | Path, field: str = "text", reject=None) -> Iterator[tuple[str, str]]:
     """Yield (where, text) for each non-empty document of a JSONL (also ``.jsonl.zst``/``.jsonl.gz``),
-    parquet or plain-text file (megavlm.prep.readers.text)."""
+    parquet or plain-text file, or of a LLaVA ``.json`` list; conversation and caption records give
+    their turns / caption (megavlm.prep.readers.text)."""
     from megavlm.prep.readers.text import read_documents as _read
 
     return _read(path, field, reject)

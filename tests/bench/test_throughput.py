@@ -103,4 +103,4 @@ def test_packed_rows_carry_several_documents_and_cases_install_no_stop_handlers(
         tp.SyntheticRows(run, "packed", 2, 0).next_step()[0].tokens)  # a pure function of the step
     for stage in ("text", "packed", "image-text"):
         case = tp.case_config(run, tp.Case(stage, "fp32", "synthetic"), 3, "unused")
-        assert case.train.stop_signals == [] and case.train.max_wall_minutes is None
+        assert case.preemption.stop_signals == [] and case.preemption.max_wall_minutes is None

@@ -120,3 +120,20 @@ def test_store_count_and_width_consistency(tmp_path):
     (tmp_path / "e.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match="record 0 holds 4 values, expected 2x3=6"):
         EmbeddingStore(tmp_path / "e")
+
+
+def test_megatron_rank_warning_is_silent_outside_a_distributed_job(monkeypatch):
+    """A tool is no distributed job: megatron's 'Defaulting to rank 0' warning is not printed."""
+    import warnings
+
+    from megavlm.data.indexed import _megatron
+
+    for var in ("RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    from megatron.core._rank_utils import safe_get_rank
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")  # every warning shown, whatever was shown before ...
+        _megatron()  # ... but the one megavlm silences
+        assert safe_get_rank() == 0
+    assert not [w for w in seen if "Could not determine rank" in str(w.message)]

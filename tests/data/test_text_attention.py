@@ -11,7 +11,8 @@ import torch
 from megavlm.config import DataConfig, MixtureConfig, VisionConfig
 from megavlm.data.batch import Sample, collate
 from megavlm.data.indexed import DataError
-from megavlm.data.mixture import TEXT, StageLoader, text_window
+from megavlm.data.mixture import TEXT, LoaderSpec, text_window
+from megavlm.train.plan import build_loader
 
 P, D, SEQ = 4, 8, 96
 VISION = VisionConfig(embed_dim=D, num_patches=P)
@@ -22,9 +23,9 @@ STATS = ("text_positions", "caption_positions", "instruction_positions", "image_
 def loader(root, text_attention=None, *, text=0.6, captions=0.25, instructions=0.15):
     data = DataConfig(root=str(root), instructions=["instructions"])
     kw = {} if text_attention is None else {"text_attention": text_attention}
-    return StageLoader(data, MixtureConfig(text=text, captions=captions, instructions=instructions),
-                       seq_length=SEQ, micro_batch_size=2, num_microbatches=2, dp_rank=0, dp_size=1,
-                       seed=11, stage="image", vision=VISION, **kw)
+    spec = LoaderSpec(stage="image", data=data, vision=VISION, seq_length=SEQ, seed=11,
+                      mixture=MixtureConfig(text=text, captions=captions, instructions=instructions), **kw)
+    return build_loader(spec, micro_batch_size=2, num_microbatches=2)
 
 
 def equal(a, b) -> bool:

@@ -48,6 +48,7 @@ def test_two_ranks_equal_one_process(encoder_checkpoint, tmp_path, capsys):
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert list(a) == list(b)
     assert a.pop("prompt") == b.pop("prompt")  # the prompt template the results were made with
+    assert a.pop("checkpoint") == b.pop("checkpoint") == str(encoder_checkpoint.resolve())  # named in every result
     for task in a:
         assert a[task]["n"] == b[task]["n"] and b[task]["data_parallel_ranks"] == 2  # really sharded
         for ra, rb in zip(a[task]["predictions"], b[task]["predictions"], strict=True):

@@ -36,9 +36,11 @@ def test_suite_paper_end_to_end(encoder_checkpoint, data_root, tmp_path, capsys)
     assert "skipped" in out.err and "refcoco+" in out.err  # the absent task is listed
     summary = json.loads(out.out)
     assert summary.pop("prompt")["source"].startswith("checkpoint")  # which template scored them
+    assert summary.pop("checkpoint") == str(encoder_checkpoint.resolve())  # which checkpoint
     assert list(summary) == PRESENT
     res = json.loads(out_file.read_text())
     assert "template" in res.pop("prompt")
+    assert res.pop("checkpoint") == str(encoder_checkpoint.resolve())
     assert res["vqav2"]["n"] == 3 and res["pope"]["n"] == 6 and set(res["pope"]["per_split"]) == set(scorers.POPE_SPLITS)
     assert res["ocid_ref"]["n"] == 2 and set(res["ocid_ref"]["per_split"]) == {"free", "stacked"}
     for task, r in res.items():  # every score is the scorer's on the stored prediction
@@ -73,7 +75,7 @@ def test_suite_paper_end_to_end(encoder_checkpoint, data_root, tmp_path, capsys)
     assert rc == 0, out2.err
     assert {p: p.stat().st_mtime_ns for p in cache.iterdir()} == stamp
     again = json.loads(out2.out)
-    assert [t for t in again if t != "prompt"] == ["vqav2", "textvqa_ocr"] and again["vqav2"]["accuracy"] == summary["vqav2"]["accuracy"]
+    assert [t for t in again if t not in ("prompt", "checkpoint")] == ["vqav2", "textvqa_ocr"] and again["vqav2"]["accuracy"] == summary["vqav2"]["accuracy"]
 
 
 def test_textvqa_ocr_prompt(data_root):

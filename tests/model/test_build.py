@@ -106,7 +106,7 @@ def test_inference_dtype_follows_the_training_precision_on_cuda(parallel1, tmp_p
 
     monkeypatch.delenv(build.INFERENCE_DTYPE_ENV, raising=False)
     run = _run(tmp_path / "run")
-    run.train.precision = "bf16"
+    run.precision.dtype = "bf16"
     chunks, _ = build_model(run, parallel1, torch.bfloat16, backend="local")
     out = tmp_path / "ck"
     ckpt.save(out, chunks, None, {"stage": "s", "step": 0, "steps": 0}, {}, 0, write_loader=False,
@@ -128,9 +128,9 @@ def test_inference_dtype_follows_the_training_precision_on_cuda(parallel1, tmp_p
     with pytest.raises(ValueError, match="MEGAVLM_INFERENCE_DTYPE"):
         dtype_of()
     monkeypatch.delenv(build.INFERENCE_DTYPE_ENV)
-    run.train.precision = "fp32"
+    run.precision.dtype = "fp32"
     assert build.inference_dtype(run) == torch.float32
-    run.train.precision = "bf16"
+    run.precision.dtype = "bf16"
     monkeypatch.setattr(build, "_cuda_bf16", lambda: (True, False))
     with pytest.raises(RuntimeError, match="no bf16"):
         build.inference_dtype(run)

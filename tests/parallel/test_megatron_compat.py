@@ -197,17 +197,18 @@ def test_distributed_optimizer_param_check_needs_the_shim(parallel1, tmp_path, m
     from megavlm.config import load_config
     from megavlm.model.build import build_model
     from megavlm.train.loop import build_optimizer, wrap_ddp
+    from megavlm.train.plan import plan_run
     from tests import synthetic
 
     run = load_config(raw=synthetic.tiny_run(str(tmp_path), layers=1))
     chunks, tc = build_model(run, parallel1, torch.float32, backend="local")
     model = wrap_ddp(chunks, tc)
-    build_optimizer(run, run.stages[0], model, torch.float32)  # works with the shim
+    build_optimizer(plan_run(run)[run.stages[0].name], model, torch.float32)  # works with the shim
     raw = DistributedOptimizer.__dict__["_build_model_and_main_param_groups"].__func__.__wrapped__
     monkeypatch.setattr(DistributedOptimizer, "_build_model_and_main_param_groups", classmethod(raw))
     chunks, tc = build_model(run, parallel1, torch.float32, backend="local")
     with pytest.raises(TypeError, match="Wrapped parameters must be one of"):
-        build_optimizer(run, run.stages[0], wrap_ddp(chunks, tc), torch.float32)
+        build_optimizer(plan_run(run)[run.stages[0].name], wrap_ddp(chunks, tc), torch.float32)
 
 
 @pytest.mark.slow

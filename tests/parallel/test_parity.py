@@ -80,10 +80,11 @@ def test_reference_run_is_sane(reference):
 def test_microbatches_are_packed():
     """What the docstring claims about the runs above: every microbatch has document boundaries."""
     from megavlm.config import load_config
+    from megavlm.train.plan import loader_spec
 
     run = load_config(raw=synthetic.tiny_run("unused"))
     for st in run.stages:
         for nmb, dp_rank, dp in ((4, 0, 1), (2, 1, 2)):
-            loader = synthetic.factory(run)(st, type("P", (), {"dp_rank": dp_rank, "dp": dp})(), nmb)
+            loader = synthetic.factory(run)(loader_spec(run, st), type("P", (), {"dp_rank": dp_rank, "dp": dp})(), nmb)
             for _ in range(3):
                 assert all(b.cu_seqlens is not None for b in loader.next_step())

@@ -221,3 +221,18 @@ def test_inputs_are_checked_first_and_a_fixed_rerun_just_works(tmp_path, tok, ti
     st = encode_images(good, tmp_path / "o", tiny_siglip, tokenizer=tok, decoder="pil", progress=False)
     assert st.images == 6 and len(EmbeddingStore(tmp_path / "o.embeds")) == 6
     assert not (tmp_path / "o.shards").exists()
+
+
+def test_non_image_files_in_the_folder_are_named(tmp_path, capsys):
+    from PIL import Image
+
+    from megavlm.encoders import read_image_list
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("A caption.\n")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.tiff")
+    (tmp_path / "notes.zip").write_bytes(b"PK")
+    recs = read_image_list(tmp_path)
+    assert [r.key for r in recs] == ["a.png"]
+    err = capsys.readouterr().err
+    assert "2 file(s) not read as images" in err and "b.tiff" in err and "notes.zip" in err and "a.txt" not in err

@@ -1,5 +1,10 @@
 """Text documents from ``.jsonl``, ``.jsonl.zst`` (DCLM-baseline's shards; zstandard),
-``.jsonl.gz``, ``.parquet`` (pyarrow; a ``text`` column by default) and plain text.
+``.jsonl.gz``, ``.parquet`` (pyarrow; a ``text`` column by default), plain text, and a LLaVA
+``.json`` list of conversations.
+
+JSON records give their ``field``; records without it that are a conversation or a caption (the
+files the own-data walk-through feeds the tokenizer and a text set, docs/own-data.md) give their
+turns (``<image>`` removed, as training sees them) or their ``caption`` (:func:`record_text`).
 
 ``read_documents(path, field, reject)`` yields ``(where, text)``; ``where`` is ``file:line`` (or
 ``file:row N``). Problems name the file and line. Without ``reject`` every problem raises
@@ -18,6 +23,36 @@ from typing import Callable, Iterator, Optional
 from megavlm.data.indexed import DataError
 
 Reject = Optional[Callable[[str], None]]
+
+
+def record_text(rec: object, field: str = "text") -> Optional[str]:
+    """The text of one JSON record: its ``field``; else a LLaVA conversation's turns (``<image>``
+    removed, as training sees them) or a caption record's ``caption``. None when it has none."""
+    if not isinstance(rec, dict):
+        return None
+    if isinstance(rec.get(field), str):
+        return rec[field]
+    turns = rec.get("conversations")
+    if isinstance(turns, list):
+        from megavlm.data.prompt import user_text
+
+        return "\n".join(user_text(t["value"]) for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str))
+    if isinstance(rec.get("caption"), str):
+        return rec["caption"]
+    return None
+
+
+def _llava_list(path: Path, field: str, reject: Reject) -> Iterator[tuple[str, str]]:
+    """The records of a LLaVA ``.json`` list (one JSON array, not a line per record)."""
+    from megavlm.prep.conversations import load_llava
+
+    for k, rec in enumerate(load_llava(path), 1):
+        text = record_text(rec, field)
+        if text is None:
+            _problem(f"{path}: record {k}: expected an object with a string field {field!r} "
+                     f"or a 'conversations' list", reject)
+        elif text.strip():
+            yield f"{path}: record {k}", text
 
 
 def text_format(path: Path) -> str:
@@ -107,6 +142,11 @@ def read_documents(path: str | Path, field: str = "text", reject: Reject = None)
     if kind == "plain":
         yield from _plain(path)
         return
+    if kind == "jsonl" and path.suffix == ".json":
+        with open(path, "rb") as f:
+            if f.read(4096).lstrip().startswith(b"["):  # a LLaVA list, not JSON lines
+                yield from _llava_list(path, field, reject)
+                return
     errs = _stream_errors()
     n = 0
     lines = _lines(path, kind)
@@ -132,11 +172,13 @@ def read_documents(path: str | Path, field: str = "text", reject: Reject = None)
         except json.JSONDecodeError as e:
             _problem(f"{path}:{n}: not valid JSON ({e.msg})", reject)
             continue
-        if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-            _problem(f"{path}:{n}: expected an object with a string field {field!r}", reject)
+        text = record_text(rec, field)
+        if text is None:
+            _problem(f"{path}:{n}: expected an object with a string field {field!r} "
+                     f"(or a 'conversations' list, or a 'caption')", reject)
             continue
-        if rec[field].strip():
-            yield f"{path}:{n}", rec[field]
+        if text.strip():
+            yield f"{path}:{n}", text
 
 
 def _parquet(path: Path, field: str, reject: Reject) -> Iterator[tuple[str, str]]:
