@@ -102,7 +102,9 @@ def collect(sweep_dir: Path) -> tuple[list, list]:
     csv_path, json_path, rows = write_results(sweep_dir)
     plan = read_plan(sweep_dir)
     plots = Path(sweep_dir) / "plots" / plan["tag"] if plan.get("tag") else Path(sweep_dir) / "plots"
-    figs = (sweep_figures(rows, plan["grid"], plots) + paper_figures(rows, plan["grid"], plots)) if rows else []
+    note = f"recipe {Path(plan['config']).name}"  # every figure names the scale it was drawn at
+    figs = (sweep_figures(rows, plan["grid"], plots) + paper_figures(rows, plan["grid"], plots, scale_note=note)
+            if rows else [])
     return [csv_path, json_path], figs
 
 

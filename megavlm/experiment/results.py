@@ -180,6 +180,7 @@ def write_results(sweep_dir: Path) -> tuple[Path, Path, list[dict]]:
     tmp.replace(json_path)
     md_path = sweep_dir / f"{stem}.md"
     tmp = md_path.with_name(md_path.name + ".tmp")
-    tmp.write_text(f"# {stem}: {len(rows)} of {n_cells} cells finished\n\n" + paper_tables(rows, plan["grid"]))
+    tmp.write_text(f"# {stem}: {len(rows)} of {n_cells} cells finished\n\n"
+                   + paper_tables(rows, plan["grid"], scale_note=f"recipe {Path(plan['config']).name}"))
     tmp.replace(md_path)
     return csv_path, json_path, rows
