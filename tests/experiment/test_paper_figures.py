@@ -59,3 +59,16 @@ def test_tables_and_figures(tmp_path):
     assert [p.name for p in paths] == ["fig4_fraction.png"]
     assert paths[0].stat().st_size > 5000
     assert not list(tmp_path.glob("*.tmp.png"))
+
+
+def test_each_varied_variable_gets_its_paper_figure(tmp_path):
+    grid = {"seed": [1, 2], "fraction": [0.0, 0.8], "image_ratio": [0.1, 0.3], "instruct_ratio": [0.0],
+            "epochs": [1, 2]}
+    rows = [_row(s, f, image_ratio=r, epochs=e, v=0.01 * s * e) for s in (1, 2) for f in (0.0, 0.8)
+            for r in (0.1, 0.3) for e in (1, 2)]
+    names = sorted(p.name for p in paper_figures(rows, grid, tmp_path))
+    assert names == ["fig4_fraction.png", "fig5_image_ratio.png", "fig6_image_ratio_scratch.png", "fig8_epochs.png"]
+    # Fig. 8's lines are the other swept variables' values, never averaged over them
+    lines = figure_series(rows, grid, "epochs", "vision_stable")
+    assert set(lines) == {(("fraction", f), ("image_ratio", r)) for f in (0.0, 0.8) for r in (0.1, 0.3)}
+    assert all(n == 2 for pts in lines.values() for _, _, _, n, _ in pts)
