@@ -81,7 +81,7 @@ def prepare(args) -> tuple[Path, list]:
 
         missing = missing_imports(run, full, args.import_path)
         if missing:
-            raise GridError(f"imported checkpoint(s) not found: {', '.join(missing)} (tools/convert_openlm.py "
+            raise GridError(f"imported checkpoint(s) missing or at another fraction: {', '.join(missing)} (tools/convert_openlm.py "
                             "makes them; --import-path says where they are)")
         from megavlm.experiment.plan import ensure_data
 

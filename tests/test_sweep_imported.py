@@ -78,7 +78,7 @@ def test_import_path_pattern_and_missing_checkpoints(tmp_path, capsys):
     rc = sweep_main(["--config", str(PAPER_1B), "--grid", "fraction=0.4,0.8", "--out", str(tmp_path / "sw2"),
                      "--import-path", str(tmp_path / "none-{pct}")])
     err = capsys.readouterr().err
-    assert rc == 2 and "imported checkpoint(s) not found" in err and "none-40" in err and "none-80" in err
+    assert rc == 2 and "imported checkpoint(s) missing" in err and "none-40" in err and "none-80" in err
     with pytest.raises(GridError, match="no {pct} or {fraction}"):
         validate(run, {"fraction": [0.4]}, import_pattern="/ck/same")
     with pytest.raises(GridError, match=r"outside \[0, 1\]"):
@@ -199,3 +199,18 @@ def test_imported_grid_on_slurm_has_no_text_jobs(tmp_path, monkeypatch):
     assert len(image_calls) == 4 and not any("--dependency" in c for c in image_calls)
     cell = next(c for c in calls if "cell__s2-f0.5-r0.15-i0-e1" in c)
     assert f"--dependency=afterok:{ids['image/s2-f0.5-r0.15-i0']}" in cell
+
+
+def test_recorded_fraction_must_match_the_swept_one(tmp_path):
+    from megavlm.experiment.grid import missing_imports
+
+    SRC = {"kind": "cosine", "peak": 1e-2, "final": 1e-5, "warmup_steps": 50}
+    for pct, step in ((40, 400), (80, 600)):  # checkpoints of ours recording their schedule; 80 % is mislabelled
+        ck = tmp_path / f"ck-{pct}pct"
+        ck.mkdir()
+        (ck / "meta.json").write_text(json.dumps({"stage": "text", "step": step, "steps": 1000, "schedule": SRC}))
+    run = load_config(PAPER_1B, ["stages.image.schedule.source=null", f"stages.image.init.path={tmp_path}/ck-80pct"])
+    pattern = f"{tmp_path}/ck-{{pct}}pct"
+    full = validate(run, {"fraction": [0.4, 0.8]}, import_pattern=pattern)
+    problems = missing_imports(run, full, pattern)
+    assert problems == [f"{tmp_path}/ck-80pct (its meta.json stands at fraction 0.6, not 0.8)"]

@@ -261,8 +261,21 @@ def missing_imports(run: RunConfig, full: dict[str, list], import_pattern: Optio
     that trains its own text stage)."""
     if not roles(run).imported:
         return []
-    paths = [branch_import_path(run, f, import_pattern) for f in full["fraction"] if f > 0.0]
-    return [p for p in paths if not Path(p).expanduser().is_dir()]
+    out = []
+    img = run.stage(roles(run).image)
+    for f in full["fraction"]:
+        if f <= 0.0:
+            continue
+        path = branch_import_path(run, f, import_pattern)
+        if not Path(path).expanduser().is_dir():
+            out.append(path)
+        elif f < 1.0 - 1e-9 and img.schedule.source is None:  # the fraction comes from its meta.json
+            from megavlm.train.plan import read_checkpoint_source
+
+            got = float(read_checkpoint_source(path)["fraction"])
+            if abs(got - f) > 1e-3:
+                out.append(f"{path} (its meta.json stands at fraction {got:g}, not {f:g})")
+    return out
 
 
 def branch_import_path(run: RunConfig, fraction: float, import_pattern: Optional[str] = None) -> str:
