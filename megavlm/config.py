@@ -330,14 +330,17 @@ def migrate_legacy(tree: dict, *, warn: bool = True, where: str = "config") -> d
     return tree
 
 
-def num_microbatches(train: TrainConfig, dp: int = 1) -> int:
+def num_microbatches(train: TrainConfig, dp: int = 1, global_batch: Optional[int] = None,
+                     where: str = "train.global_batch_size") -> int:
     """Microbatches per optimizer step on each data-parallel rank:
-    global_batch_size / (micro_batch_size · dp), which must divide exactly."""
+    global batch / (micro_batch_size · dp), which must divide exactly. ``global_batch`` is a
+    stage's own batch (StagePlan.global_batch_size; default train.global_batch_size), ``where``
+    the key that set it, named in the error."""
+    B = train.global_batch_size if global_batch is None else global_batch
     per = train.micro_batch_size * dp
-    if dp < 1 or train.global_batch_size % per:
-        raise ConfigError(f"train.global_batch_size={train.global_batch_size} is not divisible by "
-                          f"micro_batch_size*dp = {train.micro_batch_size}*{dp}")
-    return train.global_batch_size // per
+    if dp < 1 or B % per:
+        raise ConfigError(f"{where}={B} is not divisible by micro_batch_size*dp = {train.micro_batch_size}*{dp}")
+    return B // per
 
 
 
@@ -563,6 +566,12 @@ class StageConfig:
     epoch_examples: Optional[int] = None
     """Examples in one pass when the data is not at hand (plan estimates with it, e.g. 665000 for
     the LLaVA mix, paper Appendix D); training always counts the real data."""
+    global_batch_size: Optional[int] = None
+    """This stage's global batch per optimizer step, in the stage's ``batch_unit`` (rows, or
+    examples = one conversation per row); None = train.global_batch_size. E.g. the paper fine-tunes
+    at 256 examples (App. D) whatever its text batch. A multiple of train.micro_batch_size (and, at
+    launch, of micro_batch_size x data-parallel size). Part of run identity: a run folder refuses
+    to resume a stage under another batch."""
     text_attention: Literal["document", "window"] = "document"
     """How plain-text rows attend (issue 25). ``document``: every document piece in a row is its
     own sequence — attention and RoPE positions restart at each document (our own text
@@ -619,6 +628,10 @@ class StageConfig:
             raise ConfigError(f"stage {self.name}: pack_window must be >= 1")
         if self.epoch_examples is not None and self.epoch_examples <= 0:
             raise ConfigError(f"stage {self.name}: epoch_examples must be > 0")
+        if self.global_batch_size is not None and (isinstance(self.global_batch_size, bool)
+                                                   or self.global_batch_size <= 0):
+            raise ConfigError(f"stages.{self.name}.global_batch_size={self.global_batch_size} must be a "
+                              "positive integer (or null for train.global_batch_size)")
         if self.text_attention not in TEXT_ATTENTION:
             raise ConfigError(f"stage {self.name}: text_attention {self.text_attention!r} is not one "
                               f"of {list(TEXT_ATTENTION)}")
@@ -720,10 +733,19 @@ class RunConfig:
                              else "model.seq_length")
                     raise ConfigError(f"{where}={self.stage_seq_length(s)} must be a multiple of "
                                       f"parallel.tp={self.parallel.tp} under sequence parallel")
+        for s in self.stages:
+            if s.global_batch_size is not None and s.global_batch_size % self.train.micro_batch_size:
+                raise ConfigError(f"stages.{s.name}.global_batch_size={s.global_batch_size} must be a multiple "
+                                  f"of train.micro_batch_size={self.train.micro_batch_size}")
         stages_per_rank = self.parallel.pp * (self.parallel.vpp or 1)
         if self.model.num_layers % stages_per_rank:
             raise ConfigError(f"model.num_layers={self.model.num_layers} must be divisible by "
                               f"pp*vpp={stages_per_rank}")
+
+    def stage_global_batch(self, stage: StageConfig) -> int:
+        """Global batch of ``stage`` (its batch_unit per optimizer step): its own
+        global_batch_size, else train.global_batch_size."""
+        return self.train.global_batch_size if stage.global_batch_size is None else stage.global_batch_size
 
     def stage_seq_length(self, stage: StageConfig) -> int:
         """Positions per row in ``stage``: its own seq_length, else model.seq_length."""

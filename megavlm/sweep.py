@@ -4,13 +4,20 @@
                   [--out DIR] [--jobs N] [--eval-limit N] [--rewarm-peak LR] [--dry-run]
                   [--slurm [--wait] [--sbatch-arg=--partition=x ...]] [key.path=value ...]
 
-Variables: fraction, image_ratio, instruct_ratio, epochs, seed (see megavlm.experiment.grid);
+Variables: fraction, image_ratio, instruct_ratio, epochs, seed (see megavlm.experiment.grid).
+A recipe whose image stage starts from an imported text checkpoint (launch/configs/paper-1b.yaml)
+sweeps ``fraction`` over imported checkpoints: ``--import-path`` (default derived from the recipe's
+``init.path``) names each, ``schedule.source.fraction`` places it on its source schedule;
+``--dry-run`` prints every job with its stage's resolved plan (steps, schedule, LR start -> end).
 ``--grid`` also takes a YAML/JSON file mapping variables to lists. The whole grid is checked
 before anything runs. Jobs share prefixes (one text run per seed, one image run per branch, see
 megavlm.experiment.plan), run ``--jobs`` at a time with the cores split between them, and are
 skipped once finished, so re-running the command resumes. With ``--slurm`` each job becomes an
 sbatch script with ``afterok`` dependencies instead. The sweep directory (default
-``<run_dir>/sweep``) ends with results.csv, results.json and plots/sweep_<variable>.png.
+``<run_dir>/sweep``) ends with results.csv, results.json, results.md (the tables of the paper's
+figures the grid varies), plots/sweep_<variable>.png and the paper's figures as it draws them
+(plots/fig4_fraction.png, fig5_image_ratio.png, fig6_image_ratio_scratch.png,
+fig7_instruct_ratio.png, fig8_epochs.png: stable score per cell, seeds as error bars).
 
 Internal (what the executors launch): ``python -m megavlm.sweep job DIR ID`` and ``... collect DIR``.
 """
@@ -27,7 +34,8 @@ from typing import Optional
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megavlm sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="a three-stage recipe (launch/configs/*.yaml)")
+    p.add_argument("--config", required=True, help="a three-stage recipe, or two stages whose first imports its "
+                   "text checkpoint (launch/configs/*.yaml)")
     p.add_argument("--grid", action="append", default=[], help="name=v1,v2 or a YAML/JSON grid file (repeatable)")
     p.add_argument("--out", default=None, help="sweep directory (default <run_dir>/sweep)")
     p.add_argument("--jobs", type=int, default=1, help="jobs side by side (cores are split between them)")
@@ -39,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rewarm-peak", type=float, default=None,
                    help="peak LR of the re-warmed image stage at fraction 0.0 and 1.0 "
                         "(default 3e-3, the paper's re-warm peak, line 149)")
+    p.add_argument("--import-path", default=None, metavar="PATTERN",
+                   help="a recipe whose image stage imports its text checkpoint (init.path): where the "
+                        "checkpoint of each swept fraction is, with {pct} (whole percent) or {fraction}, "
+                        "e.g. data/dclm-1b/imported/dclm-1b-{pct}pct (default: the recipe's init.path with "
+                        "its percent replaced)")
     p.add_argument("--tag", default="", help="name of this grid's results (results-<tag>.csv, plots/<tag>/) "
                    "when several grids share one --out and its runs")
     p.add_argument("--dry-run", action="store_true", help="validate and print the jobs, run nothing")
@@ -62,27 +75,36 @@ def prepare(args) -> tuple[Path, list]:
     if args.epoch_tokens is not None:
         print("megavlm sweep: --epoch-tokens is deprecated and ignored: each cell sets the fine-tuning "
               "stage's epochs and its steps follow from its data; it goes in the next release", file=sys.stderr)
-    full = validate(run, parse_grid(args.grid))
+    full = validate(run, parse_grid(args.grid), import_pattern=args.import_path)
     if not args.dry_run:
+        from megavlm.experiment.grid import GridError, missing_imports
+
+        missing = missing_imports(run, full, args.import_path)
+        if missing:
+            raise GridError(f"imported checkpoint(s) missing or at another fraction: {', '.join(missing)} (tools/convert_openlm.py "
+                            "makes them; --import-path says where they are)")
         from megavlm.experiment.plan import ensure_data
 
         ensure_data(run)  # once, before jobs start side by side
     sweep_dir = Path(args.out or Path(run.run_dir) / "sweep").resolve()
-    jobs = build_jobs(run, full, sweep_dir, rewarm_peak=args.rewarm_peak)
-    write_plan(sweep_dir, args.config, list(args.overrides), full, jobs, args.eval_limit, args.rewarm_peak, args.tag)
+    jobs = build_jobs(run, full, sweep_dir, rewarm_peak=args.rewarm_peak, import_pattern=args.import_path)
+    write_plan(sweep_dir, args.config, list(args.overrides), full, jobs, args.eval_limit, args.rewarm_peak, args.tag,
+               import_pattern=args.import_path)
     return sweep_dir, jobs
 
 
 def collect(sweep_dir: Path) -> tuple[list, list]:
     """results.csv / results.json and the figures from whatever cells have finished."""
     from megavlm.experiment.plan import read_plan
-    from megavlm.experiment.plots import sweep_figures
+    from megavlm.experiment.plots import paper_figures, sweep_figures
     from megavlm.experiment.results import write_results
 
     csv_path, json_path, rows = write_results(sweep_dir)
     plan = read_plan(sweep_dir)
     plots = Path(sweep_dir) / "plots" / plan["tag"] if plan.get("tag") else Path(sweep_dir) / "plots"
-    figs = sweep_figures(rows, plan["grid"], plots) if rows else []
+    note = f"recipe {Path(plan['config']).name}"  # every figure names the scale it was drawn at
+    figs = (sweep_figures(rows, plan["grid"], plots) + paper_figures(rows, plan["grid"], plots, scale_note=note)
+            if rows else [])
     return [csv_path, json_path], figs
 
 
@@ -93,11 +115,14 @@ def run_sweep(args) -> int:
     sweep_dir, jobs = prepare(args)
     n = count_stage_runs(jobs)
     todo = [j for j in jobs if not j.done()]
-    print(f"sweep {sweep_dir}: {n['cell']} cells = {n['text']} text runs + {n['image']} image runs + "
+    text = f"{n['text']} text runs + " if n["text"] else "(text checkpoints imported) "
+    print(f"sweep {sweep_dir}: {n['cell']} cells = {text}{n['image']} image runs + "
           f"{n['cell']} fine-tuning runs; {len(jobs) - len(todo)} finished, {len(todo)} to run")
     if args.dry_run:
-        for j in jobs:
-            print(f"  {'done' if j.done() else 'todo'}  {j.id}  <- {', '.join(j.deps) or '-'}")
+        from megavlm.experiment.plan import describe_jobs, format_job, read_plan
+
+        for d in describe_jobs(read_plan(sweep_dir), jobs):
+            print("  " + format_job(d))
         return 0
     if args.slurm:
         ids = submit_slurm(sweep_dir, jobs, cpus=args.cpus_per_job, extra=args.sbatch_arg, sbatch=args.sbatch)

@@ -54,23 +54,29 @@ class Job:
 
 
 def build_jobs(run: RunConfig, full: dict[str, list], sweep_dir: Path,
-               rewarm_peak: Optional[float] = None) -> list[Job]:
-    """Every job of the grid, each once, in an order where dependencies come first."""
+               rewarm_peak: Optional[float] = None, import_pattern: Optional[str] = None) -> list[Job]:
+    """Every job of the grid, each once, in an order where dependencies come first. A recipe whose
+    image stage imports its text checkpoint (``init.path``) has no text jobs: each image job
+    imports the checkpoint its fraction names."""
     r = roles(run)
     sweep_dir = Path(sweep_dir).resolve()
     jobs: dict[str, Job] = {}
     for c in cells(full):
         tk, ik, ck = c.key("seed"), c.key("instruct_ratio"), c.key("epochs")
         text_dir, image_dir = sweep_dir / "text" / tk, sweep_dir / "image" / ik
-        jobs.setdefault(f"text/{tk}", Job(f"text/{tk}", "text", str(text_dir), r.text, [f"seed={c.seed}"]))
-        from_text = c.fraction != 0.0  # fraction 0: the image stage starts from random weights
+        overrides = cell_overrides(run, c, rewarm_peak=rewarm_peak, import_pattern=import_pattern)
+        # fraction 0: the image stage starts from random weights; imported: from init.path
+        from_text = c.fraction != 0.0 and not r.imported
+        if not r.imported:
+            jobs.setdefault(f"text/{tk}", Job(f"text/{tk}", "text", str(text_dir), r.text, [f"seed={c.seed}"]))
         jobs.setdefault(f"image/{ik}", Job(
-            f"image/{ik}", "image", str(image_dir), r.image, cell_overrides(run, c, rewarm_peak=rewarm_peak),
+            f"image/{ik}", "image", str(image_dir), r.image, overrides,
             links={r.text: str(text_dir)} if from_text else {}, deps=[f"text/{tk}"] if from_text else []))
-        jobs[f"cell/{ck}"] = Job(
-            f"cell/{ck}", "cell", str(sweep_dir / "cells" / ck), r.sft,
-            cell_overrides(run, c, rewarm_peak=rewarm_peak),
-            links={r.text: str(text_dir), r.image: str(image_dir)}, deps=[f"image/{ik}"], cell=c.as_dict())
+        links = {r.image: str(image_dir)}
+        if not r.imported:
+            links = {r.text: str(text_dir), **links}
+        jobs[f"cell/{ck}"] = Job(f"cell/{ck}", "cell", str(sweep_dir / "cells" / ck), r.sft, overrides,
+                                 links=links, deps=[f"image/{ik}"], cell=c.as_dict())
     kinds = {"text": 0, "image": 1, "cell": 2}
     return sorted(jobs.values(), key=lambda j: kinds[j.kind])
 
@@ -98,7 +104,8 @@ def recipe_fingerprint(config_path: str, base_overrides: list[str], settings: Op
 
 
 def write_plan(sweep_dir: Path, config_path: str, base_overrides: list[str], full: dict, jobs: list[Job],
-               eval_limit: Optional[int], rewarm_peak: Optional[float] = None, tag: str = "") -> Path:
+               eval_limit: Optional[int], rewarm_peak: Optional[float] = None, tag: str = "",
+               import_pattern: Optional[str] = None) -> Path:
     """Write ``plan.json``; refuse a sweep directory that holds another recipe's runs.
 
     Several grids may share one sweep directory (each invocation rewrites the plan; finished jobs
@@ -106,8 +113,10 @@ def write_plan(sweep_dir: Path, config_path: str, base_overrides: list[str], ful
     results files of this grid."""
     sweep_dir = Path(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    fp = recipe_fingerprint(config_path, base_overrides, {"eval_limit": eval_limit,
-                                                          "rewarm_peak": rewarm_peak})
+    settings = {"eval_limit": eval_limit, "rewarm_peak": rewarm_peak}
+    if import_pattern is not None:  # only when given: older sweeps keep their fingerprint
+        settings["import_pattern"] = import_pattern
+    fp = recipe_fingerprint(config_path, base_overrides, settings)
     path = sweep_dir / PLAN
     if path.is_file():
         old = json.loads(path.read_text())
@@ -168,10 +177,42 @@ def job_config(plan: dict, job: Job) -> RunConfig:
     step count follows from its data when it trains (megavlm.train.plan), as `megavlm plan` shows."""
     base = plan["base_overrides"] + job.overrides + [f"run_dir={job.run_dir}"]
     run = load_config(plan["config"], base)
-    if job.kind == "cell":
-        sft = run.stage(roles(run).sft)
-        run = load_config(plan["config"], base + [f"stages.{sft.name}.epochs={int(job.cell['epochs'])}"])
+    if job.kind == "cell":  # job.stage is the fine-tuning stage (roles() of a 0 % cell's chain fails:
+        # its image stage starts from random weights, not from a text checkpoint)
+        run = load_config(plan["config"], base + [f"stages.{job.stage}.epochs={int(job.cell['epochs'])}"])
     return run
+
+
+def describe_jobs(plan: dict, jobs: list[Job]) -> list[dict]:
+    """Every job with the resolved plan of the stage it trains (megavlm.train.plan.plan_run /
+    StagePlan.describe, as ``megavlm plan`` prints it): what ``megavlm sweep --dry-run`` shows.
+    Data-sized stages whose data is absent are estimated and say so."""
+    from megavlm.train.plan import plan_run
+
+    out = []
+    for j in jobs:
+        sp = plan_run(job_config(plan, j))[j.stage]
+        d = sp.describe(points=2)
+        init = sp.config.init
+        out.append({"id": j.id, "done": j.done(), "deps": list(j.deps), "stage": j.stage,
+                    "init": init.path or (f"{init.stage}@{init.fraction:g}" if init.stage else None),
+                    "lr_start": d["lr"][0][1], "lr_end": d["lr"][-1][1], "plan": d})
+    return out
+
+
+def format_job(desc: dict) -> str:
+    """One dry-run line of a job: id, dependencies, steps, schedule and its LR from start to end."""
+    p, s = desc["plan"], desc["plan"]["schedule"]
+    est = ", estimated" if p.get("estimated") else ""
+    if s["kind"] == "continue":
+        src = s.get("source_stage") or (s.get("source") or {}).get("from") or "imported source"
+        how = f"continue {src} from {s['source_fraction']:g}"
+    else:
+        how = f"{s['kind']} peak {s['peak']:g} warmup {s['warmup_steps']}"
+    return (f"{'done' if desc['done'] else 'todo'}  {desc['id']}  <- {', '.join(desc['deps']) or '-'}\n"
+            f"      {desc['stage']}: init {desc['init'] or 'random'}; {p['steps']} steps ({p['budget']}{est}) x "
+            f"{p['tokens_per_step']} positions, seq {p['seq_length']}; {how}; "
+            f"lr {desc['lr_start']:.6g} -> {desc['lr_end']:.6g}")
 
 
 def run_job(sweep_dir: Path, job_id: str, log: Callable[[str], None] = print) -> dict:

@@ -1,5 +1,9 @@
 """Figures: the sweep's stable-score plots (the paper's Figures 4-8) and the demo's curves.
 
+:func:`paper_figures` draws a sweep's cells the way the paper does (its x axes in percent, vision
+green and text blue, the 100 % point of Fig. 4 hollow, one benchmark of each kind beside the
+stable scores); :func:`sweep_figures` is the compact per-variable overview.
+
 Sweep figures put the swept variable on x and the stable score on y, vision and text in two
 panels, one line per fine-tuning epoch count (mean over seeds, error bars = sample std, the seeds
 themselves as faint dots). Demo figures show each stage's loss, and the learning rate over the
@@ -13,9 +17,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from megavlm.experiment.grid import ORDER
+from megavlm.experiment.results import PAPER_FIGURES, figure_groups, figure_series
 from megavlm.run_folder import METRICS
 
 LABELS = {"fraction": "start checkpoint (fraction of the text schedule)",
@@ -80,6 +85,82 @@ def sweep_figures(rows: Sequence[dict], grid: dict[str, list], out_dir: Path) ->
         p = out_dir / f"sweep_{x}.png"
         fig.savefig(p, dpi=110)
         plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+# ------------------------------------------------------------------ the paper's figures
+
+
+VISION_COLOR, TEXT_COLOR = "tab:green", "tab:blue"
+"""The paper draws vision results green and text results blue (Figs. 4-8)."""
+PREFERRED_TASKS = {"vision": ("vqav2", "vqa_v2", "fashion_vqa"), "text": ("arc_easy", "megavlm_wordnet_mc")}
+"""The per-benchmark panel's tasks, as Fig. 4 (right) plots VQA-v2 and ARC-easy; the first one
+present in the results (else the first task of that kind)."""
+
+
+def _pick_task(rows: Sequence[dict], kind: str) -> Optional[str]:
+    tasks = sorted({k.split(":", 1)[1] for r in rows for k in r if k.startswith(f"{kind}:")})
+    for t in PREFERRED_TASKS[kind]:
+        if t in tasks:
+            return t
+    return tasks[0] if tasks else None
+
+
+def paper_figures(rows: Sequence[dict], grid: dict[str, list], out_dir: Path, *,
+                  scale_note: str = "") -> list[Path]:
+    """The paper's Figures 4-8 from a sweep's cells, one file per swept variable it varies
+    (``fig4_fraction.png`` ...; Fig. 6 where cells at fraction 0 vary the image ratio).
+
+    Left panel: the vision and text stable scores (green, blue) against the paper's x axis; right
+    panel: one vision and one text benchmark's accuracy (as Fig. 4's VQA-v2 and ARC-easy). Points
+    are means over seeds, error bars the sample std, the seeds faint dots. On Fig. 4 the 100 %
+    point is a hollow circle: it re-warms its LR instead of continuing (the paper's marking).
+    ``scale_note`` (e.g. "toy scale") goes into every title."""
+    plt = _plt()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    vtask, ttask = _pick_task(rows, "vision"), _pick_task(rows, "text")
+    for variable, fig_key, rs in figure_groups(rows, grid):
+        stem, xlabel = PAPER_FIGURES[fig_key]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        panels = ((axes[0], (("vision_stable", "vision stable score", VISION_COLOR),
+                             ("text_stable", "text stable score", TEXT_COLOR)), "stable score (accuracy − chance)"),
+                  (axes[1], tuple((f"{k}:{t}", t, c) for k, t, c in (("vision", vtask, VISION_COLOR),
+                                                                      ("text", ttask, TEXT_COLOR)) if t),
+                   "accuracy"))
+        styles = ("-", "--", ":", "-.")
+        for ax, series, ylabel in panels:
+            for score, name, color in series:
+                for i, (key, pts) in enumerate(figure_series(rs, grid, variable, score).items()):
+                    label = name + (" (" + ", ".join(f"{k}={v:g}" for k, v in key) + ")" if key else "")
+                    xs = [p[0] for p in pts]
+                    ax.errorbar(xs, [p[1] for p in pts], yerr=[p[2] for p in pts], color=color,
+                                ls=styles[i % len(styles)], marker="o", capsize=3, label=label)
+                    for p in pts:
+                        ax.scatter([p[0]] * len(p[4]), p[4], s=10, alpha=0.35, color=color)
+                    if variable == "fraction":  # the re-warmed 100 % point, hollow as in Fig. 4
+                        for p in pts:
+                            if abs(p[0] - 100.0) < 1e-9:
+                                ax.plot([p[0]], [p[1]], "o", ms=9, mfc="white", mec=color, zorder=5)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if series:
+                ax.legend(fontsize=7)
+        axes[0].axhline(0.0, color="grey", lw=0.8, ls=":")
+        axes[1].set_title("per benchmark")
+        axes[0].set_title("stable scores")
+        n_seeds = len(grid.get("seed", [1]))
+        note = f" — {scale_note}" if scale_note else ""
+        fig.suptitle(f"{xlabel.split(':')[0]}: mean ± std over {n_seeds} seed{'s' if n_seeds != 1 else ''}{note}")
+        fig.tight_layout()
+        p = out_dir / f"{stem}.png"
+        tmp = out_dir / f"{stem}.tmp.png"
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        tmp.replace(p)
         paths.append(p)
     return paths
 

@@ -11,7 +11,10 @@ A stage's budget is one of (``StageConfig.budget`` / ``batch_unit`` / ``epochs``
   — and with it the LR schedule — is fixed before the first step and a resumed run agrees.
 * ``epochs`` with ``batch_unit: rows`` — epochs x the positions of one pass over the data.
 * ``epochs`` with ``batch_unit: examples`` — Prismatic/LLaVA semantics: one conversation per row,
-  ``train.global_batch_size`` examples per step, ``steps = ceil(epochs x examples / batch)``.
+  the stage's global batch of examples per step, ``steps = ceil(epochs x examples / batch)``.
+
+"global batch" is the stage's own (``stages.<i>.global_batch_size``, else
+``train.global_batch_size``: RunConfig.stage_global_batch).
 
 When the data is not at hand (``plan`` of a paper-scale recipe on a laptop), data-dependent
 budgets fall back to the positions formula (or ``epoch_examples``) and say so: ``estimated: true``.
@@ -59,14 +62,15 @@ class StageBudget:
         return d
 
 
-def tokens_per_step(run: RunConfig, seq_length: int) -> int:
-    """Positions one optimizer step trains on: global batch x the stage's row length."""
-    return run.train.global_batch_size * seq_length
+def tokens_per_step(run: RunConfig, seq_length: int, global_batch: Optional[int] = None) -> int:
+    """Positions one optimizer step trains on: the stage's global batch (default
+    train.global_batch_size) x its row length."""
+    return (run.train.global_batch_size if global_batch is None else global_batch) * seq_length
 
 
-def positions_steps(run: RunConfig, seq_length: int, tokens: int) -> int:
+def positions_steps(run: RunConfig, seq_length: int, tokens: int, global_batch: Optional[int] = None) -> int:
     """ceil(tokens / (global_batch x seq_length)), at least 1."""
-    return max(1, math.ceil(tokens / tokens_per_step(run, seq_length)))
+    return max(1, math.ceil(tokens / tokens_per_step(run, seq_length, global_batch)))
 
 
 def needs_data(st: StageConfig) -> bool:
@@ -78,8 +82,8 @@ def stage_budget(run: RunConfig, st: StageConfig, seq_length: int, loader: Optio
                  data_error: str = "") -> StageBudget:
     """The step count of ``st`` at rows of ``seq_length``; ``loader`` is the stage's loader (None =
     data absent, ``data_error`` says why)."""
-    B = run.train.global_batch_size
-    positions = positions_steps(run, seq_length, st.tokens)
+    B = run.stage_global_batch(st)
+    positions = positions_steps(run, seq_length, st.tokens, B)
     if st.epochs is not None and st.batch_unit == "examples":
         if loader is None:
             if st.epoch_examples is None:
@@ -101,7 +105,7 @@ def stage_budget(run: RunConfig, st: StageConfig, seq_length: int, loader: Optio
         if per_epoch <= 0:
             raise BudgetError(f"stage {st.name} is sized as epochs={st.epochs} but one pass over its data "
                               "is empty")
-        return StageBudget(positions_steps(run, seq_length, st.epochs * per_epoch), "epochs-rows")
+        return StageBudget(positions_steps(run, seq_length, st.epochs * per_epoch, B), "epochs-rows")
     if st.budget == "real":
         if loader is None:
             return StageBudget(positions, "real", True,

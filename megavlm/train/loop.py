@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from megavlm.config import RunConfig, num_microbatches
+from megavlm.config import ConfigError, RunConfig, num_microbatches
 from megavlm.data.mixture import LoaderSpec
 from megavlm.model.build import build_model, model_dtype
 from megavlm.parallel.state import Parallel
@@ -185,6 +185,13 @@ class StageTrainer:
         for f, k in self.plan.checkpoints:
             fractions.setdefault(k, []).append(f)
         done = ckpt.latest(run.run_dir, stage.name)
+        done_meta = json.loads((done.path / ckpt.META).read_text()) if done is not None else {}
+        saved_batch = done_meta.get("global_batch_size")  # absent in checkpoints older than the field
+        if saved_batch is not None and saved_batch != self.plan.global_batch_size:
+            raise ConfigError(f"[{stage.name}] {done.path} was trained at global batch {saved_batch}; this "
+                              f"run's stage batch is {self.plan.global_batch_size} (stages.{stage.name}."
+                              "global_batch_size / train.global_batch_size): resuming or skipping it would "
+                              "change the data order and the step count; restore the batch or use another run_dir")
         if done is not None and done.step >= T:
             self.log(f"[{stage.name}] complete ({T} steps), skipping")
             return StageOutcome(stage.name, T, None, skipped=True)
@@ -199,12 +206,14 @@ class StageTrainer:
         tc.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
         tc.grad_sync_func = None
 
-        nmb = num_microbatches(run.train, par.dp)
+        nmb = num_microbatches(run.train, par.dp, self.plan.global_batch_size,
+                               where=(f"stages.{stage.name}.global_batch_size" if stage.global_batch_size
+                                      is not None else "train.global_batch_size"))
         loader: StepLoader = self.loader_factory(self.plan.loader, par, nmb)
         start = 0
         guard_window = None
         if done is not None:
-            guard_window = json.loads((done.path / ckpt.META).read_text()).get("guard_window")
+            guard_window = done_meta.get("guard_window")
             ckpt.load(done.path, model, optimizer)
             loader.load_state_dict(ckpt.read_loader_state(done.path, par.dp_rank))
             start = done.step
@@ -283,7 +292,8 @@ class StageTrainer:
             periodic = stage.save_every and k % stage.save_every == 0
             if k in fractions or periodic or k == T or stop:
                 meta = {"stage": stage.name, "step": k, "steps": T, "fractions": fractions.get(k, []),
-                        "tokens": k * step_tokens, "seed": run.seed, "schedule": recorded(self.sched),
+                        "tokens": k * step_tokens, "global_batch_size": self.plan.global_batch_size,
+                        "seed": run.seed, "schedule": recorded(self.sched),
                         "guard_window": guard.state()}
                 path = ckpt.stage_dir(run.run_dir, stage.name) / run_folder.step_dir_name(k)
                 ckpt.save(path, model, optimizer, meta, loader.state_dict(), par.dp_rank,

@@ -15,6 +15,7 @@ Imports: config, budget, schedule and the loader protocols; the data package onl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -69,6 +70,9 @@ class StagePlan:
     """Positions per row."""
     tokens_per_step: int
     """Positions per optimizer step (global batch x seq_length)."""
+    global_batch_size: int
+    """Rows (or examples, ``batch_unit: examples``) per optimizer step over all microbatches and
+    data-parallel ranks: the stage's own ``global_batch_size``, else train.global_batch_size."""
     budget: StageBudget
     """How the step count was found (positions / real / epochs) and whether it is an estimate."""
     schedule: StageSchedule
@@ -94,7 +98,8 @@ class StagePlan:
         T = self.steps
         xs = [(T - 1) * i / (points - 1) for i in range(points)]
         return {"name": self.name, "tokens": self.config.tokens, "seq_length": self.seq_length,
-                "text_attention": self.loader.text_attention,
+                "text_attention": self.loader.text_attention, "global_batch_size": self.global_batch_size,
+                "batch_unit": self.config.batch_unit, "weight_decay": self.optimizer.weight_decay,
                 "tokens_per_step": self.tokens_per_step, "steps": T,
                 "checkpoints": [[f, k] for f, k in self.checkpoints],
                 "lr": [[x, self.schedule.lr(x)] for x in xs], "schedule": self.schedule.describe(),
@@ -125,11 +130,23 @@ def plan_run(run: RunConfig, *, sizer: Optional[Sizer] = None,
         else:
             loader, why = sizing_loader(spec)
             budget = stage_budget(run, st, S, loader, why)
+        B = run.stage_global_batch(st)
         out[st.name] = StagePlan(
-            config=st, seq_length=S, tokens_per_step=tokens_per_step(run, S), budget=budget,
-            schedule=_schedule(st, budget.steps, out), checkpoints=checkpoint_steps(st, budget.steps),
-            optimizer=st.optimizer(run.optimizer), loader=spec)
+            config=st, seq_length=S, tokens_per_step=tokens_per_step(run, S, B), global_batch_size=B,
+            budget=budget, schedule=_schedule(st, budget.steps, out),
+            checkpoints=checkpoint_steps(st, budget.steps), optimizer=_optimizer(run, st, out), loader=spec)
     return out
+
+
+def _optimizer(run: RunConfig, st: StageConfig, earlier: dict[str, StagePlan]) -> StageOptimizer:
+    """The stage's AdamW settings. Its weight decay, unless it sets one, is that of the stage it
+    starts from (``init.stage``): the paper's image-text pre-training "follows the same procedure
+    as text pre-training" (App. B), so the image stage decays as the text stage did, and fine-tuning
+    as the stage it fine-tunes. Fresh and imported starts take optimizer.weight_decay."""
+    opt = st.optimizer(run.optimizer)
+    if st.weight_decay is None and st.init.stage is not None:
+        opt = dataclasses.replace(opt, weight_decay=earlier[st.init.stage].optimizer.weight_decay)
+    return opt
 
 
 def describe_run(run: RunConfig, points: int = 101) -> dict:
@@ -143,9 +160,9 @@ def checkpoint_steps(stage: StageConfig, steps: int) -> tuple[tuple[float, int],
 
 
 def stage_positions_steps(run: RunConfig, stage: StageConfig) -> int:
-    """The positions-formula step count of ``stage`` (ceil(tokens / (global batch x its row
+    """The positions-formula step count of ``stage`` (ceil(tokens / (its global batch x its row
     length))): what a stage takes when its budget does not read its data."""
-    return positions_steps(run, run.stage_seq_length(stage), stage.tokens)
+    return positions_steps(run, run.stage_seq_length(stage), stage.tokens, run.stage_global_batch(stage))
 
 
 # ------------------------------------------------------------------ schedules

@@ -39,6 +39,10 @@ def default_loader_factory(run: RunConfig, plans: Optional[dict[str, StagePlan]]
     return make
 
 
+def _batch_key(st) -> str:
+    return f"stages.{st.name}.global_batch_size" if st.global_batch_size is not None else "train.global_batch_size"
+
+
 def data_summary(plan: StagePlan, loader) -> str:
     """One line per stage: each set's examples and positions (image positions included), and
     how many passes over it the stage makes: its epochs, or its token budget (``tokens``) x the
@@ -77,11 +81,16 @@ def run_stages(run: RunConfig, parallel: Parallel, loader_factory: Optional[Load
     if loader_factory is None:  # the data must be there: a missing set is the loader's error, no estimate
         sizer = lambda st, spec: build_loader(spec)  # noqa: E731
     else:  # test / benchmark loaders size the stages they feed
-        nmb = num_microbatches(run.train, parallel.dp)
-        sizer = lambda st, spec: loader_factory(spec, parallel, nmb)  # noqa: E731
+        def sizer(st, spec):
+            nmb = num_microbatches(run.train, parallel.dp, run.stage_global_batch(st),
+                                   where=_batch_key(st))
+            return loader_factory(spec, parallel, nmb)
     # budgets (positions, real tokens or epochs), schedules, checkpoints: megavlm.train.plan,
     # the same resolution `megavlm plan` prints (with the data present, the same steps)
     plans = plan_run(run, sizer=sizer)
+    for st in run.stages:  # every stage's batch splits into microbatches: found before any stage trains
+        if not only or st.name in only:
+            num_microbatches(run.train, parallel.dp, plans[st.name].global_batch_size, where=_batch_key(st))
     factory = loader_factory or default_loader_factory(run, plans)  # default: a [data] line per stage
     out = []
     for st in run.stages:

@@ -63,8 +63,15 @@ def test_paper_79m_plan():
     assert image["steps"] == 3052 and image["estimated"] is True
     assert image["lr"][0][1] == pytest.approx(_cos(0.8 * 226_021, 226_021, 400, 3e-3, 3e-5))
     assert image["lr"][-1][1] == pytest.approx(3e-5)
-    # sft: ceil(4 * 665,000 / 512) = ceil(5195.3) = 5196
-    assert sft["steps"] == 5196
+    # sft at the paper's fine-tuning batch (App. D: 256 examples), the text stages at 512:
+    # ceil(4 * 665,000 / 256) = ceil(10,390.625) = 10,391 steps, warmup ceil(0.05 * 10,391) = 520
+    assert sft["steps"] == math.ceil(4 * 665_000 / 256) == 10_391
+    assert sft["global_batch_size"] == 256 and sft["batch_unit"] == "examples"
+    assert sft["schedule"]["warmup_steps"] == 520
+    assert text["global_batch_size"] == image["global_batch_size"] == 512
+    assert text["tokens_per_step"] == 512 * 2048 and image["tokens_per_step"] == 512 * 1024
+    # weight decay: no stage sets one, so the image stage decays as the text stage (App. B)
+    assert text["weight_decay"] == image["weight_decay"] == sft["weight_decay"] == 0.1
 
 
 def test_plan_cli_shows_source_and_estimates():
