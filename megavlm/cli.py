@@ -48,6 +48,7 @@ def cmd_plan(args) -> int:
         for s in p["stages"]:
             sc = s["schedule"]
             print(f"{s['name']}: {s['steps']} steps, {s['tokens']:.3g} tokens, "
+                  f"batch {s['global_batch_size']} {s.get('batch_unit', 'positions')}, "
                   f"text attention {s['text_attention']}, schedule {sc['kind']}"
                   f" (lr {s['lr'][0][1]:.3g} → {s['lr'][-1][1]:.3g}), checkpoints at "
                   + ", ".join(f"{f:g}→step {k}" for f, k in s["checkpoints"]))

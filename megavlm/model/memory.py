@@ -347,7 +347,7 @@ def layout_of(run: RunConfig, dp: int = 1, stage_index: int = 0, attention: Atte
     return Layout(tp=par.tp, pp=par.pp, dp=dp, vpp=par.vpp,
                   sequence_parallel=par.sequence_parallel, recompute=par.recompute,
                   micro_batch=t.micro_batch_size, seq_length=run.stage_seq_length(stage),
-                  num_microbatches=num_microbatches(t, dp), precision=prec,
+                  num_microbatches=num_microbatches(t, dp, stage.global_batch_size), precision=prec,
                   attention=attention, loss=loss, trainable=stage.trainable)
 
 
