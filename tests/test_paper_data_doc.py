@@ -1,5 +1,6 @@
 """docs/paper-data.md's rehearsal block runs as written: tiny inputs in the published formats ->
-parallel prepare + merge -> disk plan -> the three stages of paper-rehearsal.yaml."""
+parallel prepare + merge -> disk plan -> the three stages of paper-rehearsal.yaml -> evaluation of the
+instruction-tuned checkpoint on questions about the prepared images."""
 from __future__ import annotations
 
 import os
@@ -23,7 +24,7 @@ def rehearsal_block() -> str:
 def test_the_block_uses_the_real_tools():
     block = rehearsal_block()
     for needle in ("tools/preprocess_text.py", "--merge", "tools/encode_images.py", "--image-root",
-                   "tools/preprocess_conversations.py", "prepare --plan", "megavlm train"):
+                   "tools/preprocess_conversations.py", "prepare --plan", "megavlm train", "megavlm eval vision"):
         assert needle in block
 
 
@@ -37,3 +38,8 @@ def test_rehearsal_runs_end_to_end(tmp_path):
     from megavlm.data.indexed import EmbeddingStore
 
     assert EmbeddingStore(tmp_path / "r/data/captions.embeds").meta.source["caption_choice"] == "hash"
+    import json
+
+    rep = json.loads((tmp_path / "r/eval/llava-questions.json").read_text())
+    assert rep["generic"]["n"] == 24 and 0.0 <= rep["generic"]["accuracy"] <= 1.0  # all 24 images scored
+    assert len(rep["generic"]["predictions"]) == 24 and rep["checkpoint"].startswith(str(tmp_path))

@@ -80,6 +80,10 @@ def write_inputs(root: str | Path, *, images: int = 64, documents: int = 400) ->
         recs.append({"id": f"t{i}", "conversations": [{"from": "human", "value": f"Say the word {i}."},
                                                      {"from": "gpt", "value": f"{i}"}]})
     (root / "llava" / "llava_v1_5_mix665k.json").write_text(json.dumps(recs))
+    # questions about the same images in the generic evaluation format (prepare -> train -> eval)
+    qs = [{"question_id": r["id"], "image": r["image"], "question": "What is shown?",
+           "answers": [r["conversations"][1]["value"]]} for r in recs if "image" in r]
+    (root / "llava" / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qs))
     torch.manual_seed(0)
     cfg = SiglipVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
                              image_size=32, patch_size=8)
