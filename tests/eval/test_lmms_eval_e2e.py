@@ -92,13 +92,14 @@ def direct(model, docs):
     """Greedy answers and yes/no choices computed without lmms-eval."""
     from PIL import Image
 
-    from megavlm.encoders import decode_pil, make_encoder
+    from megavlm.encoders import decode_pil, make_encoder, mean_fill
     from megavlm.eval.vision import prompt_ids
 
     enc = make_encoder("efficientnet-lite0", 64)
     answers, picks, logps = [], [], []
     for doc in docs:
-        px = decode_pil(open(doc["image"], "rb").read(), 64)
+        # letterboxed, as the checkpoint's training stores were (encoder_checkpoint records it)
+        px = decode_pil(open(doc["image"], "rb").read(), 64, resize="letterbox", fill=mean_fill(enc.mean))
         assert px.shape == np.asarray(Image.open(doc["image"]).convert("RGB").resize((64, 64))).shape
         img = enc(px[None])[0]
         text = doc["question"] + "\nAnswer the question using a single word or phrase."

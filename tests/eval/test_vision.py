@@ -259,6 +259,12 @@ def test_scoring_calls_the_library_with_an_explicit_template(tiny_checkpoint, de
         return real(m, qs, b, r, n, template)
 
     monkeypatch.setattr(vision, "generate_answers", spy)
+    # the offline suites read WordNet where the demo build extracts it: point that at the fixture's
+    # (a fresh HOME has no demo build)
+    wn = tmp_path / "cache" / "debs" / "extract" / "wordnet-base" / "usr/share/wordnet"
+    wn.mkdir(parents=True)
+    shutil.copy(demo_root / "wordnet" / "data.noun", wn / "data.noun")
+    monkeypatch.setenv("MEGAVLM_CACHE", str(tmp_path / "cache"))
     out = scoring.evaluate_checkpoint(tiny_checkpoint, tmp_path / "ev", demo_root=str(demo_root), limit=2,
                                       batch_size=4, prompt_template="\nQ: {question}")
     assert capsys.readouterr().out == ""
