@@ -17,6 +17,7 @@ from megavlm.config import load_config
 from megavlm.parallel.state import Parallel
 from megavlm.train import checkpoint as ckpt
 from megavlm.train.loop import build_model, build_optimizer, wrap_ddp
+from megavlm.train.plan import plan_run
 from tests import synthetic
 
 
@@ -47,7 +48,7 @@ def main() -> None:
     def fresh():
         chunks, tc = build_model(run, par, torch.float32)
         model = wrap_ddp(chunks, tc)
-        opt = build_optimizer(run, run.stages[0], model, torch.float32)
+        opt = build_optimizer(plan_run(run)[run.stages[0].name], model, torch.float32)
         for o in getattr(opt, "chained_optimizers", [opt]):
             o.data_parallel_group_gloo = None  # as built under NCCL: the checkpoint attaches one
         return model, opt
